@@ -1,0 +1,71 @@
+"""`verify` and `diff`: comparing tracked entries with their sources, or with each other."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from artifactfs.entries import ArtifactFileData
+from artifactfs.errors import ArtifactfsError
+from artifactfs.progress import progress_bar
+from artifactfs.sources import source_for_entry
+
+VERIFY_WORKERS = 8
+
+
+def _problem(entry: ArtifactFileData) -> str | None:
+    try:
+        source_for_entry(entry).check(entry)
+    except ArtifactfsError as exc:
+        return str(exc)
+    return None
+
+
+def verify_entries(
+    entries: Sequence[ArtifactFileData], show_progress: bool | None = None
+) -> dict[str, str]:
+    """file_path -> why its source no longer holds the tracked bytes; empty when all do."""
+    problems: dict[str, str] = {}
+    with (
+        progress_bar(len(entries), "verifying", enabled=show_progress) as bar,
+        ThreadPoolExecutor(VERIFY_WORKERS) as pool,
+    ):
+        for entry, problem in zip(entries, pool.map(_problem, entries)):
+            bar.update(1)
+            if problem is not None:
+                problems[entry.file_path] = problem
+    return problems
+
+
+@dataclass
+class ArtifactDiff:
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.changed)
+
+
+def diff_entries(
+    old: Sequence[ArtifactFileData], new: Sequence[ArtifactFileData]
+) -> ArtifactDiff:
+    """Paths only in `new`, only in `old`, and in both with other hash, size or type."""
+    old_by_path = {e.file_path: e for e in old}
+    new_by_path = {e.file_path: e for e in new}
+    diff = ArtifactDiff()
+    for path in sorted(old_by_path.keys() | new_by_path.keys()):
+        before, after = old_by_path.get(path), new_by_path.get(path)
+        if before is None:
+            diff.added.append(path)
+        elif after is None:
+            diff.removed.append(path)
+        elif (before.file_hash, before.size, before.type) != (
+            after.file_hash,
+            after.size,
+            after.type,
+        ):
+            diff.changed.append(path)
+    return diff

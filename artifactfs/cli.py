@@ -1,0 +1,228 @@
+"""The `artifactfs` command line (click).
+
+Every failure is one line on stderr with no traceback: exit 2 for bad usage or input, 1 for a
+failed check (`verify`, a download whose bytes no longer match).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from artifactfs import __version__
+from artifactfs.api import project_from_environment
+from artifactfs.checks import diff_entries, verify_entries
+from artifactfs.download import download_entries
+from artifactfs.errors import ArtifactfsError, CheckFailedError
+from artifactfs.naming import parse_project, validate_field_path
+from artifactfs.store import RunRecord, Store
+from artifactfs.tracking import collect_entries, merged_artifact
+
+
+class Context:
+    def __init__(self, store_uri: str | None, project: str | None) -> None:
+        self.store_uri = store_uri
+        self.project = project
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.store_uri)
+        return self._store
+
+    def run(self, run_id: str) -> RunRecord:
+        return self.store.get_run(run_id)
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--store",
+    "store_uri",
+    envvar="ARTIFACTFS_STORE",
+    metavar="URI",
+    help="Store: a file path, sqlite:////abs/path.db or postgresql://... "
+    "[default: $XDG_DATA_HOME/artifactfs/store.db]",
+)
+@click.option("--project", metavar="P", help="Project 'workspace/name' [env: ARTIFACTFS_PROJECT]")
+@click.version_option(__version__, prog_name="artifactfs")
+@click.pass_context
+def cli(ctx: click.Context, store_uri: str | None, project: str | None) -> None:
+    """Track which data each run used, and read it back: files, hashes, downloads, mounts."""
+    ctx.obj = Context(store_uri, project_from_environment(project))
+
+
+@cli.command()
+@pass_context
+def runs(ctx: Context) -> None:
+    """List runs: id, project, created, fields."""
+    project = parse_project(ctx.project) if ctx.project else None
+    records = ctx.store.list_runs(project)
+    rows = [("ID", "PROJECT", "CREATED (UTC)", "FIELDS")]
+    rows += [(r.run_id, str(r.project), r.created_at, ",".join(r.fields) or "-") for r in records]
+    _print_table(rows)
+
+
+@cli.command()
+@click.option("--run", "run_id", metavar="ID", help="Add to this run instead of a new one.")
+@click.option("--destination", metavar="D", help="Prefix every file path with D.")
+@click.argument("field_path", metavar="FIELD")
+@click.argument("location", metavar="PATH")
+@pass_context
+def track(
+    ctx: Context, run_id: str | None, destination: str | None, field_path: str, location: str
+) -> None:
+    """Track the files at PATH (path, file://, s3://, gs://) in FIELD; prints the run id."""
+    validate_field_path(field_path)
+    if run_id is None and ctx.project is None:
+        raise ArtifactfsError("no project: pass --project or set ARTIFACTFS_PROJECT (or --run)")
+    # List and hash first: a refused location must not leave a new, empty run behind.
+    new_entries = collect_entries(location, destination)
+    if run_id is not None:
+        record = ctx.run(run_id)
+    else:
+        assert ctx.project is not None
+        record = ctx.store.create_run(parse_project(ctx.project))
+    ctx.store.update_field(record, field_path, lambda old: merged_artifact(old, new_entries))
+    click.echo(f"tracked {len(new_entries)} file(s) in {record.run_id}/{field_path}")
+    click.echo(record.run_id)
+
+
+@cli.command("hash")
+@click.argument("run_id", metavar="RUN")
+@click.argument("field_path", metavar="FIELD")
+@pass_context
+def hash_command(ctx: Context, run_id: str, field_path: str) -> None:
+    """Print the artifact hash of RUN's FIELD."""
+    validate_field_path(field_path)
+    click.echo(ctx.store.field_artifact(ctx.run(run_id), field_path).hash)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.argument("field_path", metavar="FIELD")
+@click.option("--json", "as_json", is_flag=True, help="Print entries as a JSON array.")
+@pass_context
+def files(ctx: Context, run_id: str, field_path: str, as_json: bool) -> None:
+    """List the file entries of RUN's FIELD."""
+    entries = _entries(ctx, run_id, field_path)
+    if as_json:
+        click.echo(json.dumps([e.to_dict() for e in entries], indent=2, ensure_ascii=False))
+        return
+    rows = [("PATH", "SIZE", "TYPE", "HASH", "SOURCE")]
+    rows += [
+        (e.file_path, "-" if e.size is None else str(e.size), e.type, e.file_hash, e.source_url)
+        for e in entries
+    ]
+    _print_table(rows)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.argument("field_path", metavar="FIELD")
+@click.argument("destination", metavar="DEST", type=click.Path(file_okay=False))
+@click.option("--symlink-local", is_flag=True, help="Symlink local sources instead of copying.")
+@pass_context
+def download(
+    ctx: Context, run_id: str, field_path: str, destination: str, symlink_local: bool
+) -> None:
+    """Write RUN's FIELD files under DEST, each checked against its tracked hash."""
+    entries = _entries(ctx, run_id, field_path)
+    report = download_entries(entries, destination, symlink_local=symlink_local)
+    click.echo(
+        f"{len(report.written)} file(s) written, {len(report.unchanged)} already up to date, "
+        f"in {destination}"
+    )
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.argument("field_path", metavar="[FIELD]", required=False)
+@pass_context
+def verify(ctx: Context, run_id: str, field_path: str | None) -> None:
+    """Check that the sources still hold the tracked bytes; exit 1 if not."""
+    record = ctx.run(run_id)
+    field_paths = [field_path] if field_path else list(record.fields)
+    failures = 0
+    checked = 0
+    for path in field_paths:
+        entries = _entries(ctx, run_id, path)
+        checked += len(entries)
+        for file_path, problem in sorted(verify_entries(entries).items()):
+            failures += 1
+            click.echo(f"CHANGED {path}/{file_path}: {problem}")
+    if failures:
+        raise CheckFailedError(
+            f"{failures} of {checked} file(s) in {run_id} no longer match what was tracked"
+        )
+    click.echo(f"OK: {checked} file(s) in {run_id} match what was tracked")
+
+
+@cli.command()
+@click.argument("run_a", metavar="RUN_A")
+@click.argument("run_b", metavar="RUN_B")
+@click.argument("field_path", metavar="FIELD")
+@pass_context
+def diff(ctx: Context, run_a: str, run_b: str, field_path: str) -> None:
+    """Paths added (A), removed (D) and changed (M) from RUN_A's FIELD to RUN_B's."""
+    changes = diff_entries(_entries(ctx, run_a, field_path), _entries(ctx, run_b, field_path))
+    for marker, paths in (("A", changes.added), ("D", changes.removed), ("M", changes.changed)):
+        for path in paths:
+            click.echo(f"{marker}\t{path}")
+    click.echo(
+        f"{len(changes.added)} added, {len(changes.removed)} removed, "
+        f"{len(changes.changed)} changed",
+        err=True,
+    )
+
+
+def _entries(ctx: Context, run_id: str, field_path: str) -> list[Any]:
+    validate_field_path(field_path)
+    return ctx.store.entries(ctx.store.field_artifact(ctx.run(run_id), field_path).hash)
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths)] + [row[-1]]
+        click.echo("  ".join(cells).rstrip())
+
+
+def _fail(message: str, code: int) -> int:
+    click.echo(f"artifactfs: error: {' '.join(message.split())}", err=True)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="artifactfs: %(levelname)s: %(message)s")
+    try:
+        cli.main(args=argv, prog_name="artifactfs", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        return _fail("aborted", 130)
+    except click.ClickException as exc:
+        return _fail(exc.format_message(), 2)
+    except ArtifactfsError as exc:
+        return _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except BrokenPipeError:
+        return 141
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,163 @@
+"""Writing an artifact's files to a directory, every byte checked against the tracked hash.
+
+Paths from the store are validated again here: a store written by someone else must not make us
+write outside the destination (no `..`, no absolute paths, no following a symlink that an
+earlier file or an attacker planted inside the destination). Each file is written to a temporary
+name beside its target and renamed into place only once its bytes check out.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from artifactfs.entries import TYPE_LOCAL, ArtifactFileData, path_problem
+from artifactfs.errors import ArtifactfsError, CheckFailedError
+from artifactfs.progress import progress_bar
+from artifactfs.sources import source_for_entry
+from artifactfs.sources.local import local_path_of
+from artifactfs.verification import ContentCheck
+
+DOWNLOAD_WORKERS = 8
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: os.umask() sets process state, which threads must not race on.
+_UMASK = _read_umask()
+
+
+@dataclass
+class DownloadReport:
+    written: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def download_entries(
+    entries: Sequence[ArtifactFileData],
+    destination: str,
+    *,
+    symlink_local: bool = False,
+    show_progress: bool | None = None,
+) -> DownloadReport:
+    """Fetch every entry below `destination`; raise CheckFailedError naming any that failed."""
+    bad = [(e.file_path, problem) for e in entries if (problem := path_problem(e.file_path))]
+    if bad:
+        path, problem = bad[0]
+        raise ArtifactfsError(f"refusing to download: invalid file path {path!r} ({problem})")
+    root = os.path.realpath(destination)
+    os.makedirs(root, exist_ok=True)
+    report = DownloadReport()
+    total = sum(e.size or 0 for e in entries)
+    with (
+        progress_bar(total, "downloading", unit="B", unit_scale=True, enabled=show_progress) as bar,
+        ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool,
+    ):
+        for entry, outcome in zip(
+            entries, pool.map(lambda e: _download_one(e, root, symlink_local), entries)
+        ):
+            bar.update(entry.size or 0)
+            if outcome is None:
+                report.written.append(entry.file_path)
+            elif outcome == "unchanged":
+                report.unchanged.append(entry.file_path)
+            else:
+                report.failed[entry.file_path] = outcome
+    if report.failed:
+        details = "; ".join(f"{path}: {why}" for path, why in sorted(report.failed.items()))
+        raise CheckFailedError(f"download failed for {len(report.failed)} file(s): {details}")
+    return report
+
+
+def _safe_target(root: str, file_path: str) -> str:
+    """The target path, with every parent created as a real directory inside root."""
+    parts = file_path.split("/")
+    current = root
+    for part in parts[:-1]:
+        current = os.path.join(current, part)
+        if os.path.islink(current) or (os.path.exists(current) and not os.path.isdir(current)):
+            raise ArtifactfsError(f"{current} exists and is not a directory")
+        os.makedirs(current, exist_ok=True)
+    target = os.path.join(current, parts[-1])
+    if os.path.commonpath([root, os.path.realpath(current)]) != root:
+        raise ArtifactfsError(f"{file_path} would land outside {root}")
+    return target
+
+
+def _download_one(entry: ArtifactFileData, root: str, symlink_local: bool) -> str | None:
+    """None when written, 'unchanged' when already there, else why it failed."""
+    try:
+        target = _safe_target(root, entry.file_path)
+        if symlink_local and entry.type == TYPE_LOCAL:
+            return _link_local(entry, target)
+        if _already_there(entry, target):
+            return "unchanged"
+        _fetch_verified(entry, target)
+        return None
+    except ArtifactfsError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{exc.strerror or exc}"
+
+
+def _already_there(entry: ArtifactFileData, target: str) -> bool:
+    if os.path.islink(target) or not os.path.isfile(target):
+        return False
+    if entry.size is not None and os.path.getsize(target) != entry.size:
+        return False
+    check = ContentCheck(entry)
+    if not check.checks_hash:
+        return False
+    with open(target, "rb") as handle:
+        while piece := handle.read(1024 * 1024):
+            check.update(piece)
+    return check.problem() is None
+
+
+def _fetch_verified(entry: ArtifactFileData, target: str) -> None:
+    check = ContentCheck(entry)
+    directory = os.path.dirname(target)
+    fd, temp_path = tempfile.mkstemp(prefix=".artifactfs-", suffix=".part", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for piece in source_for_entry(entry).open_stream(entry):
+                check.update(piece)
+                out.write(piece)
+        problem = check.problem()
+        if problem is not None:
+            raise CheckFailedError(f"{entry.source_url}: {problem}")
+        os.chmod(temp_path, 0o644 & ~_UMASK)
+        _set_mtime(temp_path, entry)
+        os.replace(temp_path, target)
+    except BaseException:
+        os.unlink(temp_path)
+        raise
+
+
+def _link_local(entry: ArtifactFileData, target: str) -> str | None:
+    source = source_for_entry(entry)
+    source.check(entry)
+    if os.path.lexists(target):
+        os.unlink(target)
+    os.symlink(local_path_of(entry.source_url), target)
+    return None
+
+
+def _set_mtime(path: str, entry: ArtifactFileData) -> None:
+    text = entry.metadata.get("last_modified")
+    if not text:
+        return
+    try:
+        when = datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return
+    os.utime(path, (when.timestamp(), when.timestamp()))

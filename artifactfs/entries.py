@@ -1,0 +1,135 @@
+"""File entries, the Neptune-compatible artifact hash, and path validation.
+
+An artifact is an immutable list of `ArtifactFileData`. Its hash is SHA-256 over the entries
+sorted by `file_path`, exactly as Neptune's client computed it, so hashes recorded there can be
+checked against data tracked here. Paths are validated whenever they enter *or* leave the store:
+a manifest written by someone else must never make us write or show anything outside the tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from artifactfs.errors import ArtifactfsError
+
+TYPE_LOCAL = "Local"
+TYPE_S3 = "S3"
+TYPE_GCS = "GCS"
+KNOWN_TYPES = (TYPE_LOCAL, TYPE_S3, TYPE_GCS)
+
+MAX_SEGMENT_BYTES = 255
+MAX_PATH_BYTES = 4096
+
+
+class InvalidPathError(ArtifactfsError):
+    """A file path that could escape the artifact tree or cannot exist on a POSIX system."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"invalid file path {path!r}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ArtifactFileData:
+    """One file of an artifact, with the attributes of Neptune's class of the same name."""
+
+    file_path: str
+    file_hash: str
+    type: str
+    size: int | None
+    metadata: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file_path": self.file_path,
+            "file_hash": self.file_hash,
+            "type": self.type,
+            "size": self.size,
+            "metadata": dict(self.metadata),
+        }
+
+    @property
+    def source_url(self) -> str:
+        """Where the bytes live: `file:///abs`, `s3://b/k` or `gs://b/k`."""
+        return self.metadata.get("file_path") or self.metadata.get("location", "")
+
+    def with_path(self, file_path: str) -> ArtifactFileData:
+        return ArtifactFileData(file_path, self.file_hash, self.type, self.size, self.metadata)
+
+
+def path_problem(path: str) -> str | None:
+    """Why `path` is not a safe relative POSIX path inside a tree, or None if it is."""
+    if not isinstance(path, str):
+        return "not a string"
+    if path == "":
+        return "empty path"
+    if "\x00" in path:
+        return "contains a NUL byte"
+    if path.startswith("/"):
+        return "absolute path"
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    if len(encoded) > MAX_PATH_BYTES:
+        return f"longer than {MAX_PATH_BYTES} bytes"
+    for segment in path.split("/"):
+        if segment == "":
+            return "empty path segment"
+        if segment in (".", ".."):
+            return f"'{segment}' segment"
+        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+            return f"a segment is longer than {MAX_SEGMENT_BYTES} bytes"
+    return None
+
+
+def validate_path(path: str) -> str:
+    """Return `path` unchanged if it is safe, else raise InvalidPathError naming the reason."""
+    problem = path_problem(path)
+    if problem is not None:
+        raise InvalidPathError(path, problem)
+    return path
+
+
+def join_destination(destination: str | None, path: str) -> str:
+    """Prefix `path` with `destination` (`x/y`), validating both."""
+    if not destination:
+        return validate_path(path)
+    prefix = destination.strip("/")
+    validate_path(prefix)
+    return validate_path(f"{prefix}/{path}")
+
+
+def find_file_dir_conflict(paths: Iterable[str]) -> tuple[str, str] | None:
+    """A pair (file, file_below_it) if some path is both a file and a directory, else None."""
+    all_paths = set(paths)
+    for path in all_paths:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            ancestor = "/".join(parts[:depth])
+            if ancestor in all_paths:
+                return ancestor, path
+    return None
+
+
+def artifact_hash(entries: Iterable[ArtifactFileData]) -> str:
+    """SHA-256 hex over the entries sorted by file_path, metadata excluded (Neptune's formula)."""
+    digest = hashlib.sha256()
+    for entry in sorted(entries, key=lambda e: e.file_path):
+        digest.update(b"#")
+        # Neptune counts characters, not UTF-8 bytes; keep that for compatible hashes.
+        digest.update(len(entry.file_path).to_bytes(4, "big"))
+        digest.update(entry.file_path.encode("utf-8"))
+        digest.update(b"#")
+        digest.update(entry.file_hash.encode("utf-8"))
+        digest.update(b"#")
+        if entry.size is not None:
+            digest.update(entry.size.to_bytes(8, "big"))
+        digest.update(b"#")
+        digest.update(len(entry.type).to_bytes(4, "big"))
+        digest.update(entry.type.encode("utf-8"))
+    return digest.hexdigest()

@@ -1,0 +1,34 @@
+"""Exceptions that carry a message meant for the user.
+
+The CLI turns every `ArtifactfsError` into one line on stderr and its `exit_code`; anything
+else is a bug and keeps its traceback.
+"""
+
+
+class ArtifactfsError(Exception):
+    """Bad usage or input: nothing was changed. Exit code 2."""
+
+    exit_code = 2
+
+
+class NotFoundError(ArtifactfsError):
+    """A run, field, project or source location that does not exist."""
+
+
+class CredentialsError(ArtifactfsError):
+    """A remote source was named but no credentials for it could be found."""
+
+
+class CheckFailedError(ArtifactfsError):
+    """A source no longer holds the tracked bytes (verify, download). Exit code 1."""
+
+    exit_code = 1
+
+
+class SourceChangedError(CheckFailedError):
+    """The bytes at a source differ from what was tracked, or are gone."""
+
+    def __init__(self, source_url: str, reason: str) -> None:
+        super().__init__(f"{source_url}: {reason}")
+        self.source_url = source_url
+        self.reason = reason

@@ -1,0 +1,90 @@
+"""Remembered SHA-1s of local files, keyed by absolute path, size and mtime (nanoseconds).
+
+Re-tracking an unchanged tree then costs one `stat` per file instead of a read. The cache is
+only an optimisation: any failure to read or write it is logged and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FileKey = tuple[str, int, int]  # absolute path, size, mtime_ns
+
+
+def default_cache_dir() -> Path:
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(cache_home) / "artifactfs"
+
+
+class HashCache:
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or default_cache_dir() / "local-hashes.sqlite"
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER NOT NULL,"
+                " mtime_ns INTEGER NOT NULL, sha1 TEXT NOT NULL)"
+            )
+            conn.commit()
+            self._conn = conn
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("local hash cache %s unusable, hashing everything: %s", self.path, exc)
+
+    def lookup_under(self, directory: str) -> dict[str, tuple[int, int, str]]:
+        """Every remembered file below `directory`: path -> (size, mtime_ns, sha1)."""
+        if self._conn is None:
+            return {}
+        prefix = directory.rstrip("/") + "/"
+        # A range scan on the primary key: every path that starts with the prefix.
+        upper = prefix[:-1] + chr(ord("/") + 1)
+        try:
+            with self._lock:
+                rows = self._conn.execute(
+                    "SELECT path, size, mtime_ns, sha1 FROM hashes WHERE path >= ? AND path < ?",
+                    (prefix, upper),
+                ).fetchall()
+        except sqlite3.Error as exc:
+            log.warning("local hash cache lookup failed: %s", exc)
+            return {}
+        return {path: (size, mtime, sha1) for path, size, mtime, sha1 in rows}
+
+    def lookup(self, key: FileKey) -> str | None:
+        if self._conn is None:
+            return None
+        try:
+            with self._lock:
+                row = self._conn.execute(
+                    "SELECT sha1 FROM hashes WHERE path = ? AND size = ? AND mtime_ns = ?", key
+                ).fetchone()
+        except sqlite3.Error as exc:
+            log.warning("local hash cache lookup failed: %s", exc)
+            return None
+        return row[0] if row else None
+
+    def remember(self, items: Iterable[tuple[FileKey, str]]) -> None:
+        if self._conn is None:
+            return
+        rows = [(path, size, mtime, sha1) for (path, size, mtime), sha1 in items]
+        if not rows:
+            return
+        try:
+            with self._lock, self._conn:
+                self._conn.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)", rows)
+        except sqlite3.Error as exc:
+            log.warning("local hash cache update failed: %s", exc)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -1,0 +1,82 @@
+"""Names users type: projects (`workspace/name`), project keys (`CLS`), run ids (`CLS-4`), fields."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from artifactfs.entries import path_problem
+from artifactfs.errors import ArtifactfsError
+
+DEFAULT_WORKSPACE = "default"
+RESERVED_NAMESPACE = "sys"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_KEY_RE = re.compile(r"^[A-Z][A-Z0-9]{0,15}$")
+_RUN_ID_RE = re.compile(r"^([A-Z][A-Z0-9]{0,15})-([1-9][0-9]{0,9})$")
+_VOWELS = set("AEIOU")
+
+
+@dataclass(frozen=True)
+class ProjectName:
+    workspace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.workspace}/{self.name}"
+
+
+def parse_project(text: str) -> ProjectName:
+    """`workspace/name` or `name` (then in the default workspace)."""
+    parts = text.strip().split("/")
+    if len(parts) == 1:
+        parts = [DEFAULT_WORKSPACE, parts[0]]
+    if len(parts) != 2 or not all(_NAME_RE.match(part) for part in parts):
+        raise ArtifactfsError(
+            f"invalid project {text!r}: expected 'workspace/name' or 'name' "
+            "(letters, digits, '.', '_', '-')"
+        )
+    return ProjectName(parts[0], parts[1])
+
+
+def validate_project_key(key: str) -> str:
+    if not _KEY_RE.match(key):
+        raise ArtifactfsError(
+            f"invalid project key {key!r}: expected upper-case letters and digits, like 'CLS'"
+        )
+    return key
+
+
+def derive_project_key(name: str) -> str:
+    """`classification` -> `CLS`: the first letter, then the next distinct consonants."""
+    letters = [c for c in name.upper() if "A" <= c <= "Z"]
+    if not letters:
+        return "PRJ"
+    key = letters[0]
+    for char in letters[1:]:
+        if len(key) == 3:
+            break
+        if char not in _VOWELS and char != key[-1]:
+            key += char
+    for char in letters[1:]:  # short, vowel-heavy names: pad with what is left
+        if len(key) == 3:
+            break
+        key += char
+    return key
+
+
+def parse_run_id(text: str) -> tuple[str, int]:
+    match = _RUN_ID_RE.match(text.strip())
+    if not match:
+        raise ArtifactfsError(f"invalid run id {text!r}: expected KEY-N, like 'CLS-4'")
+    return match.group(1), int(match.group(2))
+
+
+def validate_field_path(path: str) -> str:
+    """A field path like `data_versions` or `datasets/train`, outside the reserved `sys/`."""
+    problem = path_problem(path)
+    if problem is not None:
+        raise ArtifactfsError(f"invalid field {path!r}: {problem}")
+    if path.split("/")[0] == RESERVED_NAMESPACE:
+        raise ArtifactfsError(f"invalid field {path!r}: the 'sys' namespace is reserved")
+    return path

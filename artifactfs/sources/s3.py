@@ -1,0 +1,261 @@
+"""S3 (and S3-compatible) objects: ETags as hashes, ranged reads conditional on the ETag.
+
+The client honours the standard AWS variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
+`AWS_PROFILE`, ...). Some S3-compatible servers ignore `If-Match`, so every response's ETag is
+compared with the tracked one as well. In a versioned bucket the entry records the `version_id`
+it saw, and reads fetch exactly that version.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+from artifactfs.entries import TYPE_S3, ArtifactFileData
+from artifactfs.errors import ArtifactfsError, CredentialsError, NotFoundError, SourceChangedError
+from artifactfs.sources.base import STREAM_CHUNK, ProgressCallback, Source
+
+_client_lock = threading.Lock()
+_client: Any = None
+
+
+def s3_client() -> Any:
+    """One boto3 client per process (clients are thread-safe; creating them is not)."""
+    global _client
+    with _client_lock:
+        if _client is None:
+            import boto3
+            from botocore.config import Config
+
+            session = boto3.session.Session()
+            if session.get_credentials() is None:
+                raise CredentialsError(
+                    "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                    "or AWS_PROFILE with ~/.aws/credentials"
+                )
+            config = Config(
+                connect_timeout=10,
+                read_timeout=30,
+                retries={"max_attempts": 5, "mode": "standard"},
+                max_pool_connections=32,
+                # S3-compatible servers often lack the new default checksums on ranged GETs.
+                response_checksum_validation="when_required",
+                request_checksum_calculation="when_required",
+            )
+            _client = session.client("s3", config=config)
+        return _client
+
+
+def reset_client() -> None:
+    """Forget the process's client (tests that change the environment call this)."""
+    global _client
+    with _client_lock:
+        _client = None
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    if not url.startswith("s3://"):
+        raise ArtifactfsError(f"not an S3 URL: {url!r}")
+    bucket, _, key = url[len("s3://") :].partition("/")
+    if not bucket:
+        raise ArtifactfsError(f"invalid S3 URL {url!r}: no bucket")
+    return bucket, key
+
+
+def _error_code(exc: Exception) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def _format_time(value: datetime) -> str:
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _clean_etag(etag: str) -> str:
+    return etag.strip().strip('"')
+
+
+class S3Source(Source):
+    type_name: ClassVar[str] = TYPE_S3
+
+    def list(
+        self, location: str, on_progress: ProgressCallback | None = None
+    ) -> Iterator[ArtifactFileData]:
+        bucket, key = parse_s3_url(location)
+        client = s3_client()
+        versioned = self._is_versioned(client, bucket)
+        if key and not key.endswith("/"):
+            single = self._head(client, bucket, key)
+            if single is not None:
+                name = key.rsplit("/", 1)[-1]
+                return iter([self._entry(bucket, key, name, single, versioned)])
+        prefix = key.rstrip("/") + "/" if key else ""
+        return self._list_prefix(client, bucket, prefix, versioned, on_progress, location)
+
+    @staticmethod
+    def _is_versioned(client: Any, bucket: str) -> bool:
+        from botocore.exceptions import ClientError, NoCredentialsError
+
+        try:
+            status = client.get_bucket_versioning(Bucket=bucket).get("Status")
+        except NoCredentialsError:
+            raise CredentialsError(
+                "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            ) from None
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code == "NoSuchBucket":
+                raise NotFoundError(f"no such S3 bucket: {bucket}") from None
+            if code in ("AccessDenied", "NotImplemented"):
+                return False  # cannot tell: track ETags only
+            raise ArtifactfsError(f"S3 bucket {bucket}: {exc}") from None
+        return status in ("Enabled", "Suspended")
+
+    @staticmethod
+    def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            head: dict[str, Any] = client.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise ArtifactfsError(f"s3://{bucket}/{key}: {exc}") from None
+        return {
+            "ETag": head["ETag"],
+            "Size": head["ContentLength"],
+            "LastModified": head["LastModified"],
+            "VersionId": head.get("VersionId"),
+        }
+
+    def _list_prefix(
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str,
+        versioned: bool,
+        on_progress: ProgressCallback | None,
+        location: str,
+    ) -> Iterator[ArtifactFileData]:
+        count = 0
+        for obj in self._iter_objects(client, bucket, prefix, versioned):
+            key = obj["Key"]
+            if key.endswith("/"):
+                continue  # folder markers made by consoles
+            count += 1
+            if on_progress:
+                on_progress(count)
+            yield self._entry(bucket, key, key[len(prefix) :], obj, versioned)
+        if count == 0:
+            raise NotFoundError(f"no objects at {location}")
+
+    @staticmethod
+    def _iter_objects(
+        client: Any, bucket: str, prefix: str, versioned: bool
+    ) -> Iterator[dict[str, Any]]:
+        """Objects under prefix, one page at a time (never the whole listing in memory)."""
+        if not versioned:
+            for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix
+            ):
+                yield from page.get("Contents", [])
+            return
+        for page in client.get_paginator("list_object_versions").paginate(
+            Bucket=bucket, Prefix=prefix
+        ):
+            deleted = {m["Key"] for m in page.get("DeleteMarkers", []) if m.get("IsLatest")}
+            for version in page.get("Versions", []):
+                if version.get("IsLatest") and version["Key"] not in deleted:
+                    yield version
+
+    @staticmethod
+    def _entry(
+        bucket: str, key: str, file_path: str, obj: dict[str, Any], versioned: bool
+    ) -> ArtifactFileData:
+        url = f"s3://{bucket}/{key}"
+        metadata = {
+            "file_path": url,
+            "location": url,
+            "last_modified": _format_time(obj["LastModified"]),
+        }
+        version_id = obj.get("VersionId")
+        if versioned and version_id and version_id != "null":
+            metadata["version_id"] = version_id
+        return ArtifactFileData(file_path, _clean_etag(obj["ETag"]), TYPE_S3, obj["Size"], metadata)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _get(
+        self, entry: ArtifactFileData, offset: int, length: int | None
+    ) -> dict[str, Any]:
+        from botocore.exceptions import ClientError
+
+        bucket, key = parse_s3_url(entry.source_url)
+        args: dict[str, Any] = {"Bucket": bucket, "Key": key, "IfMatch": f'"{entry.file_hash}"'}
+        if "version_id" in entry.metadata:
+            args["VersionId"] = entry.metadata["version_id"]
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            args["Range"] = f"bytes={offset}-{end}"
+        try:
+            response: dict[str, Any] = s3_client().get_object(**args)
+        except ClientError as exc:
+            raise self._changed(entry, exc) from None
+        etag = _clean_etag(response.get("ETag", ""))
+        if etag != entry.file_hash:
+            response["Body"].close()
+            raise SourceChangedError(
+                entry.source_url, f"object changed since it was tracked (ETag {etag})"
+            )
+        return response
+
+    @staticmethod
+    def _changed(entry: ArtifactFileData, exc: Exception) -> ArtifactfsError:
+        code = _error_code(exc)
+        if code in ("PreconditionFailed", "412"):
+            return SourceChangedError(entry.source_url, "object changed since it was tracked")
+        if code in ("NoSuchKey", "404", "NoSuchVersion", "NotFound"):
+            return SourceChangedError(entry.source_url, "object no longer exists")
+        if code == "InvalidRange":
+            return SourceChangedError(entry.source_url, "object is shorter than tracked")
+        return SourceChangedError(entry.source_url, f"cannot read: {exc}")
+
+    def open_stream(
+        self, entry: ArtifactFileData, offset: int = 0, length: int | None = None
+    ) -> Iterator[bytes]:
+        if length == 0:
+            return iter(())
+        if entry.size == 0:
+            # A Range on an empty object is unsatisfiable: ask for the whole (empty) body.
+            response = self._get(entry, 0, None)
+        else:
+            response = self._get(entry, offset, length)
+        return _iter_body(response["Body"])
+
+    def check(self, entry: ArtifactFileData) -> None:
+        from botocore.exceptions import ClientError
+
+        bucket, key = parse_s3_url(entry.source_url)
+        args: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if "version_id" in entry.metadata:
+            args["VersionId"] = entry.metadata["version_id"]
+        try:
+            head = s3_client().head_object(**args)
+        except ClientError as exc:
+            raise self._changed(entry, exc) from None
+        etag = _clean_etag(head.get("ETag", ""))
+        if etag != entry.file_hash:
+            raise SourceChangedError(entry.source_url, f"ETag is {etag}, tracked {entry.file_hash}")
+        if entry.size is not None and head["ContentLength"] != entry.size:
+            raise SourceChangedError(
+                entry.source_url, f"size is {head['ContentLength']} bytes, tracked {entry.size}"
+            )
+
+
+def _iter_body(body: Any) -> Iterator[bytes]:
+    try:
+        yield from body.iter_chunks(STREAM_CHUNK)
+    finally:
+        body.close()

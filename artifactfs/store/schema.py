@@ -1,0 +1,98 @@
+"""The store's tables (SQLAlchemy Core), shared by SQLite and PostgreSQL.
+
+Artifacts are content-addressed by their hash and immutable; a field points a run at one.
+Entries and directories carry `parent`/`name` columns with an index on them so that the mount
+can look up one name or list one directory without reading a whole artifact.
+"""
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+# Bump when the tables change; `Store` refuses a store newer than this and upgrades older ones.
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+meta = Table(
+    "artifactfs_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+projects = Table(
+    "projects",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("workspace", String(128), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("key", String(16), nullable=False, unique=True),
+    # The number the next run gets minus one; bumped by one atomic UPDATE ... RETURNING.
+    Column("last_number", Integer, nullable=False, default=0),
+    Column("created_at", String(32), nullable=False),
+    UniqueConstraint("workspace", "name"),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("project_id", Integer, ForeignKey("projects.id"), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("run_key", String(32), nullable=False, unique=True),
+    Column("created_at", String(32), nullable=False),
+    UniqueConstraint("project_id", "number"),
+)
+
+artifacts = Table(
+    "artifacts",
+    metadata,
+    Column("hash", String(64), primary_key=True),
+    Column("file_count", Integer, nullable=False),
+    Column("total_size", BigInteger, nullable=False),
+    Column("created_at", String(32), nullable=False),
+)
+
+artifact_entries = Table(
+    "artifact_entries",
+    metadata,
+    Column("artifact_hash", String(64), ForeignKey("artifacts.hash"), primary_key=True),
+    Column("file_path", Text, primary_key=True),
+    Column("parent", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("file_hash", Text, nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("size", BigInteger, nullable=True),
+    Column("metadata_json", Text, nullable=False),
+    Index("ix_entries_parent_name", "artifact_hash", "parent", "name"),
+)
+
+# Every directory below an artifact's root, so listings need no scan of all entries.
+artifact_dirs = Table(
+    "artifact_dirs",
+    metadata,
+    Column("artifact_hash", String(64), ForeignKey("artifacts.hash"), primary_key=True),
+    Column("path", Text, primary_key=True),
+    Column("parent", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Index("ix_dirs_parent_name", "artifact_hash", "parent", "name"),
+)
+
+fields = Table(
+    "fields",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
+    Column("path", String(1024), primary_key=True),
+    Column("artifact_hash", String(64), ForeignKey("artifacts.hash"), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+)

@@ -1,0 +1,449 @@
+"""The metadata store: projects, runs, fields and immutable artifacts.
+
+One code path for every database SQLAlchemy speaks; SQLite is the embedded default. Writes that
+must not race (allocating run ids, creating projects, pointing a field at a new artifact) run in
+one transaction each: on SQLite it starts with `BEGIN IMMEDIATE`, so concurrent writers queue on
+the database lock instead of failing half-way; on a server database the id comes from a single
+`UPDATE ... RETURNING`, which locks the project row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+
+from artifactfs.entries import ArtifactFileData
+from artifactfs.errors import ArtifactfsError, NotFoundError
+from artifactfs.naming import (
+    ProjectName,
+    derive_project_key,
+    parse_run_id,
+    validate_project_key,
+)
+from artifactfs.store import schema
+from artifactfs.store.schema import SCHEMA_VERSION
+
+_INSERT_BATCH = 5000
+
+
+def default_store_path() -> Path:
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(data_home) / "artifactfs" / "store.db"
+
+
+def resolve_store_uri(store: str | None) -> str:
+    """`--store` / ARTIFACTFS_STORE as a SQLAlchemy URL; a plain path means an SQLite file."""
+    store = store or os.environ.get("ARTIFACTFS_STORE") or str(default_store_path())
+    if "://" in store:
+        return store
+    return "sqlite:///" + os.path.abspath(os.path.expanduser(store))
+
+
+def now_text() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass(frozen=True)
+class ProjectRecord:
+    id: int
+    project: ProjectName
+    key: str
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    run_id: str
+    project: ProjectName
+    created_at: str
+    fields: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    hash: str
+    file_count: int
+    total_size: int
+
+
+def _split_parent(path: str) -> tuple[str, str]:
+    parent, _, name = path.rpartition("/")
+    return parent, name
+
+
+class Store:
+    """A connection pool on one store database, with the queries artifactfs needs."""
+
+    def __init__(self, uri: str | None = None) -> None:
+        self.uri = resolve_store_uri(uri)
+        self.engine = self._make_engine(self.uri)
+        self._ensure_schema()
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _make_engine(uri: str) -> Engine:
+        try:
+            url = make_url(uri)
+        except ArgumentError:
+            raise ArtifactfsError(f"invalid store URI {uri!r}") from None
+        if url.get_backend_name() != "sqlite":
+            try:
+                return create_engine(url, pool_pre_ping=True)
+            except Exception as exc:  # unknown dialect or missing driver
+                raise ArtifactfsError(f"cannot use store {uri!r}: {exc}") from None
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 120})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Take transactions out of the sqlite3 module's hands so we can say BEGIN IMMEDIATE.
+            dbapi_conn.isolation_level = None
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA busy_timeout = 120000")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A transaction that holds the write lock from its first statement."""
+        with self.engine.connect() as conn:
+            conn.execution_options(sqlite_begin="IMMEDIATE")
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def _ensure_schema(self) -> None:
+        try:
+            with self._write() as conn:
+                schema.metadata.create_all(conn, checkfirst=True)
+                row = conn.execute(
+                    select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
+                ).first()
+                if row is None:
+                    conn.execute(
+                        schema.meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
+                    )
+                    return
+                version = int(row[0])
+        except OperationalError as exc:
+            raise ArtifactfsError(f"cannot open store {self.uri}: {exc.orig}") from None
+        if version > SCHEMA_VERSION:
+            raise ArtifactfsError(
+                f"store {self.uri} has schema version {version}, newer than this artifactfs "
+                f"understands ({SCHEMA_VERSION}): upgrade artifactfs"
+            )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- projects and runs ------------------------------------------------------------------
+
+    def find_project(self, project: ProjectName) -> ProjectRecord | None:
+        with self._read() as conn:
+            return self._find_project(conn, project)
+
+    @staticmethod
+    def _find_project(conn: Connection, project: ProjectName) -> ProjectRecord | None:
+        p = schema.projects
+        row = conn.execute(
+            select(p.c.id, p.c.key).where(
+                p.c.workspace == project.workspace, p.c.name == project.name
+            )
+        ).first()
+        return ProjectRecord(row.id, project, row.key) if row else None
+
+    def ensure_project(self, project: ProjectName, key: str | None = None) -> ProjectRecord:
+        """The project, created with `key` (or one derived from its name) if it is new."""
+        if key is not None:
+            validate_project_key(key)
+        with self._write() as conn:
+            found = self._find_project(conn, project)
+            if found is not None:
+                if key is not None and key != found.key:
+                    raise ArtifactfsError(f"project {project} already has the key {found.key!r}")
+                return found
+            if key is None:
+                key = self._free_key(conn, derive_project_key(project.name))
+            elif self._key_taken(conn, key):
+                raise ArtifactfsError(f"project key {key!r} is already used by another project")
+            result = conn.execute(
+                schema.projects.insert().values(
+                    workspace=project.workspace,
+                    name=project.name,
+                    key=key,
+                    last_number=0,
+                    created_at=now_text(),
+                )
+            )
+            assert result.inserted_primary_key is not None
+            return ProjectRecord(int(result.inserted_primary_key[0]), project, key)
+
+    @staticmethod
+    def _key_taken(conn: Connection, key: str) -> bool:
+        p = schema.projects
+        return conn.execute(select(p.c.id).where(p.c.key == key)).first() is not None
+
+    def _free_key(self, conn: Connection, base: str) -> str:
+        if not self._key_taken(conn, base):
+            return base
+        suffix = 2
+        while self._key_taken(conn, f"{base}{suffix}"):
+            suffix += 1
+        return f"{base}{suffix}"
+
+    def create_run(self, project: ProjectName, key: str | None = None) -> RunRecord:
+        """A new run with the next number of its project: unique and gap-free under concurrency."""
+        record = self.ensure_project(project, key)
+        p = schema.projects
+        with self._write() as conn:
+            number = conn.execute(
+                update(p)
+                .where(p.c.id == record.id)
+                .values(last_number=p.c.last_number + 1)
+                .returning(p.c.last_number)
+            ).scalar_one()
+            run_id = f"{record.key}-{number}"
+            created = now_text()
+            result = conn.execute(
+                schema.runs.insert().values(
+                    project_id=record.id, number=number, run_key=run_id, created_at=created
+                )
+            )
+            assert result.inserted_primary_key is not None
+            return RunRecord(int(result.inserted_primary_key[0]), run_id, project, created)
+
+    def get_run(self, run_id: str) -> RunRecord:
+        parse_run_id(run_id)
+        r, p = schema.runs, schema.projects
+        with self._read() as conn:
+            row = conn.execute(
+                select(r.c.id, r.c.run_key, r.c.created_at, p.c.workspace, p.c.name)
+                .join(p, p.c.id == r.c.project_id)
+                .where(r.c.run_key == run_id.strip())
+            ).first()
+            if row is None:
+                raise NotFoundError(f"no run {run_id.strip()!r} in store {self.uri}")
+            names = self._field_names(conn, row.id)
+        return RunRecord(
+            row.id, row.run_key, ProjectName(row.workspace, row.name), row.created_at, names
+        )
+
+    def list_runs(self, project: ProjectName | None = None) -> list[RunRecord]:
+        r, p, f = schema.runs, schema.projects, schema.fields
+        query = (
+            select(r.c.id, r.c.run_key, r.c.created_at, p.c.workspace, p.c.name)
+            .join(p, p.c.id == r.c.project_id)
+            .order_by(p.c.workspace, p.c.name, r.c.number)
+        )
+        if project is not None:
+            query = query.where(p.c.workspace == project.workspace, p.c.name == project.name)
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+            field_rows = conn.execute(select(f.c.run_id, f.c.path).order_by(f.c.path)).all()
+        names: dict[int, list[str]] = {}
+        for run_pk, path in field_rows:
+            names.setdefault(run_pk, []).append(path)
+        return [
+            RunRecord(
+                row.id,
+                row.run_key,
+                ProjectName(row.workspace, row.name),
+                row.created_at,
+                tuple(names.get(row.id, ())),
+            )
+            for row in rows
+        ]
+
+    # -- fields and artifacts ---------------------------------------------------------------
+
+    @staticmethod
+    def _field_names(conn: Connection, run_pk: int) -> tuple[str, ...]:
+        f = schema.fields
+        rows = conn.execute(select(f.c.path).where(f.c.run_id == run_pk).order_by(f.c.path))
+        return tuple(row.path for row in rows)
+
+    def field_artifact(self, run: RunRecord, field_path: str) -> ArtifactRecord:
+        f, a = schema.fields, schema.artifacts
+        with self._read() as conn:
+            row = conn.execute(
+                select(a.c.hash, a.c.file_count, a.c.total_size)
+                .join(f, f.c.artifact_hash == a.c.hash)
+                .where(f.c.run_id == run.id, f.c.path == field_path)
+            ).first()
+        if row is None:
+            raise NotFoundError(f"run {run.run_id} has no artifact field {field_path!r}")
+        return ArtifactRecord(row.hash, row.file_count, row.total_size)
+
+    def iter_entries(self, artifact_hash: str) -> Iterator[ArtifactFileData]:
+        """The artifact's entries in file_path order, as stored (callers validate paths)."""
+        e = schema.artifact_entries
+        query = (
+            select(e.c.file_path, e.c.file_hash, e.c.type, e.c.size, e.c.metadata_json)
+            .where(e.c.artifact_hash == artifact_hash)
+            .order_by(e.c.file_path)
+        )
+        with self._read() as conn:
+            for row in conn.execution_options(yield_per=2000).execute(query):
+                yield _entry_from_row(row)
+
+    def entries(self, artifact_hash: str) -> list[ArtifactFileData]:
+        # Sort in Python too: database collations need not match Python string order.
+        return sorted(self.iter_entries(artifact_hash), key=lambda e: e.file_path)
+
+    def update_field(
+        self,
+        run: RunRecord,
+        field_path: str,
+        make_artifact: Callable[[list[ArtifactFileData]], tuple[str, list[ArtifactFileData]]],
+    ) -> str:
+        """Point the run's field at a new artifact built from the current one, atomically.
+
+        `make_artifact` gets the field's current entries (empty for a new field) and returns the
+        new artifact's hash and entries; it runs inside the write transaction, so concurrent
+        `track_files` calls on one field never lose each other's entries.
+        """
+        with self._write() as conn:
+            self._check_field_conflict(conn, run, field_path)
+            f = schema.fields
+            current = conn.execute(
+                select(f.c.artifact_hash).where(f.c.run_id == run.id, f.c.path == field_path)
+            ).scalar_one_or_none()
+            old_entries = self._entries_in(conn, current) if current else []
+            artifact_hash, entries = make_artifact(old_entries)
+            self._insert_artifact(conn, artifact_hash, entries)
+            if current is None:
+                conn.execute(
+                    f.insert().values(
+                        run_id=run.id,
+                        path=field_path,
+                        artifact_hash=artifact_hash,
+                        updated_at=now_text(),
+                    )
+                )
+            elif current != artifact_hash:
+                conn.execute(
+                    update(f)
+                    .where(f.c.run_id == run.id, f.c.path == field_path)
+                    .values(artifact_hash=artifact_hash, updated_at=now_text())
+                )
+            return artifact_hash
+
+    @staticmethod
+    def _entries_in(conn: Connection, artifact_hash: str) -> list[ArtifactFileData]:
+        e = schema.artifact_entries
+        rows = conn.execute(
+            select(e.c.file_path, e.c.file_hash, e.c.type, e.c.size, e.c.metadata_json).where(
+                e.c.artifact_hash == artifact_hash
+            )
+        )
+        return [_entry_from_row(row) for row in rows]
+
+    def _check_field_conflict(self, conn: Connection, run: RunRecord, field_path: str) -> None:
+        for other in self._field_names(conn, run.id):
+            if other == field_path:
+                continue
+            if other.startswith(field_path + "/") or field_path.startswith(other + "/"):
+                raise ArtifactfsError(
+                    f"field {field_path!r} conflicts with field {other!r} of run {run.run_id}: "
+                    "a field cannot be a namespace of another"
+                )
+
+    @staticmethod
+    def _insert_artifact(
+        conn: Connection, artifact_hash: str, entries: Sequence[ArtifactFileData]
+    ) -> None:
+        a = schema.artifacts
+        if conn.execute(select(a.c.hash).where(a.c.hash == artifact_hash)).first():
+            return  # content-addressed: same hash, same entries
+        try:
+            conn.execute(
+                a.insert().values(
+                    hash=artifact_hash,
+                    file_count=len(entries),
+                    total_size=sum(e.size or 0 for e in entries),
+                    created_at=now_text(),
+                )
+            )
+        except IntegrityError:  # another writer stored it first (server databases)
+            return
+        rows = []
+        dirs: set[str] = set()
+        for entry in entries:
+            parent, name = _split_parent(entry.file_path)
+            rows.append(
+                {
+                    "artifact_hash": artifact_hash,
+                    "file_path": entry.file_path,
+                    "parent": parent,
+                    "name": name,
+                    "file_hash": entry.file_hash,
+                    "type": entry.type,
+                    "size": entry.size,
+                    "metadata_json": json.dumps(entry.metadata, sort_keys=True),
+                }
+            )
+            while parent and parent not in dirs:
+                dirs.add(parent)
+                parent = _split_parent(parent)[0]
+            if len(rows) >= _INSERT_BATCH:
+                conn.execute(schema.artifact_entries.insert(), rows)
+                rows = []
+        if rows:
+            conn.execute(schema.artifact_entries.insert(), rows)
+        dir_rows = [
+            {"artifact_hash": artifact_hash, "path": d, "parent": p, "name": n}
+            for d in sorted(dirs)
+            for p, n in [_split_parent(d)]
+        ]
+        for start in range(0, len(dir_rows), _INSERT_BATCH):
+            conn.execute(schema.artifact_dirs.insert(), dir_rows[start : start + _INSERT_BATCH])
+
+    # -- used by tests and diagnostics ------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Row counts of every table: tests assert a refused command changed none of them."""
+        with self._read() as conn:
+            return {
+                table.name: conn.execute(select(func.count()).select_from(table)).scalar_one()
+                for table in schema.metadata.sorted_tables
+            }
+
+
+def _entry_from_row(row: Any) -> ArtifactFileData:
+    try:
+        metadata = json.loads(row.metadata_json)
+    except ValueError:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        metadata = {}
+    return ArtifactFileData(
+        row.file_path,
+        row.file_hash,
+        row.type,
+        row.size,
+        {str(k): str(v) for k, v in metadata.items()},
+    )

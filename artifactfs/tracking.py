@@ -1,0 +1,55 @@
+"""Turning a location into artifact entries, and merging them into a field's artifact.
+
+Everything that can fail (listing, hashing, path checks, conflicts) happens before anything is
+written, so a refused `track_files` leaves the store exactly as it was.
+"""
+
+from __future__ import annotations
+
+from artifactfs.entries import (
+    ArtifactFileData,
+    artifact_hash,
+    find_file_dir_conflict,
+    join_destination,
+    validate_path,
+)
+from artifactfs.errors import ArtifactfsError
+from artifactfs.progress import progress_bar
+from artifactfs.sources import source_for_location
+
+
+def collect_entries(
+    location: str, destination: str | None = None, show_progress: bool | None = None
+) -> dict[str, ArtifactFileData]:
+    """Entries for every file at `location`, keyed by their path in the artifact."""
+    if destination is not None:
+        validate_path(destination.strip("/"))  # refuse before hashing a large tree
+    source = source_for_location(location)
+    entries: dict[str, ArtifactFileData] = {}
+    with progress_bar(None, f"tracking {location}", enabled=show_progress) as bar:
+
+        def on_progress(done: int) -> None:
+            bar.update(done - bar.n)
+
+        for entry in source.list(location, on_progress):
+            path = join_destination(destination, entry.file_path)
+            entries[path] = entry.with_path(path)
+    if not entries:
+        raise ArtifactfsError(f"nothing to track at {location}: no files there")
+    return entries
+
+
+def merged_artifact(
+    old_entries: list[ArtifactFileData], new_entries: dict[str, ArtifactFileData]
+) -> tuple[str, list[ArtifactFileData]]:
+    """The old entries plus the new ones (a new one replaces an old one of the same path)."""
+    merged = {entry.file_path: entry for entry in old_entries}
+    merged.update(new_entries)
+    conflict = find_file_dir_conflict(merged)
+    if conflict is not None:
+        file_path, below = conflict
+        raise ArtifactfsError(
+            f"{file_path!r} would be both a file and a directory (because of {below!r})"
+        )
+    entries = sorted(merged.values(), key=lambda e: e.file_path)
+    return artifact_hash(entries), entries

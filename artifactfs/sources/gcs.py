@@ -1,0 +1,242 @@
+"""Google Cloud Storage objects: MD5 (or CRC32C for composite objects) as hashes, generations pinned.
+
+The client honours `STORAGE_EMULATOR_HOST` (then no credentials are needed) and the usual
+application-default credentials otherwise. Reads ask for the tracked generation *and* check the
+identity each response carries (`x-goog-generation`, and the whole-object hash in
+`x-goog-hash`), because not every server honours a generation pin.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+from artifactfs.entries import TYPE_GCS, ArtifactFileData
+from artifactfs.errors import ArtifactfsError, CredentialsError, NotFoundError, SourceChangedError
+from artifactfs.sources.base import STREAM_CHUNK, ProgressCallback, Source
+from artifactfs.verification import GCS_HASH_KEY
+
+TIMEOUT = (10, 30)  # connect, read (seconds)
+
+_client_lock = threading.Lock()
+_client: Any = None
+
+
+def gcs_client() -> Any:
+    global _client
+    with _client_lock:
+        if _client is None:
+            from google.auth.exceptions import DefaultCredentialsError
+            from google.cloud import storage
+
+            try:
+                if os.environ.get("STORAGE_EMULATOR_HOST"):
+                    from google.auth.credentials import AnonymousCredentials
+
+                    project = os.environ.get("GOOGLE_CLOUD_PROJECT", "artifactfs")
+                    _client = storage.Client(project=project, credentials=AnonymousCredentials())
+                else:
+                    _client = storage.Client()
+            except DefaultCredentialsError:
+                raise CredentialsError(
+                    "no GCS credentials found: set GOOGLE_APPLICATION_CREDENTIALS to a key file "
+                    "or run 'gcloud auth application-default login' "
+                    "(or STORAGE_EMULATOR_HOST for an emulator)"
+                ) from None
+        return _client
+
+
+def reset_client() -> None:
+    global _client
+    with _client_lock:
+        _client = None
+
+
+def parse_gs_url(url: str) -> tuple[str, str]:
+    if not url.startswith("gs://"):
+        raise ArtifactfsError(f"not a GCS URL: {url!r}")
+    bucket, _, name = url[len("gs://") :].partition("/")
+    if not bucket:
+        raise ArtifactfsError(f"invalid GCS URL {url!r}: no bucket")
+    return bucket, name
+
+
+def _b64_to_hex(value: str) -> str:
+    return base64.b64decode(value).hex()
+
+
+def _format_time(value: datetime | None) -> str:
+    if value is None:
+        return ""
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _hashes_in_header(header: str) -> dict[str, str]:
+    """`crc32c=AAA==,md5=BBB==` -> {"crc32c": hex, "md5": hex}."""
+    found = {}
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        if name and value:
+            try:
+                found[name] = _b64_to_hex(value)
+            except ValueError:
+                continue
+    return found
+
+
+class GCSSource(Source):
+    type_name: ClassVar[str] = TYPE_GCS
+
+    def list(
+        self, location: str, on_progress: ProgressCallback | None = None
+    ) -> Iterator[ArtifactFileData]:
+        from google.api_core.exceptions import GoogleAPIError, NotFound
+
+        bucket_name, name = parse_gs_url(location)
+        bucket = gcs_client().bucket(bucket_name)
+        try:
+            if name and not name.endswith("/"):
+                blob = bucket.get_blob(name, timeout=TIMEOUT)
+                if blob is not None:
+                    return iter([self._entry(blob, name.rsplit("/", 1)[-1])])
+        except NotFound:
+            raise NotFoundError(f"no such GCS bucket: {bucket_name}") from None
+        except GoogleAPIError as exc:
+            raise ArtifactfsError(f"{location}: {exc}") from None
+        prefix = name.rstrip("/") + "/" if name else ""
+        return self._list_prefix(bucket, prefix, location, on_progress)
+
+    def _list_prefix(
+        self, bucket: Any, prefix: str, location: str, on_progress: ProgressCallback | None
+    ) -> Iterator[ArtifactFileData]:
+        from google.api_core.exceptions import GoogleAPIError, NotFound
+
+        count = 0
+        try:
+            # The iterator fetches one page at a time.
+            for blob in bucket.list_blobs(prefix=prefix, timeout=TIMEOUT):
+                if blob.name.endswith("/"):
+                    continue  # folder placeholders
+                count += 1
+                if on_progress:
+                    on_progress(count)
+                yield self._entry(blob, blob.name[len(prefix) :])
+        except NotFound:
+            raise NotFoundError(f"no such GCS bucket: {bucket.name}") from None
+        except GoogleAPIError as exc:
+            raise ArtifactfsError(f"{location}: {exc}") from None
+        if count == 0:
+            raise NotFoundError(f"no objects at {location}")
+
+    @staticmethod
+    def _entry(blob: Any, file_path: str) -> ArtifactFileData:
+        url = f"gs://{blob.bucket.name}/{blob.name}"
+        metadata = {
+            "file_path": url,
+            "location": url,
+            "last_modified": _format_time(blob.updated),
+            "generation": str(blob.generation),
+        }
+        if blob.md5_hash:
+            file_hash = _b64_to_hex(blob.md5_hash)
+        elif blob.crc32c:
+            # Composite objects have no MD5; say which hash this is.
+            file_hash = _b64_to_hex(blob.crc32c)
+            metadata[GCS_HASH_KEY] = "crc32c"
+        else:
+            raise ArtifactfsError(f"{url}: the object has neither an MD5 nor a CRC32C")
+        return ArtifactFileData(file_path, file_hash, TYPE_GCS, int(blob.size or 0), metadata)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _identity_problem(self, entry: ArtifactFileData, headers: Any) -> str | None:
+        generation = headers.get("x-goog-generation")
+        tracked_generation = entry.metadata.get("generation")
+        if generation and tracked_generation and generation != tracked_generation:
+            return f"object changed since it was tracked (generation {generation})"
+        algorithm = entry.metadata.get(GCS_HASH_KEY, "md5")
+        served = _hashes_in_header(headers.get("x-goog-hash", "")).get(algorithm)
+        if served and served != entry.file_hash:
+            return f"object changed since it was tracked ({algorithm} {served})"
+        return None
+
+    def open_stream(
+        self, entry: ArtifactFileData, offset: int = 0, length: int | None = None
+    ) -> Iterator[bytes]:
+        if length == 0 or entry.size == 0:
+            return iter(())
+        client = gcs_client()
+        bucket, name = parse_gs_url(entry.source_url)
+        # A raw media GET, since the library's download helpers hide the response headers.
+        url = (
+            f"{client._connection.API_BASE_URL}/download/storage/v1/b/{quote(bucket, safe='')}"
+            f"/o/{quote(name, safe='')}"
+        )
+        params = {"alt": "media"}
+        if entry.metadata.get("generation"):
+            params["generation"] = entry.metadata["generation"]
+        headers = {"Accept-Encoding": "identity"}
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            headers["Range"] = f"bytes={offset}-{end}"
+        try:
+            response = client._http.get(
+                url, params=params, headers=headers, stream=True, timeout=TIMEOUT
+            )
+        except Exception as exc:  # requests' connection errors
+            raise SourceChangedError(entry.source_url, f"cannot read: {exc}") from None
+        if response.status_code == 404:
+            response.close()
+            raise SourceChangedError(entry.source_url, "object no longer exists")
+        if response.status_code == 412:
+            response.close()
+            raise SourceChangedError(entry.source_url, "object changed since it was tracked")
+        if response.status_code not in (200, 206):
+            response.close()
+            raise SourceChangedError(
+                entry.source_url, f"cannot read: HTTP {response.status_code}"
+            )
+        problem = self._identity_problem(entry, response.headers)
+        if problem is not None:
+            response.close()
+            raise SourceChangedError(entry.source_url, problem)
+        return _iter_response(response)
+
+    def check(self, entry: ArtifactFileData) -> None:
+        from google.api_core.exceptions import GoogleAPIError
+
+        bucket_name, name = parse_gs_url(entry.source_url)
+        generation = entry.metadata.get("generation")
+        try:
+            blob = gcs_client().bucket(bucket_name).get_blob(
+                name, generation=int(generation) if generation else None, timeout=TIMEOUT
+            )
+        except GoogleAPIError as exc:
+            raise SourceChangedError(entry.source_url, f"cannot read: {exc}") from None
+        if blob is None:
+            raise SourceChangedError(entry.source_url, "object no longer exists")
+        if generation and str(blob.generation) != generation:
+            raise SourceChangedError(
+                entry.source_url, f"generation is {blob.generation}, tracked {generation}"
+            )
+        current = self._entry(blob, entry.file_path)
+        if current.file_hash != entry.file_hash:
+            raise SourceChangedError(
+                entry.source_url, f"hash is {current.file_hash}, tracked {entry.file_hash}"
+            )
+        if entry.size is not None and current.size != entry.size:
+            raise SourceChangedError(
+                entry.source_url, f"size is {current.size} bytes, tracked {entry.size}"
+            )
+
+
+def _iter_response(response: Any) -> Iterator[bytes]:
+    try:
+        yield from response.iter_content(STREAM_CHUNK)
+    finally:
+        response.close()

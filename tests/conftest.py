@@ -1,0 +1,169 @@
+"""Fixtures shared by every test: an isolated home for the store and caches, the real CLI,
+and real S3 / GCS servers on 127.0.0.1 started once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from artifactfs.sources import reset_sources
+from tests.support.servers import gcs_emulator, moto_server
+
+_CLEARED = (
+    "ARTIFACTFS_STORE",
+    "ARTIFACTFS_PROJECT",
+    "NEPTUNE_PROJECT",
+    "AWS_ENDPOINT_URL",
+    "AWS_PROFILE",
+    "STORAGE_EMULATOR_HOST",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Store, caches and credentials of this test only."""
+    home = tmp_path / "home"
+    for name in _CLEARED:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(home / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "no-aws-credentials"))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    reset_sources()
+    yield home
+    reset_sources()
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def last_line(self) -> str:
+        return self.stdout.strip().splitlines()[-1]
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool | None = None) -> CliResult:
+    """The real `artifactfs` command in a child process, with this test's environment."""
+    process = subprocess.run(
+        [sys.executable, "-m", "artifactfs", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+    result = CliResult(process.returncode, process.stdout, process.stderr)
+    if check and process.returncode != 0:
+        raise AssertionError(f"artifactfs {' '.join(args)} failed: {result}")
+    return result
+
+
+@pytest.fixture
+def cli() -> Any:
+    return run_cli
+
+
+# -- S3 -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with moto_server(tmp_path_factory.mktemp("moto")) as url:
+        yield url
+
+
+@dataclass
+class S3Bucket:
+    client: Any
+    name: str
+
+    def put(self, key: str, body: bytes) -> Any:
+        return self.client.put_object(Bucket=self.name, Key=key, Body=body)
+
+    def url(self, key: str = "") -> str:
+        return f"s3://{self.name}/{key}"
+
+
+@pytest.fixture
+def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
+    """A fresh bucket on the local S3 server, with the environment pointed at it."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    reset_sources()
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    return S3Bucket(client, name)
+
+
+# -- GCS ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def gcs_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with gcs_emulator(tmp_path_factory.mktemp("gcs")) as url:
+        yield url
+
+
+@dataclass
+class GCSBucket:
+    client: Any
+    name: str
+
+    def put(self, name: str, body: bytes) -> Any:
+        blob = self.client.bucket(self.name).blob(name)
+        blob.upload_from_string(body)
+        blob.reload()
+        return blob
+
+    def url(self, name: str = "") -> str:
+        return f"gs://{self.name}/{name}"
+
+
+@pytest.fixture
+def gcs(gcs_host: str, monkeypatch: pytest.MonkeyPatch) -> GCSBucket:
+    """A fresh bucket on the GCS emulator, with STORAGE_EMULATOR_HOST pointed at it."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_host)
+    reset_sources()
+    client = storage.Client(project="test", credentials=AnonymousCredentials())
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(name)
+    return GCSBucket(client, name)
+
+
+def make_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, body in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+    return root
+
+
+@pytest.fixture
+def store_uri(isolated_home: Path) -> str:
+    return str(isolated_home / ".local" / "share" / "artifactfs" / "store.db")
+
+
+def env_without(*names: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in names}

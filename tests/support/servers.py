@@ -1,0 +1,109 @@
+"""Real servers on 127.0.0.1 for tests: moto_server (S3) and gcp-storage-emulator (GCS).
+
+Each is started as a subprocess on a free port, polled until it answers, and stopped by its PID
+(terminate, then kill) whatever happens to the tests that used it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered, even if with an error status
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server at {url} not ready after {timeout}s")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def _command(name: str) -> str:
+    candidate = BIN / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} is not installed: run scripts/setup.sh --test")
+    return found
+
+
+@contextmanager
+def moto_server(log_dir: Path) -> Iterator[str]:
+    """An S3 endpoint URL served by moto_server."""
+    port = free_port()
+    log = open(log_dir / "moto_server.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [_command("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/moto-api/", process)
+        yield url
+    finally:
+        _stop(process)
+        log.close()
+
+
+@contextmanager
+def gcs_emulator(log_dir: Path) -> Iterator[str]:
+    """A GCS emulator host URL (for STORAGE_EMULATOR_HOST), in memory."""
+    port = free_port()
+    log = open(log_dir / "gcs_emulator.log", "wb")  # noqa: SIM115 - closed below
+    env = dict(os.environ)
+    process = subprocess.Popen(
+        [
+            _command("gcp-storage-emulator"),
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--in-memory",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/storage/v1/b", process)
+        yield url
+    finally:
+        _stop(process)
+        log.close()

@@ -19,7 +19,7 @@ from artifactfs.entries import ArtifactFileData
 from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.naming import RESERVED_NAMESPACE, parse_project, validate_field_path
 from artifactfs.store import RunRecord, Store
-from artifactfs.tracking import collect_entries, merged_artifact
+from artifactfs.tracking import collect_entries, record_entries
 
 WRITE_MODES = ("async", "sync")
 READ_ONLY_MODE = "read-only"
@@ -39,12 +39,10 @@ def init_run(
     project_key: str | None = None,
     **_neptune_options: Any,  # name, tags, capture_stdout, ...: no meaning without a server
 ) -> Run:
-    """Open run `with_id`, or create a new run in `project` (else ARTIFACTFS_PROJECT / NEPTUNE_PROJECT)."""
+    """Open run `with_id`, or create one in `project` (else ARTIFACTFS_PROJECT, NEPTUNE_PROJECT)."""
     del api_token
     if mode not in (*WRITE_MODES, READ_ONLY_MODE):
-        raise ArtifactfsError(
-            f"unsupported mode {mode!r}: use 'async', 'sync' or 'read-only'"
-        )
+        raise ArtifactfsError(f"unsupported mode {mode!r}: use 'async', 'sync' or 'read-only'")
     the_store = store if isinstance(store, Store) else Store(store)
     project_name = project_from_environment(project)
     if with_id is not None:
@@ -120,8 +118,8 @@ class Run:
             raise NotFoundError(f"unknown system field {path!r}: known are {', '.join(values)}")
         return values[path]
 
-    def _refresh(self) -> RunRecord:
-        self._record = self._store.get_run(self._record.run_id)
+    @property
+    def record(self) -> RunRecord:
         return self._record
 
 
@@ -143,19 +141,13 @@ class FieldHandle:
             return self._run._system_value(self.path)
         return self.fetch_hash()
 
-    def track_files(
-        self, path: str, destination: str | None = None, wait: bool = False
-    ) -> None:
+    def track_files(self, path: str, destination: str | None = None, wait: bool = False) -> None:
         """Record every file at `path` (local path, file://, s3://, gs://) in this field."""
         del wait  # tracking is synchronous already
         self._run._check_writable()
         validate_field_path(self.path)
         new_entries = collect_entries(path, destination)
-        self._run.store.update_field(
-            self._run._record,
-            self.path,
-            lambda old: merged_artifact(old, new_entries),
-        )
+        record_entries(self._run.store, self._run.record, self.path, new_entries)
 
     def fetch_hash(self) -> str:
         return self._artifact().hash
@@ -179,4 +171,4 @@ class FieldHandle:
 
     def _artifact(self) -> Any:
         validate_field_path(self.path)
-        return self._run.store.field_artifact(self._run._record, self.path)
+        return self._run.store.field_artifact(self._run.record, self.path)

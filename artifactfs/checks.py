@@ -31,7 +31,7 @@ def verify_entries(
         progress_bar(len(entries), "verifying", enabled=show_progress) as bar,
         ThreadPoolExecutor(VERIFY_WORKERS) as pool,
     ):
-        for entry, problem in zip(entries, pool.map(_problem, entries)):
+        for entry, problem in zip(entries, pool.map(_problem, entries), strict=True):
             bar.update(1)
             if problem is not None:
                 problems[entry.file_path] = problem
@@ -49,9 +49,7 @@ class ArtifactDiff:
         return not (self.added or self.removed or self.changed)
 
 
-def diff_entries(
-    old: Sequence[ArtifactFileData], new: Sequence[ArtifactFileData]
-) -> ArtifactDiff:
+def diff_entries(old: Sequence[ArtifactFileData], new: Sequence[ArtifactFileData]) -> ArtifactDiff:
     """Paths only in `new`, only in `old`, and in both with other hash, size or type."""
     old_by_path = {e.file_path: e for e in old}
     new_by_path = {e.file_path: e for e in new}

@@ -21,7 +21,7 @@ from artifactfs.download import download_entries
 from artifactfs.errors import ArtifactfsError, CheckFailedError
 from artifactfs.naming import parse_project, validate_field_path
 from artifactfs.store import RunRecord, Store
-from artifactfs.tracking import collect_entries, merged_artifact
+from artifactfs.tracking import collect_entries, record_entries
 
 
 class Context:
@@ -91,7 +91,7 @@ def track(
     else:
         assert ctx.project is not None
         record = ctx.store.create_run(parse_project(ctx.project))
-    ctx.store.update_field(record, field_path, lambda old: merged_artifact(old, new_entries))
+    record_entries(ctx.store, record, field_path, new_entries)
     click.echo(f"tracked {len(new_entries)} file(s) in {record.run_id}/{field_path}")
     click.echo(record.run_id)
 
@@ -192,7 +192,9 @@ def _entries(ctx: Context, run_id: str, field_path: str) -> list[Any]:
 def _print_table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths)] + [row[-1]]
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)] + [
+            row[-1]
+        ]
         click.echo("  ".join(cells).rstrip())
 
 

@@ -63,7 +63,9 @@ def download_entries(
         ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool,
     ):
         for entry, outcome in zip(
-            entries, pool.map(lambda e: _download_one(e, root, symlink_local), entries)
+            entries,
+            pool.map(lambda e: _download_one(e, root, symlink_local), entries),
+            strict=True,
         ):
             bar.update(entry.size or 0)
             if outcome is None:

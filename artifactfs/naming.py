@@ -1,4 +1,4 @@
-"""Names users type: projects (`workspace/name`), project keys (`CLS`), run ids (`CLS-4`), fields."""
+"""Names users type: projects (`workspace/name`), keys (`CLS`), run ids (`CLS-4`), fields."""
 
 from __future__ import annotations
 

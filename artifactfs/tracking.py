@@ -16,6 +16,7 @@ from artifactfs.entries import (
 from artifactfs.errors import ArtifactfsError
 from artifactfs.progress import progress_bar
 from artifactfs.sources import source_for_location
+from artifactfs.store import RunRecord, Store
 
 
 def collect_entries(
@@ -31,7 +32,7 @@ def collect_entries(
         def on_progress(done: int) -> None:
             bar.update(done - bar.n)
 
-        for entry in source.list(location, on_progress):
+        for entry in source.list_location(location, on_progress):
             path = join_destination(destination, entry.file_path)
             entries[path] = entry.with_path(path)
     if not entries:
@@ -53,3 +54,16 @@ def merged_artifact(
         )
     entries = sorted(merged.values(), key=lambda e: e.file_path)
     return artifact_hash(entries), entries
+
+
+def record_entries(
+    store: Store, run: RunRecord, field_path: str, new_entries: dict[str, ArtifactFileData]
+) -> str:
+    """Merge `new_entries` into the run's field; returns the field's new artifact hash."""
+    return store.update_field(
+        run,
+        field_path,
+        lambda old: merged_artifact(old, new_entries),
+        # The field already holding exactly these entries makes the merge a no-op.
+        unchanged_if=artifact_hash(new_entries.values()),
+    )

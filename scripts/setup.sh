@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr)
+apt_packages=(python3 python3-dev python3-venv gcc pkg-config fuse3 libfuse3-dev attr)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

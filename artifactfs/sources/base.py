@@ -23,7 +23,7 @@ class Source(ABC):
     type_name: ClassVar[str]
 
     @abstractmethod
-    def list(
+    def list_location(
         self, location: str, on_progress: ProgressCallback | None = None
     ) -> Iterator[ArtifactFileData]:
         """Entries for the single file/object at `location`, or every one below it."""

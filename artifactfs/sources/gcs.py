@@ -1,4 +1,4 @@
-"""Google Cloud Storage objects: MD5 (or CRC32C for composite objects) as hashes, generations pinned.
+"""Google Cloud Storage objects: MD5 (or CRC32C for composite ones) as hashes, generations pinned.
 
 The client honours `STORAGE_EMULATOR_HOST` (then no credentials are needed) and the usual
 application-default credentials otherwise. Reads ask for the tracked generation *and* check the
@@ -92,7 +92,7 @@ def _hashes_in_header(header: str) -> dict[str, str]:
 class GCSSource(Source):
     type_name: ClassVar[str] = TYPE_GCS
 
-    def list(
+    def list_location(
         self, location: str, on_progress: ProgressCallback | None = None
     ) -> Iterator[ArtifactFileData]:
         from google.api_core.exceptions import GoogleAPIError, NotFound
@@ -198,9 +198,7 @@ class GCSSource(Source):
             raise SourceChangedError(entry.source_url, "object changed since it was tracked")
         if response.status_code not in (200, 206):
             response.close()
-            raise SourceChangedError(
-                entry.source_url, f"cannot read: HTTP {response.status_code}"
-            )
+            raise SourceChangedError(entry.source_url, f"cannot read: HTTP {response.status_code}")
         problem = self._identity_problem(entry, response.headers)
         if problem is not None:
             response.close()
@@ -213,8 +211,10 @@ class GCSSource(Source):
         bucket_name, name = parse_gs_url(entry.source_url)
         generation = entry.metadata.get("generation")
         try:
-            blob = gcs_client().bucket(bucket_name).get_blob(
-                name, generation=int(generation) if generation else None, timeout=TIMEOUT
+            blob = (
+                gcs_client()
+                .bucket(bucket_name)
+                .get_blob(name, generation=int(generation) if generation else None, timeout=TIMEOUT)
             )
         except GoogleAPIError as exc:
             raise SourceChangedError(entry.source_url, f"cannot read: {exc}") from None

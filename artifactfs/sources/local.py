@@ -17,6 +17,7 @@ from artifactfs.hashcache import FileKey, HashCache
 from artifactfs.sources.base import STREAM_CHUNK, ProgressCallback, Source
 
 _HASH_WORKERS = min(8, (os.cpu_count() or 1) * 2)
+_HASH_BATCH = 64
 
 
 def local_path_of(location: str) -> str:
@@ -24,7 +25,9 @@ def local_path_of(location: str) -> str:
     if location.startswith("file://"):
         location = location[len("file://") :]
         if not location.startswith("/"):
-            raise ArtifactfsError(f"invalid file URL {'file://' + location!r}: expected file:///abs")
+            raise ArtifactfsError(
+                f"invalid file URL {'file://' + location!r}: expected file:///abs"
+            )
     return os.path.abspath(os.path.expanduser(location))
 
 
@@ -52,6 +55,10 @@ def sha1_of_file(path: str) -> str:
     return digest.hexdigest()
 
 
+def _sha1_batch(batch: list[_Found]) -> list[str]:
+    return [sha1_of_file(item.abs_path) for item in batch]
+
+
 class LocalSource(Source):
     type_name: ClassVar[str] = TYPE_LOCAL
 
@@ -66,7 +73,7 @@ class LocalSource(Source):
 
     # -- listing ----------------------------------------------------------------------------
 
-    def list(
+    def list_location(
         self, location: str, on_progress: ProgressCallback | None = None
     ) -> Iterator[ArtifactFileData]:
         root = local_path_of(location)
@@ -108,13 +115,14 @@ class LocalSource(Source):
         if on_progress:
             on_progress(done)
         if to_hash:
-            # hashlib releases the GIL on large buffers: threads hash files in parallel.
+            # hashlib releases the GIL while hashing: a few threads hash files in parallel.
+            # Batches keep the per-file cost of a thread pool (a Future each) out of the loop.
+            batches = [to_hash[i : i + _HASH_BATCH] for i in range(0, len(to_hash), _HASH_BATCH)]
             with ThreadPoolExecutor(_HASH_WORKERS) as pool:
-                for item, digest in zip(
-                    to_hash, pool.map(lambda f: sha1_of_file(f.abs_path), to_hash)
-                ):
-                    hashes[item.abs_path] = digest
-                    done += 1
+                for batch, digests in zip(batches, pool.map(_sha1_batch, batches), strict=True):
+                    for item, digest in zip(batch, digests, strict=True):
+                        hashes[item.abs_path] = digest
+                    done += len(batch)
                     if on_progress:
                         on_progress(done)
             self.hash_cache.remember((item.key, hashes[item.abs_path]) for item in to_hash)
@@ -190,6 +198,8 @@ def _walk_files(root: str) -> Iterator[_Found]:
     for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
         # Symlinked directories sit in dirnames and, with followlinks=False, are not entered.
         dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        prefix = "" if rel_dir == "." else rel_dir + "/"
         for name in sorted(filenames):
             abs_path = os.path.join(dirpath, name)
             try:
@@ -198,5 +208,4 @@ def _walk_files(root: str) -> Iterator[_Found]:
                 raise ArtifactfsError(f"broken symbolic link: {abs_path}") from None
             if not stat.S_ISREG(info.st_mode):
                 continue  # sockets, fifos, devices
-            rel_path = os.path.relpath(abs_path, root).replace(os.sep, "/")
-            yield _Found(rel_path, abs_path, info.st_size, info.st_mtime_ns)
+            yield _Found(prefix + name, abs_path, info.st_size, info.st_mtime_ns)

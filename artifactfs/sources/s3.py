@@ -80,7 +80,7 @@ def _clean_etag(etag: str) -> str:
 class S3Source(Source):
     type_name: ClassVar[str] = TYPE_S3
 
-    def list(
+    def list_location(
         self, location: str, on_progress: ProgressCallback | None = None
     ) -> Iterator[ArtifactFileData]:
         bucket, key = parse_s3_url(location)
@@ -187,9 +187,7 @@ class S3Source(Source):
 
     # -- reading ----------------------------------------------------------------------------
 
-    def _get(
-        self, entry: ArtifactFileData, offset: int, length: int | None
-    ) -> dict[str, Any]:
+    def _get(self, entry: ArtifactFileData, offset: int, length: int | None) -> dict[str, Any]:
         from botocore.exceptions import ClientError
 
         bucket, key = parse_s3_url(entry.source_url)

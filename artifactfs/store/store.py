@@ -319,12 +319,14 @@ class Store:
         run: RunRecord,
         field_path: str,
         make_artifact: Callable[[list[ArtifactFileData]], tuple[str, list[ArtifactFileData]]],
+        unchanged_if: str | None = None,
     ) -> str:
         """Point the run's field at a new artifact built from the current one, atomically.
 
         `make_artifact` gets the field's current entries (empty for a new field) and returns the
         new artifact's hash and entries; it runs inside the write transaction, so concurrent
-        `track_files` calls on one field never lose each other's entries.
+        `track_files` calls on one field never lose each other's entries. When the field already
+        points at `unchanged_if`, nothing is read or written (re-tracking an unchanged tree).
         """
         with self._write() as conn:
             self._check_field_conflict(conn, run, field_path)
@@ -332,6 +334,8 @@ class Store:
             current = conn.execute(
                 select(f.c.artifact_hash).where(f.c.run_id == run.id, f.c.path == field_path)
             ).scalar_one_or_none()
+            if current is not None and current == unchanged_if:
+                return current
             old_entries = self._entries_in(conn, current) if current else []
             artifact_hash, entries = make_artifact(old_entries)
             self._insert_artifact(conn, artifact_hash, entries)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets everything up (apt packages, .venv, the package with its test extras) and runs the
+# whole suite: lint, format check, type check, tests. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --test
+
+echo "== ruff" && .venv/bin/ruff check . && .venv/bin/ruff format --check .
+echo "== mypy" && .venv/bin/mypy
+echo "== pytest"
+set +e
+.venv/bin/python -m pytest -ra "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+  echo "test.sh: pytest collected no tests: that is a failure" >&2
+  exit 1
+fi
+exit "$status"

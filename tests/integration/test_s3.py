@@ -1,0 +1,364 @@
+"""artifactfs against a real S3 server (moto_server on 127.0.0.1): what a user checks.
+
+Hashes equal the ETags S3 reports, downloads reproduce every byte, a changed or deleted object is
+reported by name, and every refusal is one line on stderr with exit 2 and nothing recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import artifactfs
+from artifactfs.store import Store
+from artifactfs.store.store import default_store_path
+from tests.conftest import make_tree
+
+pytestmark = pytest.mark.s3
+
+TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
+EMPTY_MD5 = hashlib.md5(b"").hexdigest()
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def etag_of(response: dict[str, Any]) -> str:
+    return response["ETag"].strip('"')
+
+
+def track(url: str, field: str = "data", project: str = "ml/cls") -> artifactfs.Run:
+    run = artifactfs.init_run(project=project)
+    run[field].track_files(url)
+    return run
+
+
+def files_by_path(run: artifactfs.Run, field: str = "data") -> dict[str, Any]:
+    return {f.file_path: f for f in run[field].fetch_files_list()}
+
+
+def store_counts() -> dict[str, int]:
+    store = Store(str(default_store_path()))
+    try:
+        return store.counts()
+    finally:
+        store.close()
+
+
+def make_local_store(cli: Any, tmp_path: Path) -> None:
+    """Create the default store with one local run, so 'store unchanged' means something."""
+    local = make_tree(tmp_path / "local", {"seed.txt": b"seed"})
+    result = cli("--project", "seed", "track", "seed", str(local))
+    assert result.returncode == 0, result.stderr
+
+
+def assert_one_line_refusal(result: Any, code: int = 2) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr.strip()
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)).replace(os.sep, "/"): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def leftovers(root: Path) -> list[str]:
+    return [p.name for p in root.rglob("*") if p.name.startswith(".artifactfs-")]
+
+
+# -- tracking ---------------------------------------------------------------------------------
+
+
+def test_prefix_entries_carry_etag_size_type_and_location(s3) -> None:
+    bodies = {
+        "datasets/train/a.csv": b"a,b\n1,2\n",
+        "datasets/train/deep/b.bin": bytes(range(256)) * 40,
+        "datasets/readme.txt": b"hello s3\n",
+    }
+    puts = {key: s3.put(key, body) for key, body in bodies.items()}
+
+    run = track(s3.url("datasets"))
+    files = files_by_path(run)
+
+    assert set(files) == {"train/a.csv", "train/deep/b.bin", "readme.txt"}
+    for key, body in bodies.items():
+        entry = files[key[len("datasets/") :]]
+        head = s3.client.head_object(Bucket=s3.name, Key=key)
+        assert entry.file_hash == etag_of(puts[key]) == etag_of(head)
+        assert entry.file_hash == hashlib.md5(body).hexdigest()
+        assert entry.size == len(body)
+        assert entry.type == "S3"
+        assert entry.metadata["file_path"] == f"s3://{s3.name}/{key}"
+        assert entry.metadata["location"] == f"s3://{s3.name}/{key}"
+        assert TIMESTAMP.match(entry.metadata["last_modified"])
+        expected_time = head["LastModified"].astimezone(timezone.utc)
+        assert entry.metadata["last_modified"] == expected_time.strftime("%Y-%m-%d %H:%M:%S")
+        assert "version_id" not in entry.metadata  # unversioned bucket
+
+
+def test_trailing_slash_prefix_same_as_without(s3) -> None:
+    s3.put("p/x.txt", b"x")
+    s3.put("p/y/z.txt", b"z")
+    with_slash = files_by_path(track(s3.url("p/")))
+    without = files_by_path(track(s3.url("p")))
+    assert set(with_slash) == set(without) == {"x.txt", "y/z.txt"}
+
+
+def test_single_object_named_exactly_is_one_entry_by_base_name(s3) -> None:
+    body = b"just one object\n"
+    put = s3.put("models/v1/weights.bin", body)
+    s3.put("models/v1/other.bin", b"other")
+
+    run = track(s3.url("models/v1/weights.bin"))
+    files = run["data"].fetch_files_list()
+
+    assert len(files) == 1
+    [entry] = files
+    assert entry.file_path == "weights.bin"
+    assert entry.file_hash == etag_of(put) == hashlib.md5(body).hexdigest()
+    assert entry.size == len(body)
+    assert entry.metadata["file_path"] == f"s3://{s3.name}/models/v1/weights.bin"
+
+
+def test_prefix_is_a_directory_boundary(s3) -> None:
+    s3.put("data/train/x", b"train x")
+    s3.put("data/tr/y", b"tr y")
+    s3.put("data/trx", b"sibling object, not under data/tr/")
+
+    files = files_by_path(track(s3.url("data/tr")))
+
+    assert set(files) == {"y"}
+    assert files["y"].metadata["file_path"] == f"s3://{s3.name}/data/tr/y"
+
+
+def test_prefix_matching_only_a_longer_name_is_refused(s3, cli, tmp_path: Path) -> None:
+    s3.put("data/train/x", b"train x")
+    make_local_store(cli, tmp_path)
+    before = store_counts()
+
+    result = cli("--project", "ml/cls", "track", "data", s3.url("data/tr"))
+
+    message = assert_one_line_refusal(result)
+    assert "data/tr" in message
+    assert store_counts() == before
+
+    run = artifactfs.init_run(project="ml/cls")  # creating the run is not the refused step
+    before = store_counts()
+    with pytest.raises(artifactfs.ArtifactfsError, match="data/tr"):
+        run["data"].track_files(s3.url("data/tr"))
+    assert store_counts() == before
+    with pytest.raises(artifactfs.NotFoundError):
+        run["data"].fetch_files_list()
+
+
+def test_folder_markers_skipped_empty_objects_kept(s3) -> None:
+    s3.put("ds/", b"")
+    s3.put("ds/sub/", b"")
+    s3.put("ds/sub/empty.txt", b"")
+    s3.put("ds/full.txt", b"content")
+
+    files = files_by_path(track(s3.url("ds")))
+
+    assert set(files) == {"sub/empty.txt", "full.txt"}
+    assert files["sub/empty.txt"].size == 0
+    assert files["sub/empty.txt"].file_hash == EMPTY_MD5
+
+
+def test_empty_object_downloads_as_empty_file(s3, tmp_path: Path) -> None:
+    s3.put("ds/empty.txt", b"")
+    s3.put("ds/full.txt", b"content")
+    run = track(s3.url("ds"))
+    dest = tmp_path / "out"
+    run["data"].download(destination=str(dest))
+    assert read_tree(dest) == {"empty.txt": b"", "full.txt": b"content"}
+
+
+def test_pagination_2500_objects_all_tracked(s3, s3_endpoint) -> None:
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3", endpoint_url=s3_endpoint, config=Config(max_pool_connections=16)
+    )
+    keys = [f"many/{i // 100:02d}/obj-{i:05d}.txt" for i in range(2500)]
+
+    def put(key: str) -> None:
+        client.put_object(Bucket=s3.name, Key=key, Body=key.encode())
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, keys))
+
+    files = files_by_path(track(s3.url("many")))
+
+    assert len(files) == 2500
+    assert set(files) == {key[len("many/") :] for key in keys}
+    sample = files["07/obj-00742.txt"]
+    assert sample.file_hash == hashlib.md5(b"many/07/obj-00742.txt").hexdigest()
+    assert sample.size == len(b"many/07/obj-00742.txt")
+
+
+# -- versioned buckets and multipart uploads --------------------------------------------------
+
+
+def test_versioned_bucket_pins_version_and_download_returns_original(
+    s3, cli, tmp_path: Path
+) -> None:
+    s3.client.put_bucket_versioning(
+        Bucket=s3.name, VersioningConfiguration={"Status": "Enabled"}
+    )
+    original = b"original bytes v1\n" * 100
+    put = s3.put("v/model.bin", original)
+    assert put.get("VersionId")
+
+    run = track(s3.url("v"))
+    [entry] = run["data"].fetch_files_list()
+    assert entry.metadata["version_id"] == put["VersionId"]
+    assert entry.file_hash == etag_of(put)
+
+    overwrite = s3.put("v/model.bin", b"NEW bytes, v2\n" * 77)
+    assert overwrite["VersionId"] != put["VersionId"]
+
+    dest = tmp_path / "api"
+    run["data"].download(destination=str(dest))
+    assert (dest / "model.bin").read_bytes() == original
+
+    result = cli("download", run.id, "data", str(tmp_path / "cli"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "cli" / "model.bin").read_bytes() == original
+
+    verified = cli("verify", run.id)
+    assert verified.returncode == 0, (verified.stdout, verified.stderr)
+
+
+def test_multipart_upload_etag_tracked_and_downloaded(s3, tmp_path: Path) -> None:
+    from boto3.s3.transfer import TransferConfig
+
+    mb = 1024 * 1024
+    body = os.urandom(11 * mb)
+    source = tmp_path / "big.bin"
+    source.write_bytes(body)
+    s3.client.upload_file(
+        str(source),
+        s3.name,
+        "big/big.bin",
+        Config=TransferConfig(multipart_threshold=5 * mb, multipart_chunksize=5 * mb),
+    )
+    etag = etag_of(s3.client.head_object(Bucket=s3.name, Key="big/big.bin"))
+    assert re.fullmatch(r"[0-9a-f]{32}-3", etag)
+
+    run = track(s3.url("big"))
+    [entry] = run["data"].fetch_files_list()
+    assert entry.file_hash == etag
+    assert entry.size == len(body)
+
+    dest = tmp_path / "out"
+    run["data"].download(destination=str(dest))
+    assert hashlib.sha256((dest / "big.bin").read_bytes()).digest() == (
+        hashlib.sha256(body).digest()
+    )
+
+
+# -- download ---------------------------------------------------------------------------------
+
+
+def test_download_api_and_cli_reproduce_every_byte(s3, cli, tmp_path: Path) -> None:
+    bodies = {
+        "root/a.txt": b"alpha\n",
+        "root/nested/b.bin": os.urandom(300_000),
+        "root/nested/deeper/c.json": b'{"k": [1, 2, 3]}',
+        "root/nested/deeper/still/d": os.urandom(17),
+    }
+    for key, body in bodies.items():
+        s3.put(key, body)
+    expected = {key[len("root/") :]: body for key, body in bodies.items()}
+
+    run = track(s3.url("root"))
+
+    api_dest = tmp_path / "api"
+    run["data"].download(destination=str(api_dest))
+    assert read_tree(api_dest) == expected
+
+    cli_dest = tmp_path / "cli"
+    result = cli("download", run.id, "data", str(cli_dest))
+    assert result.returncode == 0, result.stderr
+    assert read_tree(cli_dest) == expected
+
+
+# -- sources that changed after tracking ------------------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["overwrite", "delete"])
+def test_changed_object_fails_download_and_verify_by_name(
+    s3, cli, tmp_path: Path, change: str
+) -> None:
+    s3.put("ds/keep.txt", b"unchanged")
+    s3.put("ds/sub/victim.txt", b"tracked bytes")
+    run = track(s3.url("ds"))
+
+    if change == "overwrite":
+        s3.put("ds/sub/victim.txt", b"changed bytes")  # same size, different content
+    else:
+        s3.client.delete_object(Bucket=s3.name, Key="ds/sub/victim.txt")
+
+    dest = tmp_path / "out"
+    result = cli("download", run.id, "data", str(dest))
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert f"s3://{s3.name}/ds/sub/victim.txt" in result.stderr or "sub/victim.txt" in (
+        result.stderr
+    )
+    assert not (dest / "sub" / "victim.txt").exists()
+    assert leftovers(dest) == []
+
+    verified = cli("verify", run.id)
+    assert verified.returncode == 1, (verified.stdout, verified.stderr)
+    assert "Traceback" not in verified.stderr
+    output = verified.stdout + verified.stderr
+    assert "sub/victim.txt" in output
+    assert "keep.txt" not in verified.stdout.replace("OK", "")
+
+    with pytest.raises(artifactfs.CheckFailedError, match="victim.txt"):
+        run["data"].download(destination=str(tmp_path / "api"))
+    assert not (tmp_path / "api" / "sub" / "victim.txt").exists()
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+def test_missing_credentials_refused_naming_variable(
+    s3, cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3.put("ds/a.txt", b"a")
+    make_local_store(cli, tmp_path)
+    before = store_counts()
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+
+    result = cli("--project", "p", "track", "f", s3.url("ds"))
+
+    message = assert_one_line_refusal(result)
+    assert "AWS_ACCESS_KEY_ID" in message
+    assert store_counts() == before
+
+
+def test_nonexistent_bucket_refused(s3, cli, tmp_path: Path) -> None:
+    make_local_store(cli, tmp_path)
+    before = store_counts()
+
+    result = cli("--project", "p", "track", "f", "s3://no-such-bucket-artifactfs-test/data")
+
+    message = assert_one_line_refusal(result)
+    assert "no-such-bucket-artifactfs-test" in message
+    assert store_counts() == before

@@ -1,0 +1,295 @@
+"""Tracking local files through the Python API and the CLI, and reading them back."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+import artifactfs
+from artifactfs.store import Store, default_store_path
+from tests.conftest import make_tree
+
+FILES = {
+    "train/a.csv": b"x,y\n1,2\n3,4\n",
+    "train/b.csv": b"x,y\n5,6\n",
+    "test/c.csv": b"x,y\n7,8\n",
+    "données/é.csv": "é;ü\n".encode(),
+    "日本.txt": "日本語\n".encode(),
+    "with space/name with space.txt": b"space\n",
+    "empty.bin": b"",
+    "blob.bin": os.urandom(3 * 1024 * 1024 + 17),  # more than one read chunk
+}
+KNOWN_MTIME = 1664535040  # 2022-09-30 10:50:40 UTC
+LAST_MODIFIED_RE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
+
+
+def sha1(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+@pytest.fixture
+def datasets(tmp_path: Path) -> Path:
+    root = make_tree(tmp_path / "datasets", FILES)
+    for rel in FILES:
+        os.utime(root / rel, (KNOWN_MTIME, KNOWN_MTIME))
+    return root
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() or p.is_symlink()
+    }
+
+
+# -- the Python API ---------------------------------------------------------------------------
+
+
+def test_api_round_trip(datasets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = artifactfs.init_run(project="ml-team/classification", api_token="ignored")
+    run["data_versions"].track_files("datasets/")
+    assert run["sys/id"].fetch() == "CLS-1"
+    tracked_hash = run["data_versions"].fetch_hash()
+    run.stop()
+
+    run = artifactfs.init_run(with_id="CLS-1", mode="read-only")
+    assert run["sys/id"].fetch() == "CLS-1"
+    assert run["data_versions"].fetch_hash() == tracked_hash
+    assert run["data_versions"].fetch() == tracked_hash
+    files = run["data_versions"].fetch_files_list()
+    assert sorted(f.file_path for f in files) == sorted(FILES)
+    local_times = {
+        datetime.fromtimestamp(KNOWN_MTIME, timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        datetime.fromtimestamp(KNOWN_MTIME).strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    for f in files:
+        body = FILES[f.file_path]
+        assert f.file_hash == sha1(body)
+        assert f.size == len(body)
+        assert f.type == "Local"
+        assert f.metadata["file_path"] == "file://" + os.path.abspath(datasets / f.file_path)
+        assert LAST_MODIFIED_RE.match(f.metadata["last_modified"])
+        assert f.metadata["last_modified"] in local_times
+
+    run["data_versions"].download(destination="downloaded_artifact")
+    assert read_tree(tmp_path / "downloaded_artifact") == FILES
+    # Downloading again over an existing copy is fine and leaves the same bytes.
+    run["data_versions"].download(destination=str(tmp_path / "downloaded_artifact"))
+    assert read_tree(tmp_path / "downloaded_artifact") == FILES
+    run.stop()
+
+
+def test_second_run_gets_the_next_number(datasets: Path) -> None:
+    first = artifactfs.init_run(project="ml-team/classification")
+    second = artifactfs.init_run(project="ml-team/classification")
+    assert (first["sys/id"].fetch(), second["sys/id"].fetch()) == ("CLS-1", "CLS-2")
+
+
+def test_file_url_is_accepted(datasets: Path) -> None:
+    by_path = artifactfs.init_run(project="p")
+    by_path["f"].track_files(str(datasets))
+    by_url = artifactfs.init_run(project="p")
+    by_url["f"].track_files("file://" + str(datasets))
+    assert by_url["f"].fetch_hash() == by_path["f"].fetch_hash()
+    single = artifactfs.init_run(project="p")
+    single["f"].track_files("file://" + str(datasets / "train" / "a.csv"))
+    assert [f.file_path for f in single["f"].fetch_files_list()] == ["a.csv"]
+
+
+def test_destination_prefixes_every_path(datasets: Path) -> None:
+    run = artifactfs.init_run(project="p")
+    run["f"].track_files(str(datasets / "train"), destination="x/y")
+    assert sorted(f.file_path for f in run["f"].fetch_files_list()) == ["x/y/a.csv", "x/y/b.csv"]
+
+
+def test_single_file_is_named_by_its_base_name(datasets: Path) -> None:
+    run = artifactfs.init_run(project="p")
+    run["f"].track_files(str(datasets / "données" / "é.csv"))
+    run["g"].track_files(str(datasets / "train" / "b.csv"), destination="x/y")
+    [entry] = run["f"].fetch_files_list()
+    assert (entry.file_path, entry.file_hash, entry.size) == (
+        "é.csv",
+        sha1(FILES["données/é.csv"]),
+        len(FILES["données/é.csv"]),
+    )
+    assert [f.file_path for f in run["g"].fetch_files_list()] == ["x/y/b.csv"]
+
+
+def test_project_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEPTUNE_PROJECT", "neptune-ws/vision")
+    run = artifactfs.init_run()
+    assert run["sys/project"].fetch() == "neptune-ws/vision"
+    monkeypatch.setenv("ARTIFACTFS_PROJECT", "team/classification")
+    run = artifactfs.init_run()  # ARTIFACTFS_PROJECT wins over NEPTUNE_PROJECT
+    assert run["sys/project"].fetch() == "team/classification"
+    assert run["sys/id"].fetch() == "CLS-1"
+    monkeypatch.delenv("NEPTUNE_PROJECT")
+    assert artifactfs.init_run()["sys/id"].fetch() == "CLS-2"
+
+
+def test_cli_project_from_environment(cli, datasets: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ARTIFACTFS_PROJECT", "team/classification")
+    result = cli("track", "data", str(datasets))
+    assert result.returncode == 0, result.stderr
+    assert result.last_line == "CLS-1"
+
+
+def test_store_from_environment(datasets: Path, tmp_path: Path, monkeypatch) -> None:
+    other = tmp_path / "elsewhere" / "other.db"
+    monkeypatch.setenv("ARTIFACTFS_STORE", str(other))
+    run = artifactfs.init_run(project="p")
+    run["f"].track_files(str(datasets))
+    assert other.exists()
+    assert Store(str(other)).get_run(run.id).fields == ("f",)
+    assert not default_store_path().exists()
+
+
+def test_context_manager(datasets: Path) -> None:
+    with artifactfs.init_run(project="ml-team/classification") as run:
+        run["data"].track_files(str(datasets))
+        run_id = run["sys/id"].fetch()
+    reopened = artifactfs.init_run(with_id=run_id, mode="read-only")
+    assert len(reopened["data"].fetch_files_list()) == len(FILES)
+
+
+def test_tracking_on_a_read_only_run_raises(datasets: Path) -> None:
+    run = artifactfs.init_run(project="p")
+    run["f"].track_files(str(datasets / "train"))
+    before = Store(str(default_store_path())).counts()
+    read_only = artifactfs.init_run(with_id=run.id, mode="read-only")
+    with pytest.raises(artifactfs.ArtifactfsError):
+        read_only["f"].track_files(str(datasets))
+    with pytest.raises(artifactfs.ArtifactfsError):
+        read_only["new_field"].track_files(str(datasets))
+    assert Store(str(default_store_path())).counts() == before
+    assert len(read_only["f"].fetch_files_list()) == 2
+
+
+# -- the local hash cache ---------------------------------------------------------------------
+
+
+def test_unchanged_tree_is_not_read_again(
+    datasets: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = artifactfs.init_run(project="p")
+    first["f"].track_files(str(datasets))
+
+    def must_not_read(path: str) -> str:
+        raise AssertionError(f"re-read unchanged file {path}")
+
+    monkeypatch.setattr("artifactfs.sources.local.sha1_of_file", must_not_read)
+    second = artifactfs.init_run(project="p")
+    second["f"].track_files(str(datasets))
+    assert second["f"].fetch_hash() == first["f"].fetch_hash()
+    # The same for a sub-directory of the tree tracked before.
+    third = artifactfs.init_run(project="p")
+    third["f"].track_files(str(datasets / "train"), destination="train")
+    assert {f.file_path for f in third["f"].fetch_files_list()} == {"train/a.csv", "train/b.csv"}
+
+
+def test_changed_file_with_same_size_is_hashed_again(
+    datasets: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = artifactfs.init_run(project="p")
+    first["f"].track_files(str(datasets))
+    changed = datasets / "train" / "a.csv"
+    new_body = b"x,y\n9,9\n9,9\n"
+    assert len(new_body) == len(FILES["train/a.csv"])
+    changed.write_bytes(new_body)
+    os.utime(changed, (KNOWN_MTIME + 60, KNOWN_MTIME + 60))
+
+    from artifactfs.sources import local
+
+    real = local.sha1_of_file
+    read: list[str] = []
+
+    def recording(path: str) -> str:
+        read.append(path)
+        return real(path)
+
+    monkeypatch.setattr("artifactfs.sources.local.sha1_of_file", recording)
+    second = artifactfs.init_run(project="p")
+    second["f"].track_files(str(datasets))
+    assert read == [str(changed)]
+    entries = {f.file_path: f for f in second["f"].fetch_files_list()}
+    assert entries["train/a.csv"].file_hash == sha1(new_body)
+    assert second["f"].fetch_hash() != first["f"].fetch_hash()
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+
+def track(cli, *args: str) -> str:
+    result = cli("--project", "ml-team/classification", "track", *args)
+    assert result.returncode == 0, result.stderr
+    return result.last_line
+
+
+def test_cli_download_reproduces_every_byte(cli, datasets: Path, tmp_path: Path) -> None:
+    run_id = track(cli, "data", str(datasets))
+    assert run_id == "CLS-1"
+    hashed = cli("hash", run_id, "data")
+    assert hashed.returncode == 0, hashed.stderr
+    api_hash = artifactfs.init_run(with_id=run_id, mode="read-only")["data"].fetch_hash()
+    assert hashed.last_line == api_hash
+    result = cli("download", run_id, "data", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert read_tree(tmp_path / "out") == FILES
+    verified = cli("verify", run_id)
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_cli_download_and_verify_fail_when_a_source_changed(
+    cli, datasets: Path, tmp_path: Path
+) -> None:
+    run_id = track(cli, "data", str(datasets))
+    (datasets / "train" / "b.csv").write_bytes(b"x,y\n0,0\n")  # same size, new bytes
+    os.utime(datasets / "train" / "b.csv", (KNOWN_MTIME + 5, KNOWN_MTIME + 5))
+
+    downloaded = cli("download", run_id, "data", str(tmp_path / "out"))
+    assert downloaded.returncode == 1, downloaded
+    assert "train/b.csv" in downloaded.stderr
+    assert len(downloaded.stderr.strip().splitlines()) == 1, downloaded.stderr
+    assert "Traceback" not in downloaded.stderr
+    assert not (tmp_path / "out" / "train" / "b.csv").exists()
+
+    verified = cli("verify", run_id, "data")
+    assert verified.returncode == 1, verified
+    assert "train/b.csv" in verified.stdout + verified.stderr
+    assert "Traceback" not in verified.stderr
+    assert len(verified.stderr.strip().splitlines()) == 1, verified.stderr
+    unchanged = [line for line in verified.stdout.splitlines() if "a.csv" in line]
+    assert unchanged == []
+
+    (datasets / "test" / "c.csv").unlink()  # a deleted source fails the check too
+    verified = cli("verify", run_id)
+    assert verified.returncode == 1
+    assert "test/c.csv" in verified.stdout + verified.stderr
+
+
+def test_cli_diff(cli, tmp_path: Path) -> None:
+    old = make_tree(
+        tmp_path / "old", {"same.txt": b"same", "gone.txt": b"gone", "changed/x.csv": b"1"}
+    )
+    new = make_tree(
+        tmp_path / "new", {"same.txt": b"same", "changed/x.csv": b"2", "added/é.txt": b"new"}
+    )
+    run_a = track(cli, "data", str(old))
+    run_b = track(cli, "data", str(new))
+    result = cli("diff", run_a, run_b, "data")
+    assert result.returncode == 0, result.stderr
+    lines = sorted(line.split() for line in result.stdout.strip().splitlines())
+    assert lines == [["A", "added/é.txt"], ["D", "gone.txt"], ["M", "changed/x.csv"]]
+    reverse = cli("diff", run_b, run_a, "data")
+    lines = sorted(line.split() for line in reverse.stdout.strip().splitlines())
+    assert lines == [["A", "gone.txt"], ["D", "added/é.txt"], ["M", "changed/x.csv"]]
+    same = cli("diff", run_a, run_a, "data")
+    assert same.returncode == 0
+    assert same.stdout.strip() == ""

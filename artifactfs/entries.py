@@ -99,7 +99,7 @@ def join_destination(destination: str | None, path: str) -> str:
     """Prefix `path` with `destination` (`x/y`), validating both."""
     if not destination:
         return validate_path(path)
-    prefix = destination.strip("/")
+    prefix = destination.rstrip("/")  # `x/y/` means `x/y`; a leading '/' stays and is refused
     validate_path(prefix)
     return validate_path(f"{prefix}/{path}")
 

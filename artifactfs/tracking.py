@@ -24,7 +24,7 @@ def collect_entries(
 ) -> dict[str, ArtifactFileData]:
     """Entries for every file at `location`, keyed by their path in the artifact."""
     if destination is not None:
-        validate_path(destination.strip("/"))  # refuse before hashing a large tree
+        validate_path(destination.rstrip("/"))  # refuse before hashing a large tree
     source = source_for_location(location)
     entries: dict[str, ArtifactFileData] = {}
     with progress_bar(None, f"tracking {location}", enabled=show_progress) as bar:

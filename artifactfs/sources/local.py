@@ -88,8 +88,10 @@ class LocalSource(Source):
         except OSError as exc:
             raise ArtifactfsError(f"cannot read {root}: {exc.strerror}") from None
         if stat.S_ISREG(info.st_mode):
-            found = [_Found(os.path.basename(root), root, info.st_size, info.st_mtime_ns)]
-            remembered = {}
+            single = _Found(os.path.basename(root), root, info.st_size, info.st_mtime_ns)
+            found = [single]
+            digest = self.hash_cache.lookup(single.key)
+            remembered = {root: (single.size, single.mtime_ns, digest)} if digest else {}
         elif stat.S_ISDIR(info.st_mode):
             found = list(_walk_files(root))
             remembered = self.hash_cache.lookup_under(root)

@@ -175,9 +175,7 @@ def test_tracking_on_a_read_only_run_raises(datasets: Path) -> None:
 # -- the local hash cache ---------------------------------------------------------------------
 
 
-def test_unchanged_tree_is_not_read_again(
-    datasets: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_unchanged_tree_is_not_read_again(datasets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = artifactfs.init_run(project="p")
     first["f"].track_files(str(datasets))
 

@@ -189,9 +189,7 @@ def test_pagination_2500_objects_all_tracked(s3, s3_endpoint) -> None:
     import boto3
     from botocore.config import Config
 
-    client = boto3.client(
-        "s3", endpoint_url=s3_endpoint, config=Config(max_pool_connections=16)
-    )
+    client = boto3.client("s3", endpoint_url=s3_endpoint, config=Config(max_pool_connections=16))
     keys = [f"many/{i // 100:02d}/obj-{i:05d}.txt" for i in range(2500)]
 
     def put(key: str) -> None:
@@ -209,15 +207,90 @@ def test_pagination_2500_objects_all_tracked(s3, s3_endpoint) -> None:
     assert sample.size == len(b"many/07/obj-00742.txt")
 
 
+def test_whole_bucket_and_special_character_keys(s3, cli, tmp_path: Path) -> None:
+    bodies = {
+        "top.txt": b"top",
+        "dir with spaces/ü nicode + plus.txt": b"special",
+        "dir with spaces/a=b&c%20d.csv": b"x=1",
+    }
+    for key, body in bodies.items():
+        s3.put(key, body)
+
+    result = cli("--project", "ml/cls", "track", "data", f"s3://{s3.name}")
+    assert result.returncode == 0, result.stderr
+    run_id = result.last_line
+    run = artifactfs.init_run(with_id=run_id, mode="read-only")
+    files = files_by_path(run)
+    assert set(files) == set(bodies)
+    for key, body in bodies.items():
+        assert files[key].file_hash == hashlib.md5(body).hexdigest()
+        assert files[key].metadata["file_path"] == f"s3://{s3.name}/{key}"
+
+    dest = tmp_path / "out"
+    downloaded = cli("download", run_id, "data", str(dest))
+    assert downloaded.returncode == 0, downloaded.stderr
+    assert read_tree(dest) == bodies
+    assert cli("verify", run_id).returncode == 0
+
+
+@pytest.mark.parametrize("key", ["ds/../evil.txt", "ds//double.txt"])
+def test_keys_that_would_escape_the_tree_are_refused(s3, cli, tmp_path: Path, key: str) -> None:
+    s3.put("ds/fine.txt", b"fine")
+    s3.put(key, b"bad")
+    listed = s3.client.list_objects_v2(Bucket=s3.name, Prefix="ds/")
+    assert key in {o["Key"] for o in listed["Contents"]}  # the server kept the key as is
+    make_local_store(cli, tmp_path)
+    before = store_counts()
+
+    result = cli("--project", "ml/cls", "track", "data", s3.url("ds"))
+
+    message = assert_one_line_refusal(result)
+    assert key[len("ds/") :] in message
+    assert store_counts() == before
+
+
+def test_wildcards_refused(s3, cli, tmp_path: Path) -> None:
+    s3.put("ds/a.txt", b"a")
+    make_local_store(cli, tmp_path)
+    before = store_counts()
+    result = cli("--project", "ml/cls", "track", "data", s3.url("ds/*.txt"))
+    message = assert_one_line_refusal(result)
+    assert "wildcard" in message.lower()
+    assert store_counts() == before
+
+
 # -- versioned buckets and multipart uploads --------------------------------------------------
+
+
+def enable_versioning(s3: Any) -> None:
+    s3.client.put_bucket_versioning(Bucket=s3.name, VersioningConfiguration={"Status": "Enabled"})
+
+
+def test_versioned_bucket_tracks_latest_versions_only(s3) -> None:
+    enable_versioning(s3)
+    s3.put("v/a.txt", b"a, old")
+    latest_a = s3.put("v/a.txt", b"a, newer")
+    s3.put("v/gone.txt", b"deleted later")
+    s3.client.delete_object(Bucket=s3.name, Key="v/gone.txt")
+    b = s3.put("v/b.txt", b"b")
+
+    files = files_by_path(track(s3.url("v")))
+
+    assert set(files) == {"a.txt", "b.txt"}
+    assert files["a.txt"].file_hash == etag_of(latest_a) == hashlib.md5(b"a, newer").hexdigest()
+    assert files["a.txt"].metadata["version_id"] == latest_a["VersionId"]
+    assert files["b.txt"].metadata["version_id"] == b["VersionId"]
+
+    [single] = track(s3.url("v/a.txt"))["data"].fetch_files_list()
+    assert single.file_path == "a.txt"
+    assert single.metadata["version_id"] == latest_a["VersionId"]
+    assert single.file_hash == etag_of(latest_a)
 
 
 def test_versioned_bucket_pins_version_and_download_returns_original(
     s3, cli, tmp_path: Path
 ) -> None:
-    s3.client.put_bucket_versioning(
-        Bucket=s3.name, VersioningConfiguration={"Status": "Enabled"}
-    )
+    enable_versioning(s3)
     original = b"original bytes v1\n" * 100
     put = s3.put("v/model.bin", original)
     assert put.get("VersionId")
@@ -241,8 +314,14 @@ def test_versioned_bucket_pins_version_and_download_returns_original(
     verified = cli("verify", run.id)
     assert verified.returncode == 0, (verified.stdout, verified.stderr)
 
+    # Even once the key is deleted (a delete marker), the pinned version is still the data.
+    s3.client.delete_object(Bucket=s3.name, Key="v/model.bin")
+    after_delete = tmp_path / "after-delete"
+    run["data"].download(destination=str(after_delete))
+    assert (after_delete / "model.bin").read_bytes() == original
 
-def test_multipart_upload_etag_tracked_and_downloaded(s3, tmp_path: Path) -> None:
+
+def test_multipart_upload_etag_tracked_and_downloaded(s3, cli, tmp_path: Path) -> None:
     from boto3.s3.transfer import TransferConfig
 
     mb = 1024 * 1024
@@ -265,9 +344,11 @@ def test_multipart_upload_etag_tracked_and_downloaded(s3, tmp_path: Path) -> Non
 
     dest = tmp_path / "out"
     run["data"].download(destination=str(dest))
-    assert hashlib.sha256((dest / "big.bin").read_bytes()).digest() == (
-        hashlib.sha256(body).digest()
-    )
+    assert (dest / "big.bin").read_bytes() == body
+
+    result = cli("download", run.id, "data", str(tmp_path / "cli"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "cli" / "big.bin").read_bytes() == body
 
 
 # -- download ---------------------------------------------------------------------------------
@@ -314,22 +395,18 @@ def test_changed_object_fails_download_and_verify_by_name(
 
     dest = tmp_path / "out"
     result = cli("download", run.id, "data", str(dest))
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    assert f"s3://{s3.name}/ds/sub/victim.txt" in result.stderr or "sub/victim.txt" in (
-        result.stderr
-    )
+    message = assert_one_line_refusal(result, code=1)
+    assert f"s3://{s3.name}/ds/sub/victim.txt" in message
     assert not (dest / "sub" / "victim.txt").exists()
     assert leftovers(dest) == []
 
     verified = cli("verify", run.id)
     assert verified.returncode == 1, (verified.stdout, verified.stderr)
     assert "Traceback" not in verified.stderr
-    output = verified.stdout + verified.stderr
-    assert "sub/victim.txt" in output
-    assert "keep.txt" not in verified.stdout.replace("OK", "")
+    assert "sub/victim.txt" in verified.stdout + verified.stderr
+    assert "keep.txt" not in verified.stdout + verified.stderr
 
-    with pytest.raises(artifactfs.CheckFailedError, match="victim.txt"):
+    with pytest.raises(artifactfs.CheckFailedError, match=r"victim\.txt"):
         run["data"].download(destination=str(tmp_path / "api"))
     assert not (tmp_path / "api" / "sub" / "victim.txt").exists()
 

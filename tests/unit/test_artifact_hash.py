@@ -99,7 +99,13 @@ def test_metadata_is_excluded() -> None:
 def test_unknown_size_contributes_nothing() -> None:
     unknown = [ArtifactFileData("a/b", "0123abcd", "S3", None)]
     expected = hashlib.sha256(
-        b"#" + (3).to_bytes(4, "big") + b"a/b" + b"#0123abcd#" + b"#" + (2).to_bytes(4, "big") + b"S3"
+        b"#"
+        + (3).to_bytes(4, "big")
+        + b"a/b"
+        + b"#0123abcd#"
+        + b"#"
+        + (2).to_bytes(4, "big")
+        + b"S3"
     ).hexdigest()
     assert artifactfs.artifact_hash(unknown) == expected
     assert reference_hash(as_tuples(unknown)) == expected

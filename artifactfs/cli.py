@@ -8,20 +8,28 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import click
 
 from artifactfs import __version__
 from artifactfs.api import project_from_environment
+from artifactfs.cache import ChunkCache
 from artifactfs.checks import diff_entries, verify_entries
 from artifactfs.download import download_entries
 from artifactfs.errors import ArtifactfsError, CheckFailedError
+from artifactfs.fs import daemon
+from artifactfs.fs.daemon import DEFAULT_CACHE_SIZE, MountOptions, parse_size
+from artifactfs.hashcache import default_cache_dir
 from artifactfs.naming import parse_project, validate_field_path
 from artifactfs.store import RunRecord, Store
 from artifactfs.tracking import collect_entries, record_entries
+
+CACHE_DIR_HELP = "Cache directory [default: $XDG_CACHE_HOME/artifactfs]"
 
 
 class Context:
@@ -182,6 +190,99 @@ def diff(ctx: Context, run_a: str, run_b: str, field_path: str) -> None:
         f"{len(changes.changed)} changed",
         err=True,
     )
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--run", "run_id", metavar="RUN", help="Make this run the root.")
+@click.option(
+    "--field", "field_path", metavar="FIELD", help="With --run: this artifact is the root."
+)
+@click.option(
+    "--cache-dir", metavar="D", help="Cache directory [default: $XDG_CACHE_HOME/artifactfs]"
+)
+@click.option("--cache-size", default=DEFAULT_CACHE_SIZE, show_default=True, help="Byte limit.")
+@click.option("--chunk-size", default="8M", show_default=True, help="Remote fetch unit.")
+@click.option("--foreground", is_flag=True, help="Stay in the foreground and log to stderr too.")
+@click.option("-o", "mount_options", multiple=True, metavar="OPT", help="Only: allow_other.")
+@click.option("--log-file", metavar="F", help="Daemon log [default: in the cache directory].")
+@pass_context
+def mount(
+    ctx: Context,
+    mountpoint: str,
+    run_id: str | None,
+    field_path: str | None,
+    cache_dir: str | None,
+    cache_size: str,
+    chunk_size: str,
+    foreground: bool,
+    mount_options: tuple[str, ...],
+    log_file: str | None,
+) -> None:
+    """Mount every run's artifacts read-only at MOUNTPOINT; returns once it is ready."""
+    extra = {opt for value in mount_options for opt in value.split(",") if opt}
+    unknown = extra - {"allow_other"}
+    if unknown:
+        raise ArtifactfsError(f"unsupported mount option(s): {', '.join(sorted(unknown))}")
+    if field_path is not None and run_id is None:
+        raise ArtifactfsError("--field needs --run")
+    options = MountOptions(
+        mountpoint=mountpoint,
+        store_uri=ctx.store_uri,
+        run_id=run_id,
+        field_path=field_path,
+        cache_dir=cache_dir,
+        cache_size=parse_size(cache_size),
+        chunk_size=parse_size(chunk_size),
+        allow_other="allow_other" in extra,
+        log_file=log_file,
+    )
+    daemon.mount(options, foreground=foreground)
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path())
+def unmount(mountpoint: str) -> None:
+    """Unmount MOUNTPOINT, also when its daemon has died."""
+    daemon.unmount(mountpoint)
+    click.echo(f"unmounted {os.path.abspath(mountpoint)}")
+
+
+@cli.group()
+@click.option(
+    "--cache-dir", metavar="D", help="Cache directory [default: $XDG_CACHE_HOME/artifactfs]"
+)
+@click.pass_context
+def cache(ctx: click.Context, cache_dir: str | None) -> None:
+    """Inspect or clean the chunk cache."""
+    directory = Path(cache_dir) if cache_dir else default_cache_dir()
+    ctx.obj = ChunkCache(daemon.chunk_directory(directory), parse_size(DEFAULT_CACHE_SIZE))
+
+
+@cache.command("stats")
+@click.pass_obj
+def cache_stats(chunks: ChunkCache) -> None:
+    """Bytes and chunks now in the cache."""
+    snapshot = chunks.snapshot()
+    click.echo(f"directory: {chunks.directory}")
+    click.echo(f"chunks: {snapshot['chunks']}")
+    click.echo(f"bytes: {snapshot['cache_bytes']}")
+
+
+@cache.command("clear")
+@click.pass_obj
+def cache_clear(chunks: ChunkCache) -> None:
+    """Remove every cached chunk."""
+    freed = chunks.clear()
+    click.echo(f"cleared {chunks.directory}: {freed} bytes freed")
+
+
+@cache.command("fsck")
+@click.pass_obj
+def cache_fsck(chunks: ChunkCache) -> None:
+    """Re-check every cached chunk and drop the damaged ones."""
+    checked, dropped = chunks.fsck()
+    click.echo(f"checked {checked} chunk(s), dropped {dropped} damaged")
 
 
 def _entries(ctx: Context, run_id: str, field_path: str) -> list[Any]:

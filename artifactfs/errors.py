@@ -32,3 +32,7 @@ class SourceChangedError(CheckFailedError):
         super().__init__(f"{source_url}: {reason}")
         self.source_url = source_url
         self.reason = reason
+
+
+class TransientSourceError(ArtifactfsError):
+    """A source could not be read this time (network, throttling, timeouts): worth a retry."""

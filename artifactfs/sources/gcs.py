@@ -17,7 +17,13 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 from artifactfs.entries import TYPE_GCS, ArtifactFileData
-from artifactfs.errors import ArtifactfsError, CredentialsError, NotFoundError, SourceChangedError
+from artifactfs.errors import (
+    ArtifactfsError,
+    CredentialsError,
+    NotFoundError,
+    SourceChangedError,
+    TransientSourceError,
+)
 from artifactfs.sources.base import STREAM_CHUNK, ProgressCallback, Source
 from artifactfs.verification import GCS_HASH_KEY
 
@@ -188,8 +194,8 @@ class GCSSource(Source):
             response = client._http.get(
                 url, params=params, headers=headers, stream=True, timeout=TIMEOUT
             )
-        except Exception as exc:  # requests' connection errors
-            raise SourceChangedError(entry.source_url, f"cannot read: {exc}") from None
+        except OSError as exc:  # requests' connection errors and timeouts are OSErrors
+            raise TransientSourceError(f"{entry.source_url}: cannot read: {exc}") from None
         if response.status_code == 404:
             response.close()
             raise SourceChangedError(entry.source_url, "object no longer exists")
@@ -198,12 +204,14 @@ class GCSSource(Source):
             raise SourceChangedError(entry.source_url, "object changed since it was tracked")
         if response.status_code not in (200, 206):
             response.close()
-            raise SourceChangedError(entry.source_url, f"cannot read: HTTP {response.status_code}")
+            raise TransientSourceError(
+                f"{entry.source_url}: cannot read: HTTP {response.status_code}"
+            )
         problem = self._identity_problem(entry, response.headers)
         if problem is not None:
             response.close()
             raise SourceChangedError(entry.source_url, problem)
-        return _iter_response(response)
+        return _iter_response(response, entry.source_url)
 
     def check(self, entry: ArtifactFileData) -> None:
         from google.api_core.exceptions import GoogleAPIError
@@ -217,7 +225,7 @@ class GCSSource(Source):
                 .get_blob(name, generation=int(generation) if generation else None, timeout=TIMEOUT)
             )
         except GoogleAPIError as exc:
-            raise SourceChangedError(entry.source_url, f"cannot read: {exc}") from None
+            raise TransientSourceError(f"{entry.source_url}: cannot read: {exc}") from None
         if blob is None:
             raise SourceChangedError(entry.source_url, "object no longer exists")
         if generation and str(blob.generation) != generation:
@@ -235,8 +243,12 @@ class GCSSource(Source):
             )
 
 
-def _iter_response(response: Any) -> Iterator[bytes]:
+def _iter_response(response: Any, url: str) -> Iterator[bytes]:
+    from requests.exceptions import RequestException
+
     try:
         yield from response.iter_content(STREAM_CHUNK)
+    except (RequestException, OSError) as exc:  # reset or cut short mid-body
+        raise TransientSourceError(f"{url}: read interrupted: {exc}") from None
     finally:
         response.close()

@@ -14,7 +14,13 @@ from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 from artifactfs.entries import TYPE_S3, ArtifactFileData
-from artifactfs.errors import ArtifactfsError, CredentialsError, NotFoundError, SourceChangedError
+from artifactfs.errors import (
+    ArtifactfsError,
+    CredentialsError,
+    NotFoundError,
+    SourceChangedError,
+    TransientSourceError,
+)
 from artifactfs.sources.base import STREAM_CHUNK, ProgressCallback, Source
 
 _client_lock = threading.Lock()
@@ -188,7 +194,7 @@ class S3Source(Source):
     # -- reading ----------------------------------------------------------------------------
 
     def _get(self, entry: ArtifactFileData, offset: int, length: int | None) -> dict[str, Any]:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, key = parse_s3_url(entry.source_url)
         args: dict[str, Any] = {"Bucket": bucket, "Key": key, "IfMatch": f'"{entry.file_hash}"'}
@@ -201,6 +207,8 @@ class S3Source(Source):
             response: dict[str, Any] = s3_client().get_object(**args)
         except ClientError as exc:
             raise self._changed(entry, exc) from None
+        except BotoCoreError as exc:  # connection errors and timeouts, after botocore's retries
+            raise TransientSourceError(f"{entry.source_url}: cannot read: {exc}") from None
         etag = _clean_etag(response.get("ETag", ""))
         if etag != entry.file_hash:
             response["Body"].close()
@@ -218,7 +226,7 @@ class S3Source(Source):
             return SourceChangedError(entry.source_url, "object no longer exists")
         if code == "InvalidRange":
             return SourceChangedError(entry.source_url, "object is shorter than tracked")
-        return SourceChangedError(entry.source_url, f"cannot read: {exc}")
+        return TransientSourceError(f"{entry.source_url}: cannot read: {exc}")
 
     def open_stream(
         self, entry: ArtifactFileData, offset: int = 0, length: int | None = None
@@ -230,10 +238,10 @@ class S3Source(Source):
             response = self._get(entry, 0, None)
         else:
             response = self._get(entry, offset, length)
-        return _iter_body(response["Body"])
+        return _iter_body(response["Body"], entry.source_url)
 
     def check(self, entry: ArtifactFileData) -> None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, key = parse_s3_url(entry.source_url)
         args: dict[str, Any] = {"Bucket": bucket, "Key": key}
@@ -243,6 +251,8 @@ class S3Source(Source):
             head = s3_client().head_object(**args)
         except ClientError as exc:
             raise self._changed(entry, exc) from None
+        except BotoCoreError as exc:
+            raise TransientSourceError(f"{entry.source_url}: cannot read: {exc}") from None
         etag = _clean_etag(head.get("ETag", ""))
         if etag != entry.file_hash:
             raise SourceChangedError(entry.source_url, f"ETag is {etag}, tracked {entry.file_hash}")
@@ -252,8 +262,13 @@ class S3Source(Source):
             )
 
 
-def _iter_body(body: Any) -> Iterator[bytes]:
+def _iter_body(body: Any, url: str) -> Iterator[bytes]:
+    from botocore.exceptions import BotoCoreError
+    from urllib3.exceptions import HTTPError
+
     try:
         yield from body.iter_chunks(STREAM_CHUNK)
+    except (BotoCoreError, HTTPError, OSError) as exc:  # reset or cut short mid-body
+        raise TransientSourceError(f"{url}: read interrupted: {exc}") from None
     finally:
         body.close()

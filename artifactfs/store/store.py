@@ -426,6 +426,71 @@ class Store:
         for start in range(0, len(dir_rows), _INSERT_BATCH):
             conn.execute(schema.artifact_dirs.insert(), dir_rows[start : start + _INSERT_BATCH])
 
+    # -- browsing, for the mount -----------------------------------------------------------
+
+    def list_projects(self) -> list[ProjectName]:
+        p = schema.projects
+        with self._read() as conn:
+            rows = conn.execute(select(p.c.workspace, p.c.name).order_by(p.c.workspace, p.c.name))
+            return [ProjectName(row.workspace, row.name) for row in rows]
+
+    def run_fields(self, run_id: str) -> dict[str, str] | None:
+        """field path -> artifact hash of the run, or None when there is no such run."""
+        r, f = schema.runs, schema.fields
+        with self._read() as conn:
+            run_pk = conn.execute(select(r.c.id).where(r.c.run_key == run_id)).scalar()
+            if run_pk is None:
+                return None
+            rows = conn.execute(select(f.c.path, f.c.artifact_hash).where(f.c.run_id == run_pk))
+            return {row.path: row.artifact_hash for row in rows}
+
+    def artifact(self, artifact_hash: str) -> ArtifactRecord | None:
+        a = schema.artifacts
+        with self._read() as conn:
+            row = conn.execute(
+                select(a.c.hash, a.c.file_count, a.c.total_size).where(a.c.hash == artifact_hash)
+            ).first()
+        return ArtifactRecord(row.hash, row.file_count, row.total_size) if row else None
+
+    def artifact_lookup(
+        self, artifact_hash: str, parent: str, name: str
+    ) -> ArtifactFileData | str | None:
+        """The entry named `name` in directory `parent`, the directory path, or None."""
+        e, d = schema.artifact_entries, schema.artifact_dirs
+        with self._read() as conn:
+            row = conn.execute(
+                select(e.c.file_path, e.c.file_hash, e.c.type, e.c.size, e.c.metadata_json).where(
+                    e.c.artifact_hash == artifact_hash, e.c.parent == parent, e.c.name == name
+                )
+            ).first()
+            if row is not None:
+                return _entry_from_row(row)
+            found = conn.execute(
+                select(d.c.path).where(
+                    d.c.artifact_hash == artifact_hash, d.c.parent == parent, d.c.name == name
+                )
+            ).scalar()
+        return str(found) if found is not None else None
+
+    def artifact_children(
+        self, artifact_hash: str, parent: str
+    ) -> tuple[list[str], list[ArtifactFileData]]:
+        """Sub-directory paths and file entries directly in `parent` ('' for the root)."""
+        e, d = schema.artifact_entries, schema.artifact_dirs
+        with self._read() as conn:
+            dirs = conn.execute(
+                select(d.c.path)
+                .where(d.c.artifact_hash == artifact_hash, d.c.parent == parent)
+                .order_by(d.c.name)
+            ).scalars()
+            dir_paths = [str(path) for path in dirs]
+            rows = conn.execute(
+                select(e.c.file_path, e.c.file_hash, e.c.type, e.c.size, e.c.metadata_json)
+                .where(e.c.artifact_hash == artifact_hash, e.c.parent == parent)
+                .order_by(e.c.name)
+            )
+            return dir_paths, [_entry_from_row(row) for row in rows]
+
     # -- used by tests and diagnostics ------------------------------------------------------
 
     def counts(self) -> dict[str, int]:

@@ -1,0 +1,275 @@
+"""Mounting and unmounting: the daemon's life cycle, signals, logging, recovery of dead mounts.
+
+`mount()` without foreground forks: the child mounts, then tells the parent through a pipe
+that the mount is ready (or why it failed), so the command returns only once the mount point
+works. SIGTERM and SIGINT end the FUSE loop and unmount cleanly. A mount whose daemon died
+(`kill -9`) is left "disconnected" by the kernel; `unmount()` clears it with fusermount3,
+lazily if it has to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from artifactfs.errors import ArtifactfsError
+from artifactfs.hashcache import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_SIZE = "10G"
+READY_TIMEOUT = 120.0
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(i?[bB])?\s*$")
+
+
+def parse_size(text: str) -> int:
+    """`10G`, `512M`, `1.5GiB`, `4096`: bytes (powers of 1024)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ArtifactfsError(f"invalid size {text!r}: expected a number with K, M, G or T")
+    factor = 1024 ** " KMGT".index(match.group(2).upper() or " ")
+    value = int(float(match.group(1)) * factor)
+    if value <= 0:
+        raise ArtifactfsError(f"invalid size {text!r}: must be positive")
+    return value
+
+
+def chunk_directory(cache_dir: Path) -> Path:
+    """Where the chunk cache lives inside a cache directory (beside logs and the hash cache)."""
+    return cache_dir / "data"
+
+
+@dataclass
+class MountOptions:
+    mountpoint: str
+    store_uri: str | None = None
+    run_id: str | None = None
+    field_path: str | None = None
+    cache_dir: str | None = None
+    cache_size: int = parse_size(DEFAULT_CACHE_SIZE)
+    chunk_size: int = 8 * 1024 * 1024
+    allow_other: bool = False
+    log_file: str | None = None
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+    @property
+    def resolved_log_file(self) -> Path:
+        if self.log_file:
+            return Path(self.log_file)
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.abspath(self.mountpoint).strip("/"))
+        return self.resolved_cache_dir / "logs" / f"mount-{name or 'root'}.log"
+
+
+# -- /proc/mounts ----------------------------------------------------------------------------
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def is_mounted(mountpoint: str) -> bool:
+    target = os.path.abspath(mountpoint)
+    try:
+        with open("/proc/mounts") as mounts:
+            return any(
+                _unescape(line.split()[1]) == target for line in mounts if len(line.split()) > 2
+            )
+    except OSError:
+        return os.path.ismount(target)
+
+
+def _check_mountpoint(mountpoint: str) -> str:
+    path = os.path.abspath(mountpoint)
+    if not os.path.isdir(path):
+        raise ArtifactfsError(f"mount point {path} is not a directory")
+    if is_mounted(path):
+        raise ArtifactfsError(f"{path} is already a mount point: unmount it first")
+    if os.listdir(path):
+        raise ArtifactfsError(f"mount point {path} is not empty")
+    return path
+
+
+# -- mounting ---------------------------------------------------------------------------------
+
+
+def mount(options: MountOptions, foreground: bool) -> None:
+    options.mountpoint = _check_mountpoint(options.mountpoint)
+    if shutil.which("fusermount3") is None:
+        raise ArtifactfsError("fusermount3 not found: install the 'fuse3' package")
+    log_file = options.resolved_log_file
+    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if foreground:
+        _configure_logging(log_file, also_stderr=True)
+        _serve(options, ready_fd=None)
+        return
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        status = 0
+        try:
+            os.setsid()
+            _detach_stdio(log_file)
+            _configure_logging(log_file, also_stderr=False)
+            _serve(options, ready_fd=write_fd)
+        except BaseException as exc:
+            message = str(exc) if isinstance(exc, ArtifactfsError) else repr(exc)
+            log.error("mount failed: %s", message)
+            _tell(write_fd, f"error {message}")
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    answer = _wait_for_answer(read_fd)
+    if answer.startswith("ready"):
+        print(f"mounted at {options.mountpoint} (daemon pid {pid}, log: {log_file})")
+        return
+    if not answer:
+        answer = f"error the daemon exited before the mount was ready; see {log_file}"
+    raise ArtifactfsError(answer.removeprefix("error "))
+
+
+def _wait_for_answer(read_fd: int) -> str:
+    import select
+
+    chunks = []
+    with os.fdopen(read_fd, "rb") as pipe:
+        ready, _, _ = select.select([pipe], [], [], READY_TIMEOUT)
+        if not ready:
+            return "error the daemon did not become ready in time"
+        chunks.append(pipe.readline())
+    return b"".join(chunks).decode("utf-8", "replace").strip()
+
+
+def _tell(fd: int | None, message: str) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, (" ".join(message.split()) + "\n").encode("utf-8"))
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _detach_stdio(log_file: Path) -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+
+
+def _configure_logging(log_file: Path, also_stderr: bool) -> None:
+    handlers: list[logging.Handler] = [logging.FileHandler(log_file)]
+    if also_stderr:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    os.chmod(log_file, 0o600)
+
+
+def _serve(options: MountOptions, ready_fd: int | None) -> None:
+    """Build the file system, mount it, say so, and serve until unmounted or signalled."""
+    import pyfuse3
+    import trio
+
+    from artifactfs.cache import ChunkCache
+    from artifactfs.fs.fuse_ops import ArtifactOperations
+    from artifactfs.fs.tree import Tree
+    from artifactfs.reader import Reader
+    from artifactfs.store import Store
+
+    store = Store(options.store_uri)
+    tree = Tree(store, options.run_id, options.field_path)
+    cache = ChunkCache(chunk_directory(options.resolved_cache_dir), options.cache_size)
+    reader = Reader(cache, chunk_size=options.chunk_size)
+    operations = ArtifactOperations(tree, reader)
+
+    fuse_options = set(pyfuse3.default_options)
+    fuse_options |= {"fsname=artifactfs", "subtype=artifactfs", "ro"}
+    if options.allow_other:
+        fuse_options.add("allow_other")
+    pyfuse3.init(operations, options.mountpoint, fuse_options)
+    log.info(
+        "mounted %s (store %s, run %s, field %s, cache %s, limit %d bytes)",
+        options.mountpoint,
+        store.uri,
+        options.run_id or "-",
+        options.field_path or "-",
+        cache.directory,
+        options.cache_size,
+    )
+    _tell(ready_fd, "ready")
+    try:
+        trio.run(_main_loop, options.mountpoint)
+    finally:
+        pyfuse3.close(unmount=True)
+        reader.close()
+        store.close()
+        log.info("unmounted %s", options.mountpoint)
+
+
+async def _main_loop(mountpoint: str) -> None:
+    import pyfuse3
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, mountpoint)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal() -> None:
+    import pyfuse3
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def _raise_readahead(mountpoint: str) -> None:
+    """1 MiB kernel read-ahead (libfuse's default is 128 KiB); root only, best effort."""
+    try:
+        device = os.stat(mountpoint).st_dev
+        path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+        with open(path, "w") as handle:
+            handle.write("1024")
+    except OSError as exc:
+        log.info("could not raise read-ahead: %s", exc)
+
+
+# -- unmounting -------------------------------------------------------------------------------
+
+
+def unmount(mountpoint: str) -> None:
+    path = os.path.abspath(mountpoint)
+    if not is_mounted(path):
+        raise ArtifactfsError(f"{path} is not mounted")
+    result = subprocess.run(["fusermount3", "-u", path], capture_output=True, text=True)
+    if result.returncode == 0 and not is_mounted(path):
+        return
+    # A dead daemon's or a busy mount: detach it lazily, as a last resort.
+    lazy = subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, text=True)
+    if lazy.returncode != 0 and is_mounted(path):
+        detail = (lazy.stderr or result.stderr).strip().splitlines()
+        raise ArtifactfsError(f"cannot unmount {path}: {detail[-1] if detail else 'unknown'}")

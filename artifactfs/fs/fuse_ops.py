@@ -1,0 +1,245 @@
+"""pyfuse3 operations: a thin translator from kernel requests to `Tree` and `Reader` calls.
+
+Everything that may block (store queries, fetches, disk reads) runs on worker threads through
+one bounded limiter, so a slow fetch never stalls the trio loop that serves other readers.
+Exceptions become errno values in one place (`_call`): ReadError is EIO with a log line, a
+store that cannot be reached is EIO too, and every path that would write is EROFS.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from artifactfs.fs.tree import ROOT_INODE, XATTR_PREFIX, Kind, Node, Tree
+from artifactfs.reader import Reader, ReadError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Inside an artifact nothing ever changes; above it, new runs must show up within seconds.
+IMMUTABLE_TIMEOUT = 3600.0
+LISTING_TIMEOUT = 1.0
+WORKER_THREADS = 16
+
+
+class ArtifactOperations(pyfuse3.Operations):
+    def __init__(self, tree: Tree, reader: Reader) -> None:
+        super().__init__()
+        self.tree = tree
+        self.reader = reader
+        self._limiter = trio.CapacityLimiter(WORKER_THREADS)
+        self._nodes: dict[int, Node] = {ROOT_INODE: tree.root()}
+        self._lookups: dict[int, int] = {}
+        self._open_files: dict[int, Node] = {}
+        self._listings: dict[int, list[Node]] = {}
+        self._next_handle = 1
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run blocking work on a worker thread; map failures to errno."""
+        try:
+            return await trio.to_thread.run_sync(function, *args, limiter=self._limiter)
+        except pyfuse3.FUSEError:
+            raise
+        except ReadError:
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:
+            log.error(
+                "%s failed: %s: %s",
+                getattr(function, "__name__", function),
+                type(exc).__name__,
+                exc,
+            )
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _node(self, inode: int) -> Node:
+        node = self._nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _remember(self, node: Node) -> None:
+        self._nodes[node.inode] = node
+        self._lookups[node.inode] = self._lookups.get(node.inode, 0) + 1
+
+    def _new_handle(self) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        return handle
+
+    def _entry_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attributes = self.tree.attributes(node)
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = node.inode
+        entry.generation = 0
+        timeout = IMMUTABLE_TIMEOUT if node.immutable else LISTING_TIMEOUT
+        entry.entry_timeout = timeout
+        entry.attr_timeout = timeout
+        entry.st_mode = attributes.mode
+        entry.st_nlink = attributes.nlink
+        entry.st_uid = self._uid
+        entry.st_gid = self._gid
+        entry.st_rdev = 0
+        entry.st_size = attributes.size
+        entry.st_blksize = 128 * 1024
+        entry.st_blocks = -(-attributes.size // 512)
+        entry.st_atime_ns = attributes.mtime_ns
+        entry.st_mtime_ns = attributes.mtime_ns
+        entry.st_ctime_ns = attributes.mtime_ns
+        return entry
+
+    # -- names and attributes ---------------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        text = os.fsdecode(name)
+        if text == ".":
+            return self._entry_attributes(parent)
+        node = await self._call(self.tree.lookup, parent, text)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        self._remember(node)
+        return self._entry_attributes(node)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry_attributes(self._node(inode))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            left = self._lookups.get(inode, 0) - count
+            if left > 0:
+                self._lookups[inode] = left
+            elif inode != ROOT_INODE:
+                self._lookups.pop(inode, None)
+                if inode not in {n.inode for n in self._open_files.values()}:
+                    self._nodes.pop(inode, None)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        handle = self._new_handle()
+        # One listing per open: paging through it stays consistent while runs are added.
+        self._listings[handle] = await self._call(self.tree.children, node)
+        return handle
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        listing = self._listings.get(fh, [])
+        for index in range(start_id, len(listing)):
+            child = listing[index]
+            attributes = self._entry_attributes(child)
+            if not pyfuse3.readdir_reply(token, os.fsencode(child.name), attributes, index + 1):
+                return
+            self._remember(child)
+
+    async def releasedir(self, fh: int) -> None:
+        self._listings.pop(fh, None)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = 128 * 1024
+        data.f_frsize = 128 * 1024
+        data.f_namemax = 255
+        return data
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.kind is not Kind.FILE:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        handle = self._new_handle()
+        self._open_files[handle] = node
+        # The bytes behind an inode never change: keep the page cache across opens.
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self._open_files.get(fh)
+        if node is None or node.entry is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await self._call(self.reader.read, node.entry, off, size)
+
+    async def release(self, fh: int) -> None:
+        self._open_files.pop(fh, None)
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        self._node(inode)
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+    # -- extended attributes ----------------------------------------------------------------
+
+    def _all_xattrs(self, node: Node) -> dict[str, str]:
+        values = self.tree.xattrs(node)
+        if node.kind is Kind.FILE and node.entry is not None:
+            values["cached"] = str(self.reader.cached_bytes(node.entry))
+        if node.inode == ROOT_INODE:
+            snapshot = self.reader.cache.snapshot()
+            for key in ("cache_bytes", "cache_limit", "hits", "misses", "fetched_bytes", "errors"):
+                values[key] = str(snapshot[key])
+        return {XATTR_PREFIX + key: value for key, value in values.items()}
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        values = await self._call(self._all_xattrs, self._node(inode))
+        value = values.get(os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value.encode("utf-8", "surrogateescape")
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        values = await self._call(self._all_xattrs, self._node(inode))
+        return [name.encode("utf-8") for name in values]
+
+    # -- everything that would write: read-only file system ---------------------------------
+
+    async def setxattr(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def removexattr(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def setattr(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mknod(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mkdir(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def unlink(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rmdir(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def symlink(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rename(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def link(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def create(self, *args: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def write(self, *args: Any) -> int:
+        raise pyfuse3.FUSEError(errno.EROFS)

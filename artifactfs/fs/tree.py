@@ -1,0 +1,281 @@
+"""The mount's directory tree as plain objects: path -> node, attributes, xattrs. No byte I/O.
+
+Layouts: a whole store is `<workspace>/<project>/<RUN-ID>/<field path>/<file_path>`; `--run`
+makes one run the root, `--run --field` one artifact. Nodes above an artifact (workspaces,
+projects, runs, field namespaces) are read from the store on every lookup, so new runs show up
+within the kernel's short entry timeout. Nodes inside an artifact are immutable: their inode
+numbers derive from the mount path *and* the artifact hash, so a field pointed at a new artifact
+gets new inodes and the kernel may cache the old ones for as long as it likes.
+
+Nothing read from the store is trusted: names that are not a single safe path segment are
+left out (and logged), so a hostile store cannot show anything outside the tree.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import stat
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from artifactfs import __version__
+from artifactfs.entries import ArtifactFileData, path_problem
+from artifactfs.errors import ArtifactfsError, NotFoundError
+from artifactfs.naming import ProjectName, validate_field_path
+from artifactfs.store import Store
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+XATTR_PREFIX = "user.artifactfs."
+
+
+class Kind(enum.Enum):
+    ROOT = "root"
+    WORKSPACE = "workspace"
+    PROJECT = "project"
+    RUN = "run"
+    NAMESPACE = "namespace"  # a field path prefix: `datasets` of `datasets/train`
+    ARTIFACT_DIR = "artifact_dir"  # the artifact's root ('' dir_path) or a directory in it
+    FILE = "file"
+
+
+@dataclass(frozen=True)
+class Node:
+    kind: Kind
+    path: str  # from the mount root, '' for the root
+    inode: int
+    workspace: str = ""
+    project: str = ""
+    run_id: str = ""
+    field_path: str = ""  # NAMESPACE: the prefix so far; artifact nodes: the whole field
+    artifact_hash: str = ""
+    dir_path: str = ""  # inside the artifact
+    entry: ArtifactFileData | None = field(default=None, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind is not Kind.FILE
+
+    @property
+    def immutable(self) -> bool:
+        """Inside an artifact: the kernel may cache it without limit."""
+        return self.kind in (Kind.ARTIFACT_DIR, Kind.FILE)
+
+
+@dataclass(frozen=True)
+class Attributes:
+    mode: int
+    size: int
+    mtime_ns: int
+    nlink: int
+
+
+def inode_for(identity: str) -> int:
+    """A stable 63-bit inode number for a node identity (never 0 or the root's 1)."""
+    digest = hashlib.blake2b(identity.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    value = int.from_bytes(digest, "big") >> 1
+    return value if value > ROOT_INODE else value + 2
+
+
+def _safe_name(name: str) -> bool:
+    return "/" not in name and path_problem(name) is None
+
+
+def _parse_time(text: str) -> int:
+    try:
+        when = datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
+    except (TypeError, ValueError):
+        return 0
+    return int(when.timestamp()) * 1_000_000_000
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+class Tree:
+    def __init__(self, store: Store, run_id: str | None = None, field_path: str | None = None):
+        self.store = store
+        self.mounted_ns = time.time_ns()
+        if field_path is not None and run_id is None:
+            raise ArtifactfsError("--field needs --run")
+        if run_id is None:
+            self._root = Node(Kind.ROOT, "", ROOT_INODE)
+            return
+        record = store.get_run(run_id)  # raises NotFoundError with a clear message
+        if field_path is None:
+            self._root = Node(
+                Kind.RUN,
+                "",
+                ROOT_INODE,
+                record.project.workspace,
+                record.project.name,
+                record.run_id,
+            )
+            return
+        validate_field_path(field_path)
+        artifact = store.field_artifact(record, field_path)
+        self._root = Node(
+            Kind.ARTIFACT_DIR,
+            "",
+            ROOT_INODE,
+            record.project.workspace,
+            record.project.name,
+            record.run_id,
+            field_path,
+            artifact.hash,
+        )
+
+    def root(self) -> Node:
+        return self._root
+
+    # -- navigation -------------------------------------------------------------------------
+
+    def lookup(self, parent: Node, name: str) -> Node | None:
+        if not _safe_name(name):
+            return None
+        if parent.kind in (Kind.ARTIFACT_DIR,):
+            return self._artifact_lookup(parent, name)
+        for child in self.children(parent):
+            if child.name == name:
+                return child
+        return None
+
+    def children(self, node: Node) -> list[Node]:
+        if node.kind is Kind.ROOT:
+            workspaces = sorted({p.workspace for p in self.store.list_projects()})
+            return [self._workspace(ws) for ws in workspaces if _safe_name(ws)]
+        if node.kind is Kind.WORKSPACE:
+            return [
+                self._project(node, p)
+                for p in self.store.list_projects()
+                if p.workspace == node.workspace and _safe_name(p.name)
+            ]
+        if node.kind is Kind.PROJECT:
+            runs = self.store.list_runs(ProjectName(node.workspace, node.project))
+            return [self._run(node, r.run_id) for r in runs if _safe_name(r.run_id)]
+        if node.kind in (Kind.RUN, Kind.NAMESPACE):
+            return self._field_children(node)
+        if node.kind is Kind.ARTIFACT_DIR:
+            return self._artifact_children(node)
+        return []
+
+    def _workspace(self, workspace: str) -> Node:
+        return Node(Kind.WORKSPACE, workspace, inode_for(workspace), workspace)
+
+    def _project(self, parent: Node, project: ProjectName) -> Node:
+        path = _join(parent.path, project.name)
+        return Node(Kind.PROJECT, path, inode_for(path), project.workspace, project.name)
+
+    def _run(self, parent: Node, run_id: str) -> Node:
+        path = _join(parent.path, run_id)
+        return Node(Kind.RUN, path, inode_for(path), parent.workspace, parent.project, run_id)
+
+    def _field_children(self, node: Node) -> list[Node]:
+        """Field namespaces and artifact roots directly below a run or a namespace."""
+        fields = self.store.run_fields(node.run_id) or {}
+        prefix = node.field_path + "/" if node.field_path else ""
+        found: dict[str, Node] = {}
+        for field_path, artifact_hash in sorted(fields.items()):
+            if not field_path.startswith(prefix) or path_problem(field_path):
+                continue
+            rest = field_path[len(prefix) :]
+            name = rest.split("/", 1)[0]
+            path = _join(node.path, name)
+            common = (node.workspace, node.project, node.run_id, prefix + name)
+            if rest == name:
+                identity = f"{path}\0{artifact_hash}"
+                found[name] = Node(
+                    Kind.ARTIFACT_DIR, path, inode_for(identity), *common, artifact_hash
+                )
+            elif name not in found:
+                found[name] = Node(Kind.NAMESPACE, path, inode_for(path), *common)
+        return [found[name] for name in sorted(found)]
+
+    def _artifact_node(self, parent: Node, name: str, item: ArtifactFileData | str) -> Node:
+        path = _join(parent.path, name)
+        identity = f"{path}\0{parent.artifact_hash}"
+        common = (parent.workspace, parent.project, parent.run_id, parent.field_path)
+        if isinstance(item, str):
+            return Node(
+                Kind.ARTIFACT_DIR, path, inode_for(identity), *common, parent.artifact_hash, item
+            )
+        return Node(
+            Kind.FILE,
+            path,
+            inode_for(identity),
+            *common,
+            parent.artifact_hash,
+            item.file_path,
+            item,
+        )
+
+    def _artifact_lookup(self, parent: Node, name: str) -> Node | None:
+        found = self.store.artifact_lookup(parent.artifact_hash, parent.dir_path, name)
+        if found is None:
+            return None
+        if isinstance(found, ArtifactFileData) and path_problem(found.file_path):
+            log.warning("hiding entry with an unsafe path %r", found.file_path)
+            return None
+        return self._artifact_node(parent, name, found)
+
+    def _artifact_children(self, node: Node) -> list[Node]:
+        dirs, files = self.store.artifact_children(node.artifact_hash, node.dir_path)
+        children: dict[str, Node] = {}
+        for dir_path in dirs:
+            name = dir_path.rsplit("/", 1)[-1]
+            if path_problem(dir_path) is None and _safe_name(name):
+                children.setdefault(name, self._artifact_node(node, name, dir_path))
+        for entry in files:
+            name = entry.file_path.rsplit("/", 1)[-1]
+            if path_problem(entry.file_path) is not None:
+                log.warning("hiding entry with an unsafe path %r", entry.file_path)
+                continue
+            children.setdefault(name, self._artifact_node(node, name, entry))
+        return [children[name] for name in sorted(children)]
+
+    # -- attributes -------------------------------------------------------------------------
+
+    def attributes(self, node: Node) -> Attributes:
+        if node.kind is Kind.FILE:
+            assert node.entry is not None
+            size = node.entry.size if node.entry.size and node.entry.size > 0 else 0
+            mtime = _parse_time(node.entry.metadata.get("last_modified", ""))
+            return Attributes(stat.S_IFREG | 0o444, size, mtime, 1)
+        return Attributes(stat.S_IFDIR | 0o555, 0, self.mounted_ns, 2)
+
+    def xattrs(self, node: Node) -> dict[str, str]:
+        """Extended attributes without the `user.artifactfs.` prefix (cache figures aside)."""
+        if node.kind is Kind.FILE:
+            assert node.entry is not None
+            entry = node.entry
+            return {
+                "file_hash": entry.file_hash,
+                "type": entry.type,
+                "source": entry.source_url,
+                "last_modified": entry.metadata.get("last_modified", ""),
+                "size": "" if entry.size is None else str(entry.size),
+                "artifact_hash": node.artifact_hash,
+                "run": node.run_id,
+                "field": node.field_path,
+            }
+        if node.kind is Kind.ARTIFACT_DIR and node.dir_path == "":
+            artifact = self.store.artifact(node.artifact_hash)
+            if artifact is None:
+                raise NotFoundError(f"artifact {node.artifact_hash} is missing from the store")
+            return {
+                "artifact_hash": artifact.hash,
+                "file_count": str(artifact.file_count),
+                "size": str(artifact.total_size),
+            }
+        if node.inode == ROOT_INODE:
+            return {"version": __version__}
+        return {}

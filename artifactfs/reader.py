@@ -1,0 +1,259 @@
+"""Entry + offset + length -> the tracked bytes, or ReadError (the mount turns it into EIO).
+
+Local entries are read in place, after checking that the file still is what was tracked: its
+size, and its SHA-1 (from the hash cache when size and mtime are unchanged, else re-hashed).
+
+Remote entries are cut into fixed-size chunks. Each chunk comes from the disk cache or from one
+ranged, conditional GET (the source checks the identity of every response); concurrent readers
+of a chunk wait for the same fetch. A reader that continues where its last read ended is
+sequential: the next chunks are fetched ahead on the bounded pool. A file that fits in one chunk
+is checked against its whole-file hash before it is cached; a larger file is checked once all
+its chunks are in the cache, and dropped from it if the hash does not match. Transient failures
+are retried with back-off within a deadline; nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from artifactfs.cache import ChunkCache, chunk_key
+from artifactfs.entries import TYPE_LOCAL, ArtifactFileData
+from artifactfs.errors import ArtifactfsError, TransientSourceError
+from artifactfs.sources import source_for_entry
+from artifactfs.sources.local import LocalSource, local_path_of
+from artifactfs.verification import ContentCheck
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
+DEFAULT_READAHEAD_CHUNKS = 2
+DEFAULT_WORKERS = 8
+DEFAULT_DEADLINE = 30.0  # seconds one read may spend on retries before it fails
+RETRY_BASE_DELAY = 0.2
+
+
+class ReadError(Exception):
+    """The tracked bytes cannot be served; the message names the file and the reason."""
+
+
+@dataclass
+class _Sequence:
+    next_offset: int = 0
+
+
+class Reader:
+    def __init__(
+        self,
+        cache: ChunkCache,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        workers: int = DEFAULT_WORKERS,
+        readahead_chunks: int = DEFAULT_READAHEAD_CHUNKS,
+        deadline: float = DEFAULT_DEADLINE,
+    ) -> None:
+        self.cache = cache
+        self.chunk_size = chunk_size
+        self.readahead_chunks = readahead_chunks
+        self.deadline = deadline
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="artifactfs-fetch")
+        self._lock = threading.Lock()
+        self._inflight: dict[bytes, Future[bytes]] = {}
+        self._sequences: dict[tuple[str, str], _Sequence] = {}
+        self._verified_local: set[tuple[str, int, int, str]] = set()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- public -----------------------------------------------------------------------------
+
+    def read(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
+        size = entry.size or 0
+        if offset >= size or length <= 0:
+            return b""
+        length = min(length, size - offset)
+        try:
+            if entry.type == TYPE_LOCAL:
+                return self._read_local(entry, offset, length)
+            return self._read_remote(entry, offset, length)
+        except ReadError as exc:
+            self.cache.record_error()
+            log.error("read of %s failed: %s", entry.source_url, exc)
+            raise
+        except ArtifactfsError as exc:
+            self.cache.record_error()
+            log.error("read of %s failed: %s", entry.source_url, exc)
+            raise ReadError(str(exc)) from None
+
+    def cached_bytes(self, entry: ArtifactFileData) -> int:
+        """How many of the entry's bytes are in the cache now (local files: all, in place)."""
+        size = entry.size or 0
+        if entry.type == TYPE_LOCAL:
+            return size
+        total = 0
+        for index in range(self._chunk_count(size)):
+            if self.cache.contains(self._key(entry, index)):
+                total += min(self.chunk_size, size - index * self.chunk_size)
+        return total
+
+    # -- local ------------------------------------------------------------------------------
+
+    def _read_local(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
+        path = local_path_of(entry.source_url)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ReadError(f"{entry.source_url}: cannot open: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            identity = (path, info.st_size, info.st_mtime_ns, entry.file_hash)
+            if identity not in self._verified_local:
+                # Checks size, then the SHA-1 (hash cache or a fresh read): a changed file fails.
+                local = source_for_entry(entry)
+                assert isinstance(local, LocalSource)
+                local.check(entry)
+                with self._lock:
+                    self._verified_local.add(identity)
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    # -- remote -----------------------------------------------------------------------------
+
+    def _chunk_count(self, size: int) -> int:
+        return max(1, -(-size // self.chunk_size))
+
+    def _key(self, entry: ArtifactFileData, index: int) -> bytes:
+        return chunk_key(entry.type, entry.file_hash, entry.size, self.chunk_size, index)
+
+    def _read_remote(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
+        first = offset // self.chunk_size
+        last = (offset + length - 1) // self.chunk_size
+        self._maybe_read_ahead(entry, offset, length, last)
+        pieces = []
+        for index in range(first, last + 1):
+            chunk = self._chunk(entry, index)
+            start = offset - index * self.chunk_size if index == first else 0
+            end = offset + length - index * self.chunk_size if index == last else len(chunk)
+            pieces.append(chunk[max(start, 0) : end])
+        return b"".join(pieces)
+
+    def _maybe_read_ahead(
+        self, entry: ArtifactFileData, offset: int, length: int, last_index: int
+    ) -> None:
+        key = (entry.type, entry.file_hash)
+        with self._lock:
+            sequence = self._sequences.setdefault(key, _Sequence())
+            sequential = offset == sequence.next_offset or offset == 0
+            sequence.next_offset = offset + length
+            if len(self._sequences) > 10_000:
+                self._sequences.clear()
+        if not sequential:
+            return
+        count = self._chunk_count(entry.size or 0)
+        for index in range(last_index + 1, min(count, last_index + 1 + self.readahead_chunks)):
+            if not self.cache.contains(self._key(entry, index)):
+                self._start_fetch(entry, index)
+
+    def _chunk(self, entry: ArtifactFileData, index: int) -> bytes:
+        key = self._key(entry, index)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        future = self._start_fetch(entry, index)
+        try:
+            return future.result(timeout=self.deadline + 30)
+        except TimeoutError:
+            raise ReadError(f"{entry.source_url}: fetch timed out") from None
+
+    def _start_fetch(self, entry: ArtifactFileData, index: int) -> Future[bytes]:
+        """The in-flight fetch of this chunk, started if there is none (one fetch per chunk)."""
+        key = self._key(entry, index)
+        with self._lock:
+            future = self._inflight.get(key)
+            started = future is None
+            if future is None:
+                future = self._pool.submit(self._fetch_chunk, entry, index, key)
+                self._inflight[key] = future
+        if started:
+            # Outside the lock: a callback on a finished future runs at once, in this thread.
+            future.add_done_callback(self._forget_inflight)
+        return future
+
+    def _forget_inflight(self, done: Future[bytes]) -> None:
+        with self._lock:
+            for key, future in list(self._inflight.items()):
+                if future is done:
+                    del self._inflight[key]
+
+    def _fetch_chunk(self, entry: ArtifactFileData, index: int, key: bytes) -> bytes:
+        cached = self.cache.get(key)  # another reader may have fetched it meanwhile
+        if cached is not None:
+            return cached
+        size = entry.size or 0
+        offset = index * self.chunk_size
+        length = min(self.chunk_size, size - offset)
+        source = source_for_entry(entry)
+        data = _with_retries(
+            lambda: source.read_range(entry, offset, length), self.deadline, entry.source_url
+        )
+        self.cache.record_fetch(len(data))
+        if len(data) != length:
+            raise ReadError(
+                f"{entry.source_url}: chunk {index} has {len(data)} bytes, expected {length}"
+            )
+        if self._chunk_count(size) == 1:
+            check = ContentCheck(entry)
+            check.update(data)
+            problem = check.problem()
+            if problem is not None:
+                raise ReadError(f"{entry.source_url}: {problem}")
+        self.cache.put(key, data)
+        if self._chunk_count(size) > 1:
+            self._check_whole_file_if_complete(entry)
+        return data
+
+    def _check_whole_file_if_complete(self, entry: ArtifactFileData) -> None:
+        """With every chunk cached, hash them in order; drop them all if it does not match."""
+        count = self._chunk_count(entry.size or 0)
+        keys = [self._key(entry, i) for i in range(count)]
+        if not all(self.cache.contains(k) for k in keys):
+            return
+        check = ContentCheck(entry)
+        if not check.checks_hash:
+            return
+        for key in keys:
+            chunk = self.cache.get(key)
+            if chunk is None:
+                return  # evicted meanwhile: checked next time it is complete
+            check.update(chunk)
+        problem = check.problem()
+        if problem is not None:
+            log.error(
+                "%s: whole-file check failed (%s): dropped from the cache",
+                entry.source_url,
+                problem,
+            )
+            self.cache.record_error()
+            for key in keys:
+                self.cache.drop(key)
+
+
+def _with_retries(fetch: Callable[[], bytes], deadline: float, url: str) -> bytes:
+    """Retry transient failures with exponential back-off until `deadline` seconds pass."""
+    give_up_at = time.monotonic() + deadline
+    attempt = 0
+    while True:
+        try:
+            return fetch()
+        except TransientSourceError as exc:
+            attempt += 1
+            delay = min(RETRY_BASE_DELAY * 2**attempt, 5.0)
+            if time.monotonic() + delay > give_up_at:
+                raise ReadError(f"{url}: giving up after {attempt} attempt(s): {exc}") from None
+            log.warning("%s: attempt %d failed, retrying in %.1fs: %s", url, attempt, delay, exc)
+            time.sleep(delay)

@@ -167,3 +167,15 @@ def store_uri(isolated_home: Path) -> str:
 
 def env_without(*names: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in names}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No mount may outlive the suite: fail the run if one does (and clean it up)."""
+    from tests.support.mounts import artifactfs_mounts, force_unmount
+
+    left = [path for path in artifactfs_mounts() if "pytest-of-" in path]
+    for path in left:
+        force_unmount(Path(path), None)
+    if left:
+        print(f"\nmounts left behind by the tests: {left}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -18,7 +18,7 @@ from artifactfs.download import download_entries
 from artifactfs.entries import ArtifactFileData
 from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.naming import RESERVED_NAMESPACE, parse_project, validate_field_path
-from artifactfs.store import RunRecord, Store
+from artifactfs.store import ArtifactRecord, RunRecord, Store
 from artifactfs.tracking import collect_entries, record_entries
 
 WRITE_MODES = ("async", "sync")
@@ -153,7 +153,7 @@ class FieldHandle:
         return self._artifact().hash
 
     def fetch_files_list(self) -> list[ArtifactFileData]:
-        return self._run.store.entries(self._artifact().hash)
+        return self._run.store.entries(self._artifact().id)
 
     def download(
         self,
@@ -169,6 +169,6 @@ class FieldHandle:
             show_progress=progress_bar,
         )
 
-    def _artifact(self) -> Any:
+    def _artifact(self) -> ArtifactRecord:
         validate_field_path(self.path)
         return self._run.store.field_artifact(self._run.record, self.path)

@@ -287,7 +287,7 @@ def cache_fsck(chunks: ChunkCache) -> None:
 
 def _entries(ctx: Context, run_id: str, field_path: str) -> list[Any]:
     validate_field_path(field_path)
-    return ctx.store.entries(ctx.store.field_artifact(ctx.run(run_id), field_path).hash)
+    return ctx.store.entries(ctx.store.field_artifact(ctx.run(run_id), field_path).id)
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:

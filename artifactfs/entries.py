@@ -9,6 +9,7 @@ a manifest written by someone else must never make us write or show anything out
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,6 +115,17 @@ def find_file_dir_conflict(paths: Iterable[str]) -> tuple[str, str] | None:
             if ancestor in all_paths:
                 return ancestor, path
     return None
+
+
+def artifact_id(entries: Iterable[ArtifactFileData]) -> str:
+    """The store's key for an artifact: like its hash, but over metadata too.
+
+    Two trees with the same content at different places (or times) share an artifact hash,
+    yet their entries name different sources; they must not share stored entries.
+    """
+    canonical = [e.to_dict() for e in sorted(entries, key=lambda e: e.file_path)]
+    text = json.dumps(canonical, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def artifact_hash(entries: Iterable[ArtifactFileData]) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from artifactfs.entries import (
     ArtifactFileData,
-    artifact_hash,
+    artifact_id,
     find_file_dir_conflict,
     join_destination,
     validate_path,
@@ -16,7 +16,7 @@ from artifactfs.entries import (
 from artifactfs.errors import ArtifactfsError
 from artifactfs.progress import progress_bar
 from artifactfs.sources import source_for_location
-from artifactfs.store import RunRecord, Store
+from artifactfs.store import ArtifactRecord, RunRecord, Store
 
 
 def collect_entries(
@@ -40,9 +40,9 @@ def collect_entries(
     return entries
 
 
-def merged_artifact(
+def merged_entries(
     old_entries: list[ArtifactFileData], new_entries: dict[str, ArtifactFileData]
-) -> tuple[str, list[ArtifactFileData]]:
+) -> list[ArtifactFileData]:
     """The old entries plus the new ones (a new one replaces an old one of the same path)."""
     merged = {entry.file_path: entry for entry in old_entries}
     merged.update(new_entries)
@@ -52,18 +52,17 @@ def merged_artifact(
         raise ArtifactfsError(
             f"{file_path!r} would be both a file and a directory (because of {below!r})"
         )
-    entries = sorted(merged.values(), key=lambda e: e.file_path)
-    return artifact_hash(entries), entries
+    return sorted(merged.values(), key=lambda e: e.file_path)
 
 
 def record_entries(
     store: Store, run: RunRecord, field_path: str, new_entries: dict[str, ArtifactFileData]
-) -> str:
-    """Merge `new_entries` into the run's field; returns the field's new artifact hash."""
+) -> ArtifactRecord:
+    """Merge `new_entries` into the run's field; returns the field's new artifact."""
     return store.update_field(
         run,
         field_path,
-        lambda old: merged_artifact(old, new_entries),
+        lambda old: merged_entries(old, new_entries),
         # The field already holding exactly these entries makes the merge a no-op.
-        unchanged_if=artifact_hash(new_entries.values()),
+        unchanged_if=artifact_id(new_entries.values()),
     )

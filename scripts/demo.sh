@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets everything up, then tracks a small demo dataset in the default embedded store and shows
-# what artifactfs recorded: the run, its files and hashes, a verified download.
+# Sets everything up, tracks a small demo dataset in the default embedded store, mounts it
+# read-only and shows it: `ls -lR` of the run, `getfattr` of a file, a verified download.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -32,6 +32,20 @@ echo "\$ artifactfs hash $run_id data_versions" && artifactfs hash "$run_id" dat
 echo
 echo "\$ artifactfs verify $run_id" && artifactfs verify "$run_id"
 echo
-echo "\$ artifactfs download $run_id data_versions $demo/downloaded"
-artifactfs download "$run_id" data_versions "$demo/downloaded"
-ls -lR "$demo/downloaded"
+mnt=${ARTIFACTFS_DEMO_MOUNT:-/mnt/artifactfs-demo}
+mkdir -p "$mnt"
+if grep -q " $mnt fuse" /proc/mounts; then artifactfs unmount "$mnt"; fi
+echo "\$ artifactfs mount $mnt"
+artifactfs mount "$mnt"
+echo
+echo "\$ ls -lR $mnt/demo/classification/$run_id"
+ls -lR "$mnt/demo/classification/$run_id"
+echo
+echo "\$ getfattr -d -m - $mnt/demo/classification/$run_id/data_versions/train/samples.csv"
+getfattr -d -m - "$mnt/demo/classification/$run_id/data_versions/train/samples.csv"
+echo
+echo "\$ head -3 $mnt/demo/classification/$run_id/data_versions/train/samples.csv"
+head -3 "$mnt/demo/classification/$run_id/data_versions/train/samples.csv"
+echo
+echo "The mount stays up. Every run in the default store is under $mnt."
+echo "Unmount it with:  .venv/bin/artifactfs unmount $mnt"

@@ -25,7 +25,7 @@ from artifactfs import __version__
 from artifactfs.entries import ArtifactFileData, path_problem
 from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.naming import ProjectName, validate_field_path
-from artifactfs.store import Store
+from artifactfs.store import ArtifactRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Node:
     project: str = ""
     run_id: str = ""
     field_path: str = ""  # NAMESPACE: the prefix so far; artifact nodes: the whole field
-    artifact_hash: str = ""
+    artifact_id: str = ""
     dir_path: str = ""  # inside the artifact
     entry: ArtifactFileData | None = field(default=None, compare=False)
 
@@ -131,7 +131,7 @@ class Tree:
             record.project.name,
             record.run_id,
             field_path,
-            artifact.hash,
+            artifact.id,
         )
 
     def root(self) -> Node:
@@ -184,7 +184,7 @@ class Tree:
         fields = self.store.run_fields(node.run_id) or {}
         prefix = node.field_path + "/" if node.field_path else ""
         found: dict[str, Node] = {}
-        for field_path, artifact_hash in sorted(fields.items()):
+        for field_path, artifact_id in sorted(fields.items()):
             if not field_path.startswith(prefix) or path_problem(field_path):
                 continue
             rest = field_path[len(prefix) :]
@@ -192,9 +192,9 @@ class Tree:
             path = _join(node.path, name)
             common = (node.workspace, node.project, node.run_id, prefix + name)
             if rest == name:
-                identity = f"{path}\0{artifact_hash}"
+                identity = f"{path}\0{artifact_id}"
                 found[name] = Node(
-                    Kind.ARTIFACT_DIR, path, inode_for(identity), *common, artifact_hash
+                    Kind.ARTIFACT_DIR, path, inode_for(identity), *common, artifact_id
                 )
             elif name not in found:
                 found[name] = Node(Kind.NAMESPACE, path, inode_for(path), *common)
@@ -202,24 +202,24 @@ class Tree:
 
     def _artifact_node(self, parent: Node, name: str, item: ArtifactFileData | str) -> Node:
         path = _join(parent.path, name)
-        identity = f"{path}\0{parent.artifact_hash}"
+        identity = f"{path}\0{parent.artifact_id}"
         common = (parent.workspace, parent.project, parent.run_id, parent.field_path)
         if isinstance(item, str):
             return Node(
-                Kind.ARTIFACT_DIR, path, inode_for(identity), *common, parent.artifact_hash, item
+                Kind.ARTIFACT_DIR, path, inode_for(identity), *common, parent.artifact_id, item
             )
         return Node(
             Kind.FILE,
             path,
             inode_for(identity),
             *common,
-            parent.artifact_hash,
+            parent.artifact_id,
             item.file_path,
             item,
         )
 
     def _artifact_lookup(self, parent: Node, name: str) -> Node | None:
-        found = self.store.artifact_lookup(parent.artifact_hash, parent.dir_path, name)
+        found = self.store.artifact_lookup(parent.artifact_id, parent.dir_path, name)
         if found is None:
             return None
         if isinstance(found, ArtifactFileData) and path_problem(found.file_path):
@@ -228,7 +228,7 @@ class Tree:
         return self._artifact_node(parent, name, found)
 
     def _artifact_children(self, node: Node) -> list[Node]:
-        dirs, files = self.store.artifact_children(node.artifact_hash, node.dir_path)
+        dirs, files = self.store.artifact_children(node.artifact_id, node.dir_path)
         children: dict[str, Node] = {}
         for dir_path in dirs:
             name = dir_path.rsplit("/", 1)[-1]
@@ -252,6 +252,12 @@ class Tree:
             return Attributes(stat.S_IFREG | 0o444, size, mtime, 1)
         return Attributes(stat.S_IFDIR | 0o555, 0, self.mounted_ns, 2)
 
+    def _artifact(self, node: Node) -> ArtifactRecord:
+        artifact = self.store.artifact(node.artifact_id)
+        if artifact is None:
+            raise NotFoundError(f"artifact {node.artifact_id} is missing from the store")
+        return artifact
+
     def xattrs(self, node: Node) -> dict[str, str]:
         """Extended attributes without the `user.artifactfs.` prefix (cache figures aside)."""
         if node.kind is Kind.FILE:
@@ -263,14 +269,12 @@ class Tree:
                 "source": entry.source_url,
                 "last_modified": entry.metadata.get("last_modified", ""),
                 "size": "" if entry.size is None else str(entry.size),
-                "artifact_hash": node.artifact_hash,
+                "artifact_hash": self._artifact(node).hash,
                 "run": node.run_id,
                 "field": node.field_path,
             }
         if node.kind is Kind.ARTIFACT_DIR and node.dir_path == "":
-            artifact = self.store.artifact(node.artifact_hash)
-            if artifact is None:
-                raise NotFoundError(f"artifact {node.artifact_hash} is missing from the store")
+            artifact = self._artifact(node)
             return {
                 "artifact_hash": artifact.hash,
                 "file_count": str(artifact.file_count),

@@ -54,10 +54,13 @@ runs = Table(
     UniqueConstraint("project_id", "number"),
 )
 
+# `id` covers entries *and* their metadata (where the bytes live); `hash` is Neptune's artifact
+# hash, over content only. Same content tracked from two places: one hash, two artifacts.
 artifacts = Table(
     "artifacts",
     metadata,
-    Column("hash", String(64), primary_key=True),
+    Column("id", String(64), primary_key=True),
+    Column("hash", String(64), nullable=False, index=True),
     Column("file_count", Integer, nullable=False),
     Column("total_size", BigInteger, nullable=False),
     Column("created_at", String(32), nullable=False),
@@ -66,7 +69,7 @@ artifacts = Table(
 artifact_entries = Table(
     "artifact_entries",
     metadata,
-    Column("artifact_hash", String(64), ForeignKey("artifacts.hash"), primary_key=True),
+    Column("artifact_id", String(64), ForeignKey("artifacts.id"), primary_key=True),
     Column("file_path", Text, primary_key=True),
     Column("parent", Text, nullable=False),
     Column("name", Text, nullable=False),
@@ -74,18 +77,18 @@ artifact_entries = Table(
     Column("type", String(16), nullable=False),
     Column("size", BigInteger, nullable=True),
     Column("metadata_json", Text, nullable=False),
-    Index("ix_entries_parent_name", "artifact_hash", "parent", "name"),
+    Index("ix_entries_parent_name", "artifact_id", "parent", "name"),
 )
 
 # Every directory below an artifact's root, so listings need no scan of all entries.
 artifact_dirs = Table(
     "artifact_dirs",
     metadata,
-    Column("artifact_hash", String(64), ForeignKey("artifacts.hash"), primary_key=True),
+    Column("artifact_id", String(64), ForeignKey("artifacts.id"), primary_key=True),
     Column("path", Text, primary_key=True),
     Column("parent", Text, nullable=False),
     Column("name", Text, nullable=False),
-    Index("ix_dirs_parent_name", "artifact_hash", "parent", "name"),
+    Index("ix_dirs_parent_name", "artifact_id", "parent", "name"),
 )
 
 fields = Table(
@@ -93,6 +96,6 @@ fields = Table(
     metadata,
     Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
     Column("path", String(1024), primary_key=True),
-    Column("artifact_hash", String(64), ForeignKey("artifacts.hash"), nullable=False),
+    Column("artifact_id", String(64), ForeignKey("artifacts.id"), nullable=False),
     Column("updated_at", String(32), nullable=False),
 )

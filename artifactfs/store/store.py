@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, func, select, u
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
-from artifactfs.entries import ArtifactFileData
+from artifactfs.entries import ArtifactFileData, artifact_hash, artifact_id
 from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.naming import (
     ProjectName,
@@ -71,7 +71,8 @@ class RunRecord:
 
 @dataclass(frozen=True)
 class ArtifactRecord:
-    hash: str
+    id: str  # the store's key: content and metadata
+    hash: str  # Neptune's artifact hash: content only
     file_count: int
     total_size: int
 
@@ -290,78 +291,80 @@ class Store:
         f, a = schema.fields, schema.artifacts
         with self._read() as conn:
             row = conn.execute(
-                select(a.c.hash, a.c.file_count, a.c.total_size)
-                .join(f, f.c.artifact_hash == a.c.hash)
+                select(a.c.id, a.c.hash, a.c.file_count, a.c.total_size)
+                .join(f, f.c.artifact_id == a.c.id)
                 .where(f.c.run_id == run.id, f.c.path == field_path)
             ).first()
         if row is None:
             raise NotFoundError(f"run {run.run_id} has no artifact field {field_path!r}")
-        return ArtifactRecord(row.hash, row.file_count, row.total_size)
+        return ArtifactRecord(row.id, row.hash, row.file_count, row.total_size)
 
-    def iter_entries(self, artifact_hash: str) -> Iterator[ArtifactFileData]:
+    def iter_entries(self, artifact_id: str) -> Iterator[ArtifactFileData]:
         """The artifact's entries in file_path order, as stored (callers validate paths)."""
         e = schema.artifact_entries
         query = (
             select(e.c.file_path, e.c.file_hash, e.c.type, e.c.size, e.c.metadata_json)
-            .where(e.c.artifact_hash == artifact_hash)
+            .where(e.c.artifact_id == artifact_id)
             .order_by(e.c.file_path)
         )
         with self._read() as conn:
             for row in conn.execution_options(yield_per=2000).execute(query):
                 yield _entry_from_row(row)
 
-    def entries(self, artifact_hash: str) -> list[ArtifactFileData]:
+    def entries(self, artifact_id: str) -> list[ArtifactFileData]:
         # Sort in Python too: database collations need not match Python string order.
-        return sorted(self.iter_entries(artifact_hash), key=lambda e: e.file_path)
+        return sorted(self.iter_entries(artifact_id), key=lambda e: e.file_path)
 
     def update_field(
         self,
         run: RunRecord,
         field_path: str,
-        make_artifact: Callable[[list[ArtifactFileData]], tuple[str, list[ArtifactFileData]]],
+        make_entries: Callable[[list[ArtifactFileData]], list[ArtifactFileData]],
         unchanged_if: str | None = None,
-    ) -> str:
+    ) -> ArtifactRecord:
         """Point the run's field at a new artifact built from the current one, atomically.
 
-        `make_artifact` gets the field's current entries (empty for a new field) and returns the
-        new artifact's hash and entries; it runs inside the write transaction, so concurrent
+        `make_entries` gets the field's current entries (empty for a new field) and returns the
+        new artifact's entries; it runs inside the write transaction, so concurrent
         `track_files` calls on one field never lose each other's entries. When the field already
-        points at `unchanged_if`, nothing is read or written (re-tracking an unchanged tree).
+        points at artifact id `unchanged_if`, nothing is read or written (an unchanged re-track).
         """
         with self._write() as conn:
             self._check_field_conflict(conn, run, field_path)
             f = schema.fields
             current = conn.execute(
-                select(f.c.artifact_hash).where(f.c.run_id == run.id, f.c.path == field_path)
+                select(f.c.artifact_id).where(f.c.run_id == run.id, f.c.path == field_path)
             ).scalar_one_or_none()
             if current is not None and current == unchanged_if:
-                return current
+                found = self._artifact_in(conn, current)
+                assert found is not None
+                return found
             old_entries = self._entries_in(conn, current) if current else []
-            artifact_hash, entries = make_artifact(old_entries)
-            self._insert_artifact(conn, artifact_hash, entries)
+            entries = make_entries(old_entries)
+            record = self._insert_artifact(conn, entries)
             if current is None:
                 conn.execute(
                     f.insert().values(
                         run_id=run.id,
                         path=field_path,
-                        artifact_hash=artifact_hash,
+                        artifact_id=record.id,
                         updated_at=now_text(),
                     )
                 )
-            elif current != artifact_hash:
+            elif current != record.id:
                 conn.execute(
                     update(f)
                     .where(f.c.run_id == run.id, f.c.path == field_path)
-                    .values(artifact_hash=artifact_hash, updated_at=now_text())
+                    .values(artifact_id=record.id, updated_at=now_text())
                 )
-            return artifact_hash
+            return record
 
     @staticmethod
-    def _entries_in(conn: Connection, artifact_hash: str) -> list[ArtifactFileData]:
+    def _entries_in(conn: Connection, artifact_id: str) -> list[ArtifactFileData]:
         e = schema.artifact_entries
         rows = conn.execute(
             select(e.c.file_path, e.c.file_hash, e.c.type, e.c.size, e.c.metadata_json).where(
-                e.c.artifact_hash == artifact_hash
+                e.c.artifact_id == artifact_id
             )
         )
         return [_entry_from_row(row) for row in rows]
@@ -377,30 +380,44 @@ class Store:
                 )
 
     @staticmethod
-    def _insert_artifact(
-        conn: Connection, artifact_hash: str, entries: Sequence[ArtifactFileData]
-    ) -> None:
+    def _artifact_in(conn: Connection, artifact_id: str) -> ArtifactRecord | None:
         a = schema.artifacts
-        if conn.execute(select(a.c.hash).where(a.c.hash == artifact_hash)).first():
-            return  # content-addressed: same hash, same entries
+        row = conn.execute(
+            select(a.c.id, a.c.hash, a.c.file_count, a.c.total_size).where(a.c.id == artifact_id)
+        ).first()
+        return ArtifactRecord(row.id, row.hash, row.file_count, row.total_size) if row else None
+
+    def _insert_artifact(
+        self, conn: Connection, entries: Sequence[ArtifactFileData]
+    ) -> ArtifactRecord:
+        """Store the artifact unless an identical one (same id) is stored already."""
+        record = ArtifactRecord(
+            artifact_id(entries),
+            artifact_hash(entries),
+            len(entries),
+            sum(e.size or 0 for e in entries),
+        )
+        if self._artifact_in(conn, record.id) is not None:
+            return record
         try:
             conn.execute(
-                a.insert().values(
-                    hash=artifact_hash,
-                    file_count=len(entries),
-                    total_size=sum(e.size or 0 for e in entries),
+                schema.artifacts.insert().values(
+                    id=record.id,
+                    hash=record.hash,
+                    file_count=record.file_count,
+                    total_size=record.total_size,
                     created_at=now_text(),
                 )
             )
         except IntegrityError:  # another writer stored it first (server databases)
-            return
+            return record
         rows = []
         dirs: set[str] = set()
         for entry in entries:
             parent, name = _split_parent(entry.file_path)
             rows.append(
                 {
-                    "artifact_hash": artifact_hash,
+                    "artifact_id": record.id,
                     "file_path": entry.file_path,
                     "parent": parent,
                     "name": name,
@@ -419,12 +436,13 @@ class Store:
         if rows:
             conn.execute(schema.artifact_entries.insert(), rows)
         dir_rows = [
-            {"artifact_hash": artifact_hash, "path": d, "parent": p, "name": n}
+            {"artifact_id": record.id, "path": d, "parent": p, "name": n}
             for d in sorted(dirs)
             for p, n in [_split_parent(d)]
         ]
         for start in range(0, len(dir_rows), _INSERT_BATCH):
             conn.execute(schema.artifact_dirs.insert(), dir_rows[start : start + _INSERT_BATCH])
+        return record
 
     # -- browsing, for the mount -----------------------------------------------------------
 
@@ -435,58 +453,54 @@ class Store:
             return [ProjectName(row.workspace, row.name) for row in rows]
 
     def run_fields(self, run_id: str) -> dict[str, str] | None:
-        """field path -> artifact hash of the run, or None when there is no such run."""
+        """field path -> artifact id of the run, or None when there is no such run."""
         r, f = schema.runs, schema.fields
         with self._read() as conn:
             run_pk = conn.execute(select(r.c.id).where(r.c.run_key == run_id)).scalar()
             if run_pk is None:
                 return None
-            rows = conn.execute(select(f.c.path, f.c.artifact_hash).where(f.c.run_id == run_pk))
-            return {row.path: row.artifact_hash for row in rows}
+            rows = conn.execute(select(f.c.path, f.c.artifact_id).where(f.c.run_id == run_pk))
+            return {row.path: row.artifact_id for row in rows}
 
-    def artifact(self, artifact_hash: str) -> ArtifactRecord | None:
-        a = schema.artifacts
+    def artifact(self, artifact_id: str) -> ArtifactRecord | None:
         with self._read() as conn:
-            row = conn.execute(
-                select(a.c.hash, a.c.file_count, a.c.total_size).where(a.c.hash == artifact_hash)
-            ).first()
-        return ArtifactRecord(row.hash, row.file_count, row.total_size) if row else None
+            return self._artifact_in(conn, artifact_id)
 
     def artifact_lookup(
-        self, artifact_hash: str, parent: str, name: str
+        self, artifact_id: str, parent: str, name: str
     ) -> ArtifactFileData | str | None:
         """The entry named `name` in directory `parent`, the directory path, or None."""
         e, d = schema.artifact_entries, schema.artifact_dirs
         with self._read() as conn:
             row = conn.execute(
                 select(e.c.file_path, e.c.file_hash, e.c.type, e.c.size, e.c.metadata_json).where(
-                    e.c.artifact_hash == artifact_hash, e.c.parent == parent, e.c.name == name
+                    e.c.artifact_id == artifact_id, e.c.parent == parent, e.c.name == name
                 )
             ).first()
             if row is not None:
                 return _entry_from_row(row)
             found = conn.execute(
                 select(d.c.path).where(
-                    d.c.artifact_hash == artifact_hash, d.c.parent == parent, d.c.name == name
+                    d.c.artifact_id == artifact_id, d.c.parent == parent, d.c.name == name
                 )
             ).scalar()
         return str(found) if found is not None else None
 
     def artifact_children(
-        self, artifact_hash: str, parent: str
+        self, artifact_id: str, parent: str
     ) -> tuple[list[str], list[ArtifactFileData]]:
         """Sub-directory paths and file entries directly in `parent` ('' for the root)."""
         e, d = schema.artifact_entries, schema.artifact_dirs
         with self._read() as conn:
             dirs = conn.execute(
                 select(d.c.path)
-                .where(d.c.artifact_hash == artifact_hash, d.c.parent == parent)
+                .where(d.c.artifact_id == artifact_id, d.c.parent == parent)
                 .order_by(d.c.name)
             ).scalars()
             dir_paths = [str(path) for path in dirs]
             rows = conn.execute(
                 select(e.c.file_path, e.c.file_hash, e.c.type, e.c.size, e.c.metadata_json)
-                .where(e.c.artifact_hash == artifact_hash, e.c.parent == parent)
+                .where(e.c.artifact_id == artifact_id, e.c.parent == parent)
                 .order_by(e.c.name)
             )
             return dir_paths, [_entry_from_row(row) for row in rows]

@@ -42,14 +42,20 @@ def plant(field: str, paths: list[str], source: Path, run_id: str = "P-1") -> st
     try:
         with conn:
             conn.execute(
-                "INSERT INTO artifacts (hash, file_count, total_size, created_at)"
-                " VALUES (?, ?, ?, ?)",
-                (artifact_hash, len(paths), len(body) * len(paths), "2024-01-01 00:00:00"),
+                "INSERT INTO artifacts (id, hash, file_count, total_size, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    artifact_hash,
+                    artifact_hash,
+                    len(paths),
+                    len(body) * len(paths),
+                    "2024-01-01 00:00:00",
+                ),
             )
             for path in paths:
                 parent, _, name = path.rpartition("/")
                 conn.execute(
-                    "INSERT INTO artifact_entries (artifact_hash, file_path, parent, name,"
+                    "INSERT INTO artifact_entries (artifact_id, file_path, parent, name,"
                     " file_hash, type, size, metadata_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         artifact_hash,
@@ -64,12 +70,12 @@ def plant(field: str, paths: list[str], source: Path, run_id: str = "P-1") -> st
                 )
             (run_pk,) = conn.execute("SELECT id FROM runs WHERE run_key = ?", (run_id,)).fetchone()
             updated = conn.execute(
-                "UPDATE fields SET artifact_hash = ? WHERE run_id = ? AND path = ?",
+                "UPDATE fields SET artifact_id = ? WHERE run_id = ? AND path = ?",
                 (artifact_hash, run_pk, field),
             ).rowcount
             if not updated:
                 conn.execute(
-                    "INSERT INTO fields (run_id, path, artifact_hash, updated_at)"
+                    "INSERT INTO fields (run_id, path, artifact_id, updated_at)"
                     " VALUES (?, ?, ?, ?)",
                     (run_pk, field, artifact_hash, "2024-01-01 00:00:00"),
                 )

@@ -291,3 +291,18 @@ def test_cli_diff(cli, tmp_path: Path) -> None:
     same = cli("diff", run_a, run_a, "data")
     assert same.returncode == 0
     assert same.stdout.strip() == ""
+
+
+def test_same_content_tracked_from_two_places_keeps_each_source(tmp_path: Path) -> None:
+    """One artifact hash (content only), but each run reads from where it was tracked."""
+    first = make_tree(tmp_path / "first", {"a.csv": b"same bytes"})
+    second = make_tree(tmp_path / "second", {"a.csv": b"same bytes"})
+    run_one = artifactfs.init_run(project="ml/dup")
+    run_one["data"].track_files(str(first))
+    run_two = artifactfs.init_run(project="ml/dup")
+    run_two["data"].track_files(str(second))
+    assert run_one["data"].fetch_hash() == run_two["data"].fetch_hash()
+    [entry_one] = run_one["data"].fetch_files_list()
+    [entry_two] = run_two["data"].fetch_files_list()
+    assert entry_one.metadata["file_path"] == f"file://{first / 'a.csv'}"
+    assert entry_two.metadata["file_path"] == f"file://{second / 'a.csv'}"

@@ -19,12 +19,12 @@ import click
 from artifactfs import __version__
 from artifactfs.api import project_from_environment
 from artifactfs.cache import ChunkCache
+from artifactfs.cache.location import DEFAULT_CACHE_SIZE, chunk_directory, parse_size
 from artifactfs.checks import diff_entries, verify_entries
 from artifactfs.download import download_entries
 from artifactfs.errors import ArtifactfsError, CheckFailedError
 from artifactfs.fs import daemon
-from artifactfs.fs.daemon import DEFAULT_CACHE_SIZE, MountOptions, parse_size
-from artifactfs.hashcache import default_cache_dir
+from artifactfs.fs.daemon import MountOptions
 from artifactfs.naming import parse_project, validate_field_path
 from artifactfs.store import RunRecord, Store
 from artifactfs.tracking import collect_entries, record_entries
@@ -255,8 +255,8 @@ def unmount(mountpoint: str) -> None:
 @click.pass_context
 def cache(ctx: click.Context, cache_dir: str | None) -> None:
     """Inspect or clean the chunk cache."""
-    directory = Path(cache_dir) if cache_dir else default_cache_dir()
-    ctx.obj = ChunkCache(daemon.chunk_directory(directory), parse_size(DEFAULT_CACHE_SIZE))
+    directory = chunk_directory(Path(cache_dir) if cache_dir else None)
+    ctx.obj = ChunkCache(directory, parse_size(DEFAULT_CACHE_SIZE))
 
 
 @cache.command("stats")
@@ -305,7 +305,8 @@ def _fail(message: str, code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="artifactfs: %(levelname)s: %(message)s")
+    # Errors reach the user as one line from main(); library log lines would add more.
+    logging.basicConfig(level=logging.CRITICAL, format="artifactfs: %(levelname)s: %(message)s")
     try:
         cli.main(args=argv, prog_name="artifactfs", standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -1,5 +1,8 @@
 """Writing an artifact's files to a directory, every byte checked against the tracked hash.
 
+Remote bytes come through the same chunk cache as the mount's (a file downloaded twice, or
+downloaded and then read through a mount, is fetched once); local files are copied in place.
+
 Paths from the store are validated again here: a store written by someone else must not make us
 write outside the destination (no `..`, no absolute paths, no following a symlink that an
 earlier file or an attacker planted inside the destination). Each file is written to a temporary
@@ -15,9 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from artifactfs.cache import ChunkCache
+from artifactfs.cache.location import DEFAULT_CACHE_SIZE, chunk_directory, parse_size
 from artifactfs.entries import TYPE_LOCAL, ArtifactFileData, path_problem
 from artifactfs.errors import ArtifactfsError, CheckFailedError
 from artifactfs.progress import progress_bar
+from artifactfs.reader import Reader
 from artifactfs.sources import source_for_entry
 from artifactfs.sources.local import local_path_of
 from artifactfs.verification import ContentCheck
@@ -57,6 +63,7 @@ def download_entries(
     root = os.path.realpath(destination)
     os.makedirs(root, exist_ok=True)
     report = DownloadReport()
+    reader = _default_reader() if any(e.type != TYPE_LOCAL for e in entries) else None
     total = sum(e.size or 0 for e in entries)
     with (
         progress_bar(total, "downloading", unit="B", unit_scale=True, enabled=show_progress) as bar,
@@ -64,7 +71,7 @@ def download_entries(
     ):
         for entry, outcome in zip(
             entries,
-            pool.map(lambda e: _download_one(e, root, symlink_local), entries),
+            pool.map(lambda e: _download_one(e, root, symlink_local, reader), entries),
             strict=True,
         ):
             bar.update(entry.size or 0)
@@ -95,7 +102,13 @@ def _safe_target(root: str, file_path: str) -> str:
     return target
 
 
-def _download_one(entry: ArtifactFileData, root: str, symlink_local: bool) -> str | None:
+def _default_reader() -> Reader:
+    return Reader(ChunkCache(chunk_directory(), parse_size(DEFAULT_CACHE_SIZE)))
+
+
+def _download_one(
+    entry: ArtifactFileData, root: str, symlink_local: bool, reader: Reader | None
+) -> str | None:
     """None when written, 'unchanged' when already there, else why it failed."""
     try:
         target = _safe_target(root, entry.file_path)
@@ -103,7 +116,7 @@ def _download_one(entry: ArtifactFileData, root: str, symlink_local: bool) -> st
             return _link_local(entry, target)
         if _already_there(entry, target):
             return "unchanged"
-        _fetch_verified(entry, target)
+        _fetch_verified(entry, target, reader)
         return None
     except ArtifactfsError as exc:
         return str(exc)
@@ -125,13 +138,17 @@ def _already_there(entry: ArtifactFileData, target: str) -> bool:
     return check.problem() is None
 
 
-def _fetch_verified(entry: ArtifactFileData, target: str) -> None:
+def _fetch_verified(entry: ArtifactFileData, target: str, reader: Reader | None) -> None:
     check = ContentCheck(entry)
     directory = os.path.dirname(target)
     fd, temp_path = tempfile.mkstemp(prefix=".artifactfs-", suffix=".part", dir=directory)
     try:
         with os.fdopen(fd, "wb") as out:
-            for piece in source_for_entry(entry).open_stream(entry):
+            if reader is not None and entry.type != TYPE_LOCAL:
+                pieces = reader.iter_file(entry)
+            else:
+                pieces = source_for_entry(entry).open_stream(entry)
+            for piece in pieces:
                 check.update(piece)
                 out.write(piece)
         problem = check.problem()

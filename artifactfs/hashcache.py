@@ -7,20 +7,16 @@ only an optimisation: any failure to read or write it is logged and ignored.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from artifactfs.cache.location import default_cache_dir
+
 log = logging.getLogger(__name__)
 
 FileKey = tuple[str, int, int]  # absolute path, size, mtime_ns
-
-
-def default_cache_dir() -> Path:
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(cache_home) / "artifactfs"
 
 
 class HashCache:

@@ -18,13 +18,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from artifactfs.cache import ChunkCache, chunk_key
 from artifactfs.entries import TYPE_LOCAL, ArtifactFileData
-from artifactfs.errors import ArtifactfsError, TransientSourceError
+from artifactfs.errors import ArtifactfsError, CheckFailedError, TransientSourceError
 from artifactfs.sources import source_for_entry
 from artifactfs.sources.local import LocalSource, local_path_of
 from artifactfs.verification import ContentCheck
@@ -38,7 +38,7 @@ DEFAULT_DEADLINE = 30.0  # seconds one read may spend on retries before it fails
 RETRY_BASE_DELAY = 0.2
 
 
-class ReadError(Exception):
+class ReadError(CheckFailedError):
     """The tracked bytes cannot be served; the message names the file and the reason."""
 
 
@@ -69,6 +69,12 @@ class Reader:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def iter_file(self, entry: ArtifactFileData) -> Iterator[bytes]:
+        """Every byte of the entry, chunk by chunk, through the cache (with read-ahead)."""
+        size = entry.size or 0
+        for offset in range(0, size, self.chunk_size):
+            yield self.read(entry, offset, self.chunk_size)
+
     # -- public -----------------------------------------------------------------------------
 
     def read(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
@@ -80,13 +86,11 @@ class Reader:
             if entry.type == TYPE_LOCAL:
                 return self._read_local(entry, offset, length)
             return self._read_remote(entry, offset, length)
-        except ReadError as exc:
+        except ReadError:
             self.cache.record_error()
-            log.error("read of %s failed: %s", entry.source_url, exc)
             raise
         except ArtifactfsError as exc:
             self.cache.record_error()
-            log.error("read of %s failed: %s", entry.source_url, exc)
             raise ReadError(str(exc)) from None
 
     def cached_bytes(self, entry: ArtifactFileData) -> int:
@@ -233,7 +237,7 @@ class Reader:
             check.update(chunk)
         problem = check.problem()
         if problem is not None:
-            log.error(
+            log.warning(
                 "%s: whole-file check failed (%s): dropped from the cache",
                 entry.source_url,
                 problem,
@@ -255,5 +259,5 @@ def _with_retries(fetch: Callable[[], bytes], deadline: float, url: str) -> byte
             delay = min(RETRY_BASE_DELAY * 2**attempt, 5.0)
             if time.monotonic() + delay > give_up_at:
                 raise ReadError(f"{url}: giving up after {attempt} attempt(s): {exc}") from None
-            log.warning("%s: attempt %d failed, retrying in %.1fs: %s", url, attempt, delay, exc)
+            log.info("%s: attempt %d failed, retrying in %.1fs: %s", url, attempt, delay, exc)
             time.sleep(delay)

@@ -19,31 +19,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from artifactfs.cache.location import (
+    DEFAULT_CACHE_SIZE,
+    chunk_directory,
+    default_cache_dir,
+    parse_size,
+)
 from artifactfs.errors import ArtifactfsError
-from artifactfs.hashcache import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_SIZE = "10G"
 READY_TIMEOUT = 120.0
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(i?[bB])?\s*$")
-
-
-def parse_size(text: str) -> int:
-    """`10G`, `512M`, `1.5GiB`, `4096`: bytes (powers of 1024)."""
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise ArtifactfsError(f"invalid size {text!r}: expected a number with K, M, G or T")
-    factor = 1024 ** " KMGT".index(match.group(2).upper() or " ")
-    value = int(float(match.group(1)) * factor)
-    if value <= 0:
-        raise ArtifactfsError(f"invalid size {text!r}: must be positive")
-    return value
-
-
-def chunk_directory(cache_dir: Path) -> Path:
-    """Where the chunk cache lives inside a cache directory (beside logs and the hash cache)."""
-    return cache_dir / "data"
 
 
 @dataclass

@@ -52,7 +52,8 @@ class ArtifactOperations(pyfuse3.Operations):
             return await trio.to_thread.run_sync(function, *args, limiter=self._limiter)
         except pyfuse3.FUSEError:
             raise
-        except ReadError:
+        except ReadError as exc:  # the message names the source and the reason
+            log.error("EIO: %s", exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception as exc:
             log.error(

@@ -248,21 +248,31 @@ def unmount(mountpoint: str) -> None:
     click.echo(f"unmounted {os.path.abspath(mountpoint)}")
 
 
+def _open_cache(group_dir: str | None, command_dir: str | None) -> ChunkCache:
+    """`cache --cache-dir D stats` and `cache stats --cache-dir D` both work."""
+    chosen = command_dir or group_dir
+    return ChunkCache(
+        chunk_directory(Path(chosen) if chosen else None), parse_size(DEFAULT_CACHE_SIZE)
+    )
+
+
+cache_dir_option = click.option("--cache-dir", "command_dir", metavar="D", help=CACHE_DIR_HELP)
+
+
 @cli.group()
-@click.option(
-    "--cache-dir", metavar="D", help="Cache directory [default: $XDG_CACHE_HOME/artifactfs]"
-)
+@click.option("--cache-dir", metavar="D", help=CACHE_DIR_HELP)
 @click.pass_context
 def cache(ctx: click.Context, cache_dir: str | None) -> None:
     """Inspect or clean the chunk cache."""
-    directory = chunk_directory(Path(cache_dir) if cache_dir else None)
-    ctx.obj = ChunkCache(directory, parse_size(DEFAULT_CACHE_SIZE))
+    ctx.obj = cache_dir
 
 
 @cache.command("stats")
+@cache_dir_option
 @click.pass_obj
-def cache_stats(chunks: ChunkCache) -> None:
+def cache_stats(group_dir: str | None, command_dir: str | None) -> None:
     """Bytes and chunks now in the cache."""
+    chunks = _open_cache(group_dir, command_dir)
     snapshot = chunks.snapshot()
     click.echo(f"directory: {chunks.directory}")
     click.echo(f"chunks: {snapshot['chunks']}")
@@ -270,18 +280,21 @@ def cache_stats(chunks: ChunkCache) -> None:
 
 
 @cache.command("clear")
+@cache_dir_option
 @click.pass_obj
-def cache_clear(chunks: ChunkCache) -> None:
+def cache_clear(group_dir: str | None, command_dir: str | None) -> None:
     """Remove every cached chunk."""
+    chunks = _open_cache(group_dir, command_dir)
     freed = chunks.clear()
     click.echo(f"cleared {chunks.directory}: {freed} bytes freed")
 
 
 @cache.command("fsck")
+@cache_dir_option
 @click.pass_obj
-def cache_fsck(chunks: ChunkCache) -> None:
+def cache_fsck(group_dir: str | None, command_dir: str | None) -> None:
     """Re-check every cached chunk and drop the damaged ones."""
-    checked, dropped = chunks.fsck()
+    checked, dropped = _open_cache(group_dir, command_dir).fsck()
     click.echo(f"checked {checked} chunk(s), dropped {dropped} damaged")
 
 

@@ -1,4 +1,7 @@
-"""Remembered SHA-1s of local files, keyed by absolute path, size and mtime (nanoseconds).
+"""Remembered SHA-1s of local files, keyed by absolute path, size, mtime and ctime (ns).
+
+ctime is in the key because mtime alone can be set back (`cp -p`, `rsync -t`, `tar x`) after
+the content changed; ctime cannot be set by a user, so such a file is hashed again.
 
 Re-tracking an unchanged tree then costs one `stat` per file instead of a read. The cache is
 only an optimisation: any failure to read or write it is logged and ignored.
@@ -16,7 +19,7 @@ from artifactfs.cache.location import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-FileKey = tuple[str, int, int]  # absolute path, size, mtime_ns
+FileKey = tuple[str, int, int, int]  # absolute path, size, mtime_ns, ctime_ns
 
 
 class HashCache:
@@ -29,16 +32,17 @@ class HashCache:
             conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(
-                "CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER NOT NULL,"
-                " mtime_ns INTEGER NOT NULL, sha1 TEXT NOT NULL)"
+                "CREATE TABLE IF NOT EXISTS hashes_v2 (path TEXT PRIMARY KEY,"
+                " size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,"
+                " sha1 TEXT NOT NULL)"
             )
             conn.commit()
             self._conn = conn
         except (OSError, sqlite3.Error) as exc:
             log.warning("local hash cache %s unusable, hashing everything: %s", self.path, exc)
 
-    def lookup_under(self, directory: str) -> dict[str, tuple[int, int, str]]:
-        """Every remembered file below `directory`: path -> (size, mtime_ns, sha1)."""
+    def lookup_under(self, directory: str) -> dict[str, tuple[int, int, int, str]]:
+        """Every remembered file below `directory`: path -> (size, mtime_ns, ctime_ns, sha1)."""
         if self._conn is None:
             return {}
         prefix = directory.rstrip("/") + "/"
@@ -47,13 +51,14 @@ class HashCache:
         try:
             with self._lock:
                 rows = self._conn.execute(
-                    "SELECT path, size, mtime_ns, sha1 FROM hashes WHERE path >= ? AND path < ?",
+                    "SELECT path, size, mtime_ns, ctime_ns, sha1 FROM hashes_v2"
+                    " WHERE path >= ? AND path < ?",
                     (prefix, upper),
                 ).fetchall()
         except sqlite3.Error as exc:
             log.warning("local hash cache lookup failed: %s", exc)
             return {}
-        return {path: (size, mtime, sha1) for path, size, mtime, sha1 in rows}
+        return {path: (size, mtime, ctime, sha1) for path, size, mtime, ctime, sha1 in rows}
 
     def lookup(self, key: FileKey) -> str | None:
         if self._conn is None:
@@ -61,7 +66,9 @@ class HashCache:
         try:
             with self._lock:
                 row = self._conn.execute(
-                    "SELECT sha1 FROM hashes WHERE path = ? AND size = ? AND mtime_ns = ?", key
+                    "SELECT sha1 FROM hashes_v2"
+                    " WHERE path = ? AND size = ? AND mtime_ns = ? AND ctime_ns = ?",
+                    key,
                 ).fetchone()
         except sqlite3.Error as exc:
             log.warning("local hash cache lookup failed: %s", exc)
@@ -71,12 +78,14 @@ class HashCache:
     def remember(self, items: Iterable[tuple[FileKey, str]]) -> None:
         if self._conn is None:
             return
-        rows = [(path, size, mtime, sha1) for (path, size, mtime), sha1 in items]
+        rows = [(path, size, mtime, ctime, sha1) for (path, size, mtime, ctime), sha1 in items]
         if not rows:
             return
         try:
             with self._lock, self._conn:
-                self._conn.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)", rows)
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO hashes_v2 VALUES (?, ?, ?, ?, ?)", rows
+                )
         except sqlite3.Error as exc:
             log.warning("local hash cache update failed: %s", exc)
 

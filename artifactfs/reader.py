@@ -64,7 +64,7 @@ class Reader:
         self._lock = threading.Lock()
         self._inflight: dict[bytes, Future[bytes]] = {}
         self._sequences: dict[tuple[str, str], _Sequence] = {}
-        self._verified_local: set[tuple[str, int, int, str]] = set()
+        self._verified_local: set[tuple[str, int, int, int, str]] = set()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -114,7 +114,7 @@ class Reader:
             raise ReadError(f"{entry.source_url}: cannot open: {exc.strerror}") from None
         try:
             info = os.fstat(fd)
-            identity = (path, info.st_size, info.st_mtime_ns, entry.file_hash)
+            identity = (path, info.st_size, info.st_mtime_ns, info.st_ctime_ns, entry.file_hash)
             if identity not in self._verified_local:
                 # Checks size, then the SHA-1 (hash cache or a fresh read): a changed file fails.
                 local = source_for_entry(entry)
@@ -237,14 +237,11 @@ class Reader:
             check.update(chunk)
         problem = check.problem()
         if problem is not None:
-            log.warning(
-                "%s: whole-file check failed (%s): dropped from the cache",
-                entry.source_url,
-                problem,
-            )
-            self.cache.record_error()
             for key in keys:
                 self.cache.drop(key)
+            raise ReadError(
+                f"{entry.source_url}: whole-file check failed, dropped from the cache: {problem}"
+            )
 
 
 def _with_retries(fetch: Callable[[], bytes], deadline: float, url: str) -> bytes:

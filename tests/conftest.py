@@ -173,7 +173,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """No mount may outlive the suite: fail the run if one does (and clean it up)."""
     from tests.support.mounts import artifactfs_mounts, force_unmount
 
-    left = [path for path in artifactfs_mounts() if "pytest-of-" in path]
+    # Only this session's mounts: other pytest sessions may be running on this machine.
+    base = str(session.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+    left = [path for path in artifactfs_mounts() if path.startswith(base)]
     for path in left:
         force_unmount(Path(path), None)
     if left:

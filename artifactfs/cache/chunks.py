@@ -87,6 +87,7 @@ class ChunkCache:
         self.free_floor = free_floor_bytes
         self.stats = CacheStats(cache_limit=limit_bytes)
         self._lock = threading.Lock()
+        self._reserved = 0  # bytes of chunks being written, counted against the limit
         self._prepare_directory()
         self._index = _EvictingLRU(limit_bytes, self)
         self._rebuild_index()
@@ -185,12 +186,31 @@ class ChunkCache:
         if size > self.limit:
             return False
         with self._lock:
-            # Make room first, so the directory never holds more than the limit.
-            while self._index and self._index.currsize + size > self.limit:
+            if key in self._index:
+                return True  # content-addressed: the same key holds the same bytes
+            # Reserve the bytes before writing, evicting to make room, so that the directory
+            # (temporary files included) never holds more than the limit, whatever the threads.
+            while self._index and self._index.currsize + self._reserved + size > self.limit:
+                self._index.popitem()
+            if self._index.currsize + self._reserved + size > self.limit:
+                return False  # the budget is held by writes in flight
+            self._reserved += size
+            self._refresh_stats()
+        try:
+            written = self._room_on_disk(size) and self._write(key, payload)
+        finally:
+            with self._lock:
+                self._reserved -= size
+        if not written:
+            return False
+        with self._lock:
+            self._index[key] = size
+            while self._index.currsize + self._reserved > self.limit:
                 self._index.popitem()
             self._refresh_stats()
-        if not self._room_on_disk(size):
-            return False
+        return True
+
+    def _write(self, key: bytes, payload: bytes) -> bool:
         header = _HEADER.pack(
             MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest(), key
         )
@@ -209,12 +229,6 @@ class ChunkCache:
         except OSError as exc:
             log.warning("cannot write cache chunk %s: %s", path, exc)
             return False
-        with self._lock:
-            self._index[key] = size
-            # Another thread may have filled the budget meanwhile: evict until within it.
-            while self._index.currsize > self.limit:
-                self._index.popitem()
-            self._refresh_stats()
         return True
 
     def _room_on_disk(self, size: int) -> bool:

@@ -273,13 +273,12 @@ class Tree:
                 "run": node.run_id,
                 "field": node.field_path,
             }
+        values: dict[str, str] = {}
         if node.kind is Kind.ARTIFACT_DIR and node.dir_path == "":
             artifact = self._artifact(node)
-            return {
-                "artifact_hash": artifact.hash,
-                "file_count": str(artifact.file_count),
-                "size": str(artifact.total_size),
-            }
-        if node.inode == ROOT_INODE:
-            return {"version": __version__}
-        return {}
+            values["artifact_hash"] = artifact.hash
+            values["file_count"] = str(artifact.file_count)
+            values["size"] = str(artifact.total_size)
+        if node.inode == ROOT_INODE:  # with --run --field, also an artifact's root
+            values["version"] = __version__
+        return values

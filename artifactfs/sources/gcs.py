@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any, ClassVar
@@ -28,6 +29,7 @@ from artifactfs.sources.base import STREAM_CHUNK, ProgressCallback, Source
 from artifactfs.verification import GCS_HASH_KEY
 
 TIMEOUT = (10, 30)  # connect, read (seconds)
+METADATA_RECHECK_SECONDS = 60.0
 
 _client_lock = threading.Lock()
 _client: Any = None
@@ -82,6 +84,10 @@ def _format_time(value: datetime | None) -> str:
     return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _carries_identity(headers: Any) -> bool:
+    return bool(headers.get("x-goog-generation") or headers.get("x-goog-hash"))
+
+
 def _hashes_in_header(header: str) -> dict[str, str]:
     """`crc32c=AAA==,md5=BBB==` -> {"crc32c": hex, "md5": hex}."""
     found = {}
@@ -97,6 +103,10 @@ def _hashes_in_header(header: str) -> dict[str, str]:
 
 class GCSSource(Source):
     type_name: ClassVar[str] = TYPE_GCS
+
+    def __init__(self) -> None:
+        self._checked: dict[tuple[str, str, str], float] = {}
+        self._checked_lock = threading.Lock()
 
     def list_location(
         self, location: str, on_progress: ProgressCallback | None = None
@@ -171,6 +181,22 @@ class GCSSource(Source):
             return f"object changed since it was tracked ({algorithm} {served})"
         return None
 
+    def _metadata_problem(self, entry: ArtifactFileData) -> str | None:
+        """For servers whose responses carry no identity (some emulators ignore generation
+        pins too): ask for the object's metadata, at most once a minute per object."""
+        key = (entry.source_url, entry.metadata.get("generation", ""), entry.file_hash)
+        now = time.monotonic()
+        with self._checked_lock:
+            if now - self._checked.get(key, -1e9) < METADATA_RECHECK_SECONDS:
+                return None
+        try:
+            self.check(entry)
+        except SourceChangedError as exc:
+            return exc.reason
+        with self._checked_lock:
+            self._checked[key] = now
+        return None
+
     def open_stream(
         self, entry: ArtifactFileData, offset: int = 0, length: int | None = None
     ) -> Iterator[bytes]:
@@ -208,6 +234,8 @@ class GCSSource(Source):
                 f"{entry.source_url}: cannot read: HTTP {response.status_code}"
             )
         problem = self._identity_problem(entry, response.headers)
+        if problem is None and not _carries_identity(response.headers):
+            problem = self._metadata_problem(entry)
         if problem is not None:
             response.close()
             raise SourceChangedError(entry.source_url, problem)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import stat
@@ -32,6 +33,12 @@ def local_path_of(location: str) -> str:
 
 
 def format_mtime(seconds: float) -> str:
+    return _format_whole_seconds(int(seconds))
+
+
+@functools.lru_cache(maxsize=4096)
+def _format_whole_seconds(seconds: int) -> str:
+    # Files of one tree share few distinct mtimes: formatting each once saves real time.
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -41,10 +48,15 @@ class _Found:
     abs_path: str
     size: int
     mtime_ns: int
+    ctime_ns: int
 
     @property
     def key(self) -> FileKey:
-        return (self.abs_path, self.size, self.mtime_ns)
+        return (self.abs_path, self.size, self.mtime_ns, self.ctime_ns)
+
+
+def _stat_key(info: os.stat_result) -> tuple[int, int, int]:
+    return info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def sha1_of_file(path: str) -> str:
@@ -88,10 +100,10 @@ class LocalSource(Source):
         except OSError as exc:
             raise ArtifactfsError(f"cannot read {root}: {exc.strerror}") from None
         if stat.S_ISREG(info.st_mode):
-            single = _Found(os.path.basename(root), root, info.st_size, info.st_mtime_ns)
+            single = _Found(os.path.basename(root), root, *_stat_key(info))
             found = [single]
             digest = self.hash_cache.lookup(single.key)
-            remembered = {root: (single.size, single.mtime_ns, digest)} if digest else {}
+            remembered = {root: (*single.key[1:], digest)} if digest else {}
         elif stat.S_ISDIR(info.st_mode):
             found = list(_walk_files(root))
             remembered = self.hash_cache.lookup_under(root)
@@ -102,15 +114,15 @@ class LocalSource(Source):
     def _hashed(
         self,
         found: list[_Found],
-        remembered: dict[str, tuple[int, int, str]],
+        remembered: dict[str, tuple[int, int, int, str]],
         on_progress: ProgressCallback | None,
     ) -> Iterator[ArtifactFileData]:
         hashes: dict[str, str] = {}
         to_hash: list[_Found] = []
         for item in found:
             known = remembered.get(item.abs_path)
-            if known is not None and known[:2] == (item.size, item.mtime_ns):
-                hashes[item.abs_path] = known[2]
+            if known is not None and known[:3] == item.key[1:]:
+                hashes[item.abs_path] = known[3]
             else:
                 to_hash.append(item)
         done = len(hashes)
@@ -166,7 +178,7 @@ class LocalSource(Source):
             raise SourceChangedError(
                 entry.source_url, f"size is {info.st_size} bytes, tracked {entry.size}"
             )
-        key = (path, info.st_size, info.st_mtime_ns)
+        key = (path, *_stat_key(info))
         digest = self.hash_cache.lookup(key)
         if digest is None:
             digest = sha1_of_file(path)
@@ -210,4 +222,4 @@ def _walk_files(root: str) -> Iterator[_Found]:
                 raise ArtifactfsError(f"broken symbolic link: {abs_path}") from None
             if not stat.S_ISREG(info.st_mode):
                 continue  # sockets, fifos, devices
-            yield _Found(prefix + name, abs_path, info.st_size, info.st_mtime_ns)
+            yield _Found(prefix + name, abs_path, *_stat_key(info))

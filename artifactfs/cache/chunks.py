@@ -154,7 +154,10 @@ class ChunkCache:
                 raw = handle.read()
         except FileNotFoundError:
             with self._lock:
-                self._index.pop(key, None)
+                # A put may have published it since: only forget a file that is still missing
+                # (puts publish before they index, and index under this lock).
+                if not path.exists():
+                    self._index.pop(key, None)
                 self.stats.misses += 1
                 self._refresh_stats()
             return None
@@ -167,7 +170,9 @@ class ChunkCache:
                 self._refresh_stats()
             else:
                 self.stats.hits += 1
-                self._index[key] = len(raw)  # marks it most recently used
+                if key in self._index:
+                    self._index[key] = len(raw)  # marks it most recently used
+                # else: evicted while we read it; its file is gone, so do not count it again
         if payload is None:
             log.error("cache chunk %s is damaged: dropped, will fetch again", path)
             self._remove_file(key)
@@ -196,19 +201,19 @@ class ChunkCache:
                 return False  # the budget is held by writes in flight
             self._reserved += size
             self._refresh_stats()
+        written = False
         try:
             written = self._room_on_disk(size) and self._write(key, payload)
         finally:
+            # One locked step from "reserved" to "indexed": never a moment uncounted.
             with self._lock:
                 self._reserved -= size
-        if not written:
-            return False
-        with self._lock:
-            self._index[key] = size
-            while self._index.currsize + self._reserved > self.limit:
-                self._index.popitem()
-            self._refresh_stats()
-        return True
+                if written:
+                    self._index[key] = size
+                    while self._index.currsize + self._reserved > self.limit:
+                        self._index.popitem()
+                self._refresh_stats()
+        return written
 
     def _write(self, key: bytes, payload: bytes) -> bool:
         header = _HEADER.pack(

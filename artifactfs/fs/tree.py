@@ -222,8 +222,9 @@ class Tree:
         found = self.store.artifact_lookup(parent.artifact_id, parent.dir_path, name)
         if found is None:
             return None
-        if isinstance(found, ArtifactFileData) and path_problem(found.file_path):
-            log.warning("hiding entry with an unsafe path %r", found.file_path)
+        path = found.file_path if isinstance(found, ArtifactFileData) else found
+        if path_problem(path) or path != _join(parent.dir_path, name):
+            log.warning("hiding entry with an unsafe path %r", path)
             return None
         return self._artifact_node(parent, name, found)
 

@@ -1,0 +1,396 @@
+"""The Reader against a real S3 server (moto_server on 127.0.0.1) and local files, no FUSE.
+
+Entries come from tracking, exactly as the mount gets them. The cache and the reader are driven
+directly with small chunks (64 KiB), so multi-chunk objects stay small and fast to serve.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import artifactfs
+from artifactfs.cache import ChunkCache, chunk_key
+from artifactfs.entries import ArtifactFileData
+from artifactfs.reader import Reader, ReadError
+from tests.conftest import S3Bucket, make_tree
+
+pytestmark = pytest.mark.s3
+
+CHUNK = 64 * 1024
+WAIT = 10.0  # seconds to wait for background read-ahead before failing
+
+
+def body_of(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def track(location: str, field: str = "data") -> ArtifactFileData:
+    run = artifactfs.init_run(project="ml/reader")
+    run[field].track_files(location)
+    files = run[field].fetch_files_list()
+    assert len(files) == 1
+    return files[0]
+
+
+def track_s3(s3: S3Bucket, key: str, body: bytes) -> ArtifactFileData:
+    s3.put(key, body)
+    entry = track(s3.url(key))
+    assert entry.type == "S3"
+    assert entry.size == len(body)
+    return entry
+
+
+def chunk_files(directory: Path) -> list[Path]:
+    return [p for p in (directory / "chunks").rglob("*") if p.is_file()]
+
+
+def key_of(entry: ArtifactFileData, index: int, chunk_size: int = CHUNK) -> bytes:
+    return chunk_key(entry.type, entry.file_hash, entry.size, chunk_size, index)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def cache(cache_dir: Path) -> ChunkCache:
+    return ChunkCache(cache_dir, 64 * 1024 * 1024, free_floor_bytes=0)
+
+
+@pytest.fixture
+def make_reader(cache: ChunkCache) -> Iterator[Callable[..., Reader]]:
+    readers: list[Reader] = []
+
+    def make(**options: int | float) -> Reader:
+        options.setdefault("chunk_size", CHUNK)
+        options.setdefault("deadline", 10.0)
+        reader = Reader(cache, **options)  # type: ignore[arg-type]
+        readers.append(reader)
+        return reader
+
+    yield make
+    for reader in readers:
+        reader.close()
+
+
+@pytest.fixture
+def reader(make_reader: Callable[..., Reader]) -> Reader:
+    return make_reader()
+
+
+def random_ranges(size: int, count: int, seed: int) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    ranges = [(0, size), (0, 1), (size - 1, 1), (size - 1, 100), (0, size + 10)]
+    for boundary in range(CHUNK, size, CHUNK):  # across every chunk boundary
+        ranges.append((boundary - 3, 7))
+        ranges.append((boundary, 1))
+    for _ in range(count):
+        offset = rng.randrange(size)
+        ranges.append((offset, rng.randrange(1, 3 * CHUNK)))
+    return ranges
+
+
+# -- remote reads return the tracked bytes -----------------------------------------------------
+
+
+def test_random_ranges_of_single_chunk_object(s3: S3Bucket, reader: Reader) -> None:
+    body = body_of(40_000, 1)
+    entry = track_s3(s3, "one/small.bin", body)
+    for offset, length in random_ranges(len(body), 40, seed=2):
+        assert reader.read(entry, offset, length) == body[offset : offset + length]
+    assert reader.cache.stats.fetched_bytes == len(body)  # fetched once, then cached
+    assert reader.cached_bytes(entry) == len(body)
+
+
+def test_random_ranges_of_multi_chunk_object(s3: S3Bucket, reader: Reader) -> None:
+    body = body_of(5 * CHUNK + 1234, 3)
+    entry = track_s3(s3, "multi/big.bin", body)
+    for offset, length in random_ranges(len(body), 60, seed=4):
+        assert reader.read(entry, offset, length) == body[offset : offset + length], (
+            offset,
+            length,
+        )
+    assert b"".join(reader.iter_file(entry)) == body
+    assert reader.cached_bytes(entry) == len(body)
+    assert wait_for(lambda: reader.cache.stats.fetched_bytes == len(body))
+    # A second reader on the same cache fetches nothing.
+    again = Reader(reader.cache, chunk_size=CHUNK)
+    try:
+        assert again.read(entry, 0, len(body)) == body
+    finally:
+        again.close()
+    assert reader.cache.stats.fetched_bytes == len(body)
+
+
+def test_empty_object(s3: S3Bucket, reader: Reader) -> None:
+    entry = track_s3(s3, "empty", b"")
+    assert reader.read(entry, 0, 100) == b""
+    assert reader.cached_bytes(entry) == 0
+
+
+def test_offset_at_or_beyond_size_reads_nothing(s3: S3Bucket, reader: Reader) -> None:
+    body = body_of(3 * CHUNK, 5)
+    entry = track_s3(s3, "b.bin", body)
+    assert reader.read(entry, len(body), 10) == b""
+    assert reader.read(entry, len(body) + 1, 10) == b""
+    assert reader.read(entry, 10**12, 4096) == b""
+    assert reader.read(entry, 0, 0) == b""
+    assert reader.cache.stats.fetched_bytes == 0
+    assert reader.read(entry, len(body) - 5, 100) == body[-5:]
+
+
+# -- a changed object is never served ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "new_size"), [(1000, 1000), (1000, 999), (4 * CHUNK, 4 * CHUNK), (4 * CHUNK, 100)]
+)
+def test_changed_object_raises_and_caches_nothing(
+    s3: S3Bucket, reader: Reader, cache_dir: Path, size: int, new_size: int
+) -> None:
+    entry = track_s3(s3, "data/x.bin", body_of(size, 6))
+    s3.put("data/x.bin", body_of(new_size, 7))
+    url = s3.url("data/x.bin")
+    for offset in (0, size // 2):
+        with pytest.raises(ReadError) as info:
+            reader.read(entry, offset, 4096)
+        assert url in str(info.value)
+    time.sleep(0.5)  # read-ahead fetches, if any, fail in the background
+    assert reader.cached_bytes(entry) == 0
+    assert chunk_files(cache_dir) == []
+    assert reader.cache.stats.errors >= 2
+
+
+def test_deleted_object_raises(s3: S3Bucket, reader: Reader) -> None:
+    entry = track_s3(s3, "gone.bin", body_of(1000, 8))
+    s3.client.delete_object(Bucket=s3.name, Key="gone.bin")
+    with pytest.raises(ReadError) as info:
+        reader.read(entry, 0, 10)
+    assert s3.url("gone.bin") in str(info.value)
+    assert reader.cached_bytes(entry) == 0
+
+
+def test_changed_object_after_partial_caching_serves_cached_or_fails(
+    s3: S3Bucket, make_reader: Callable[..., Reader]
+) -> None:
+    """Chunks cached before the change are the tracked bytes; the others cannot be fetched."""
+    body = body_of(3 * CHUNK, 9)
+    entry = track_s3(s3, "half.bin", body)
+    reader = make_reader(readahead_chunks=0)
+    assert reader.read(entry, 0, 100) == body[:100]
+    s3.put("half.bin", body_of(3 * CHUNK, 10))
+    assert reader.read(entry, 200, 100) == body[200:300]  # chunk 0, from the cache
+    with pytest.raises(ReadError):
+        reader.read(entry, 2 * CHUNK, 100)
+    assert reader.cached_bytes(entry) == CHUNK
+
+
+# -- one fetch per chunk, read-ahead -----------------------------------------------------------
+
+
+def _read_concurrently(reader: Reader, entry: ArtifactFileData, offset: int, length: int) -> list:
+    barrier = threading.Barrier(8, timeout=10)
+    results: list[bytes | BaseException] = [b""] * 8
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = reader.read(entry, offset + i, length)
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_concurrent_reads_of_one_chunk_fetch_once(
+    s3: S3Bucket, make_reader: Callable[..., Reader]
+) -> None:
+    body = body_of(4 * CHUNK, 11)
+    entry = track_s3(s3, "shared.bin", body)
+    reader = make_reader(readahead_chunks=0)
+    offset = CHUNK + 100  # inside chunk 1
+    results = _read_concurrently(reader, entry, offset, 1000)
+    for i, result in enumerate(results):
+        assert result == body[offset + i : offset + i + 1000]
+    assert reader.cache.stats.fetched_bytes == CHUNK
+    assert reader.cached_bytes(entry) == CHUNK
+
+
+def test_concurrent_reads_of_small_object_fetch_once(s3: S3Bucket, reader: Reader) -> None:
+    body = body_of(30_000, 12)
+    entry = track_s3(s3, "small-shared.bin", body)
+    results = _read_concurrently(reader, entry, 0, 5000)
+    for i, result in enumerate(results):
+        assert result == body[i : i + 5000]
+    assert reader.cache.stats.fetched_bytes == len(body)
+
+
+def test_sequential_reading_reads_ahead(s3: S3Bucket, reader: Reader) -> None:
+    body = body_of(8 * CHUNK, 13)
+    entry = track_s3(s3, "seq.bin", body)
+    assert reader.read(entry, 0, 4096) == body[:4096]
+    assert wait_for(lambda: all(reader.cache.contains(key_of(entry, i)) for i in (1, 2)))
+    time.sleep(0.3)
+    assert not reader.cache.contains(key_of(entry, 3))  # two chunks ahead, not more
+    # Reading 4 KiB fetched the chunk read and the read-ahead, not the object.
+    assert reader.cache.stats.fetched_bytes == 3 * CHUNK
+    # Continuing where it stopped keeps it ahead.
+    assert reader.read(entry, 4096, 2 * CHUNK) == body[4096 : 4096 + 2 * CHUNK]
+    assert wait_for(lambda: all(reader.cache.contains(key_of(entry, i)) for i in (3, 4)))
+
+
+def test_random_reading_does_not_read_ahead(s3: S3Bucket, reader: Reader) -> None:
+    body = body_of(8 * CHUNK, 14)
+    entry = track_s3(s3, "random.bin", body)
+    offset = 5 * CHUNK + 77
+    assert reader.read(entry, offset, 100) == body[offset : offset + 100]
+    time.sleep(0.5)
+    assert reader.cached_bytes(entry) == CHUNK
+    assert reader.cache.stats.fetched_bytes == CHUNK
+
+
+def test_cached_bytes_reflects_the_cache(s3: S3Bucket, make_reader: Callable[..., Reader]) -> None:
+    size = 3 * CHUNK + 500
+    body = body_of(size, 15)
+    entry = track_s3(s3, "cached.bin", body)
+    reader = make_reader(readahead_chunks=0)
+    assert reader.cached_bytes(entry) == 0
+    assert reader.read(entry, CHUNK + 1, 10) == body[CHUNK + 1 : CHUNK + 11]
+    assert reader.cached_bytes(entry) == CHUNK
+    assert reader.read(entry, size - 1, 1) == body[-1:]
+    assert reader.cached_bytes(entry) == CHUNK + 500
+    assert reader.read(entry, 0, size) == body
+    assert reader.cached_bytes(entry) == size
+    reader.cache.drop(key_of(entry, 2))
+    assert reader.cached_bytes(entry) == size - CHUNK
+    reader.cache.clear()
+    assert reader.cached_bytes(entry) == 0
+
+
+# -- whole-file check of multi-chunk objects ---------------------------------------------------
+
+
+def test_tampered_chunk_dropped_by_whole_file_check(
+    s3: S3Bucket, make_reader: Callable[..., Reader], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chunk with wrong bytes under the right key (valid chunk header, so the cache cannot
+    tell): once every chunk is cached, the whole-file MD5 fails and all chunks are dropped."""
+    size = 4 * CHUNK
+    body = body_of(size, 16)
+    entry = track_s3(s3, "tampered.bin", body)
+    assert len(entry.file_hash) == 32  # a single-part upload: its ETag is the MD5
+    reader = make_reader(readahead_chunks=0)
+    bad = bytes(b ^ 0xFF for b in body[:CHUNK])
+    assert reader.cache.put(key_of(entry, 0), bad)
+    errors_before = reader.cache.stats.errors
+
+    # What a reader sees of chunk 0 before the other chunks complete the file: the cache
+    # cannot tell (its header is valid), so the bytes put there.
+    first = reader.read(entry, 0, 100)
+    for index in (1, 2):
+        offset = index * CHUNK
+        assert reader.read(entry, offset, CHUNK) == body[offset : offset + CHUNK]
+    # The read that completes the file triggers the check: it may return its own (correct)
+    # chunk or fail the read; either way it never returns other bytes, and names the file.
+    reported = caplog.text
+    try:
+        last = reader.read(entry, 3 * CHUNK, CHUNK)
+    except ReadError as exc:
+        reported += str(exc)
+    else:
+        assert last == body[3 * CHUNK :]
+        reported += caplog.text
+
+    assert wait_for(lambda: reader.cached_bytes(entry) == 0)
+    assert reader.cache.stats.errors > errors_before
+    assert "whole-file check failed" in reported
+    assert s3.url("tampered.bin") in reported
+    # Read again, everything comes from the server, is checked and stays cached.
+    assert reader.read(entry, 0, size) == body
+    assert reader.cached_bytes(entry) == size
+    assert reader.cache.get(key_of(entry, 0)) == body[:CHUNK]
+    assert first in (bad[:100], body[:100])
+
+
+def test_wrong_bytes_in_single_chunk_fetch_never_cached(
+    s3: S3Bucket, make_reader: Callable[..., Reader], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that answers with other bytes (and the right ETag): the MD5 check refuses."""
+    body = body_of(10_000, 17)
+    entry = track_s3(s3, "liar.bin", body)
+    from artifactfs.sources import source_for_entry
+
+    source = source_for_entry(entry)
+    monkeypatch.setattr(source, "read_range", lambda e, offset, length: b"\0" * length)
+    reader = make_reader()
+    with pytest.raises(ReadError) as info:
+        reader.read(entry, 0, 100)
+    assert s3.url("liar.bin") in str(info.value)
+    assert reader.cached_bytes(entry) == 0
+
+
+# -- local entries -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_entry(tmp_path: Path) -> tuple[Path, bytes, ArtifactFileData]:
+    body = body_of(200_000, 18)
+    data = make_tree(tmp_path / "local", {"f.bin": body})
+    entry = track(str(data / "f.bin"))
+    assert entry.type == "Local"
+    return data / "f.bin", body, entry
+
+
+def test_local_entry_read_in_place(
+    local_entry: tuple[Path, bytes, ArtifactFileData], reader: Reader, cache_dir: Path
+) -> None:
+    _path, body, entry = local_entry
+    for offset, length in random_ranges(len(body), 30, seed=19):
+        assert reader.read(entry, offset, length) == body[offset : offset + length]
+    assert reader.read(entry, len(body), 10) == b""
+    assert reader.cached_bytes(entry) == len(body)
+    assert chunk_files(cache_dir) == []  # nothing copied into the cache
+    assert reader.cache.stats.fetched_bytes == 0
+
+
+@pytest.mark.parametrize("change", ["same size", "other size", "deleted"])
+def test_changed_local_file_raises(
+    local_entry: tuple[Path, bytes, ArtifactFileData], reader: Reader, change: str
+) -> None:
+    path, body, entry = local_entry
+    assert reader.read(entry, 0, 10) == body[:10]  # verified once
+    info = path.stat()
+    if change == "same size":
+        path.write_bytes(body_of(len(body), 20))
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+    elif change == "other size":
+        path.write_bytes(body + b"more")
+    else:
+        path.unlink()
+    with pytest.raises(ReadError) as raised:
+        reader.read(entry, 0, 10)
+    assert str(path) in str(raised.value)
+    with pytest.raises(ReadError):
+        reader.read(entry, 1000, 10)  # and again: never served once it failed

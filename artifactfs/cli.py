@@ -26,6 +26,7 @@ from artifactfs.errors import ArtifactfsError, CheckFailedError
 from artifactfs.fs import daemon
 from artifactfs.fs.daemon import MountOptions
 from artifactfs.naming import parse_project, validate_field_path
+from artifactfs.neptune_import import Rebase, import_export
 from artifactfs.store import RunRecord, Store
 from artifactfs.tracking import collect_entries, record_entries
 
@@ -246,6 +247,41 @@ def unmount(mountpoint: str) -> None:
     """Unmount MOUNTPOINT, also when its daemon has died."""
     daemon.unmount(mountpoint)
     click.echo(f"unmounted {os.path.abspath(mountpoint)}")
+
+
+@cli.command("import-neptune")
+@click.argument("export_dir", metavar="EXPORT_FILES_DIR", type=click.Path(file_okay=False))
+@click.option(
+    "--rebase",
+    "rebases",
+    multiple=True,
+    metavar="OLD=NEW",
+    help="Rewrite source URLs starting with OLD (a path or URL prefix) to start with NEW.",
+)
+@click.option("--dry-run", is_flag=True, help="Check and report; write nothing.")
+@pass_context
+def import_neptune(ctx: Context, export_dir: str, rebases: tuple[str, ...], dry_run: bool) -> None:
+    """Bring back runs exported from Neptune, keeping their ids; exit 1 if any file failed."""
+    parsed = [Rebase.parse(text) for text in rebases]
+    report = import_export(ctx.store, Path(export_dir), parsed, dry_run=dry_run)
+    verb = "would import" if dry_run else "imported"
+    for label in report.imported:
+        click.echo(f"{verb} {label}")
+    for label in report.unchanged:
+        click.echo(f"unchanged {label} (already imported)")
+    for label, why in report.skipped.items():
+        click.echo(f"skipped {label}: {why}", err=True)
+    for path, why in report.failed.items():
+        click.echo(f"failed {path}: {why}", err=True)
+    summary = (
+        f"{len(report.imported)} field(s) {verb}, {len(report.unchanged)} unchanged, "
+        f"{len(report.skipped)} skipped, {len(report.failed)} failed"
+    )
+    if not report.ok:
+        raise CheckFailedError(summary)
+    if not report.imported:
+        summary += ": nothing to do, the store already has this export"
+    click.echo(summary)
 
 
 def _open_cache(group_dir: str | None, command_dir: str | None) -> ChunkCache:

@@ -237,6 +237,37 @@ class Store:
             assert result.inserted_primary_key is not None
             return RunRecord(int(result.inserted_primary_key[0]), run_id, project, created)
 
+    def ensure_run(self, project: ProjectName, run_id: str) -> tuple[RunRecord, bool]:
+        """The run `run_id` of `project`, created with exactly that id if it is new.
+
+        For imports: the project gets the run id's key if it is new; later new runs continue
+        after the highest number. Returns (run, created).
+        """
+        key, number = parse_run_id(run_id)
+        record = self.ensure_project(project, key)
+        r, p = schema.runs, schema.projects
+        with self._write() as conn:
+            row = conn.execute(
+                select(r.c.id, r.c.project_id, r.c.created_at).where(r.c.run_key == run_id)
+            ).first()
+            if row is not None:
+                if row.project_id != record.id:
+                    raise ArtifactfsError(f"run {run_id} exists in another project")
+                return RunRecord(row.id, run_id, project, row.created_at), False
+            conn.execute(
+                update(p)
+                .where(p.c.id == record.id, p.c.last_number < number)
+                .values(last_number=number)
+            )
+            created = now_text()
+            result = conn.execute(
+                r.insert().values(
+                    project_id=record.id, number=number, run_key=run_id, created_at=created
+                )
+            )
+            assert result.inserted_primary_key is not None
+            return RunRecord(int(result.inserted_primary_key[0]), run_id, project, created), True
+
     def get_run(self, run_id: str) -> RunRecord:
         parse_run_id(run_id)
         r, p = schema.runs, schema.projects

@@ -1,0 +1,206 @@
+"""`artifactfs import-neptune`: exported runs come back with their ids, mountable and verifiable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from artifactfs.store import Store, default_store_path
+from tests.conftest import S3Bucket, make_tree
+from tests.support.mounts import mounted
+
+ALICE = "/home/alice/project/datasets"
+
+
+def wire_entry(path: str, file_hash: str, kind: str, size: int, **metadata: str) -> dict:
+    return {
+        "filePath": path,
+        "fileHash": file_hash,
+        "type": kind,
+        "size": size,
+        "metadata": [{"key": k, "value": v} for k, v in metadata.items()],
+    }
+
+
+def local_entry(file_path: str, body: bytes) -> dict:
+    return wire_entry(
+        file_path,
+        hashlib.sha1(body).hexdigest(),
+        "Local",
+        len(body),
+        file_path=f"file://{ALICE}/{file_path}",
+        last_modified="2022-09-30 10:50:40",
+    )
+
+
+def write_export(root: Path, run_path: str, entries: list[dict] | str) -> Path:
+    target = root / run_path / "files_list.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(entries if isinstance(entries, str) else json.dumps(entries))
+    return target
+
+
+LOCAL_FILES = {
+    "train/sample.csv": b"a,b\n1,2\n",
+    "train/more.csv": b"x" * 5000,
+    "test/sample.csv": b"c,d\n3,4\n",
+    "empty.txt": b"",
+}
+
+
+@pytest.fixture
+def export(tmp_path: Path, s3: S3Bucket) -> dict:
+    """Two projects, several runs, nested fields, Local and S3 entries, data moved since."""
+    data = make_tree(tmp_path / "data", LOCAL_FILES)  # recorded under ALICE, lives here
+    images = {"images/0001.png": b"\x89PNG" + bytes(range(200)), "images/0002.png": b"\x89PNG2"}
+    s3_entries = []
+    for key, body in images.items():
+        etag = s3.put(key, body)["ETag"].strip('"')
+        url = f"s3://ml-team-data/{key}"  # recorded bucket; the data now lives in s3.name
+        s3_entries.append(
+            wire_entry(
+                key, etag, "S3", len(body), location=url, last_modified="2022-09-30 10:51:02"
+            )
+        )
+    root = tmp_path / "export"
+    write_export(
+        root,
+        "ml-team/classification/CLS-45/data_versions",
+        [local_entry(p, b) for p, b in LOCAL_FILES.items() if p.startswith("train/")] + s3_entries,
+    )
+    write_export(
+        root,
+        "ml-team/classification/CLS-7/datasets/test",
+        [local_entry("test/sample.csv", LOCAL_FILES["test/sample.csv"])],
+    )
+    write_export(
+        root,
+        "ml-team/detection/DET-3/data",
+        [
+            local_entry("empty.txt", b""),
+            local_entry("train/sample.csv", LOCAL_FILES["train/sample.csv"]),
+        ],
+    )
+    rebases = [f"--rebase={ALICE}={data}", f"--rebase=s3://ml-team-data=s3://{s3.name}"]
+    return {"root": root, "data": data, "images": images, "rebases": rebases, "bucket": s3}
+
+
+def test_import_mount_verify_and_detect_a_change(cli, tmp_path: Path, export: dict) -> None:
+    result = cli("import-neptune", str(export["root"]), *export["rebases"])
+    assert result.returncode == 0, result.stderr
+    assert "3 field(s) imported" in result.stdout
+
+    runs = cli("runs").stdout
+    for run_id in ("CLS-45", "CLS-7", "DET-3"):
+        assert run_id in runs
+    # New runs continue after the highest imported number.
+    new = cli("--project", "ml-team/classification", "track", "x", str(export["data"]))
+    assert new.last_line == "CLS-46"
+
+    with mounted(tmp_path / "mnt", "--cache-dir", str(tmp_path / "cache")) as mount:
+        base = mount.path / "ml-team" / "classification"
+        for rel in ("train/sample.csv", "train/more.csv"):
+            assert (base / "CLS-45/data_versions" / rel).read_bytes() == LOCAL_FILES[rel]
+        for rel, body in export["images"].items():
+            assert (base / "CLS-45/data_versions" / rel).read_bytes() == body
+        assert (base / "CLS-7/datasets/test/test/sample.csv").read_bytes() == LOCAL_FILES[
+            "test/sample.csv"
+        ]
+        det = mount.path / "ml-team" / "detection" / "DET-3" / "data"
+        assert (det / "empty.txt").read_bytes() == b""
+        # Imported hashes are kept as recorded.
+        assert mount.xattr(
+            "ml-team/classification/CLS-45/data_versions/train/more.csv", "file_hash"
+        ) == (hashlib.sha1(LOCAL_FILES["train/more.csv"]).hexdigest())
+
+    for run_id in ("CLS-45", "CLS-7", "DET-3"):
+        verified = cli("verify", run_id)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    (export["data"] / "train" / "more.csv").write_bytes(b"y" * 5000)
+    changed = cli("verify", "CLS-45")
+    assert changed.returncode == 1
+    assert "train/more.csv" in changed.stdout
+    assert "train/sample.csv" not in changed.stdout
+
+
+def test_importing_twice_changes_nothing_and_says_so(cli, export: dict) -> None:
+    assert cli("import-neptune", str(export["root"]), *export["rebases"]).returncode == 0
+    before = Store(str(default_store_path())).counts()
+    again = cli("import-neptune", str(export["root"]), *export["rebases"])
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do" in again.stdout
+    assert again.stdout.count("unchanged ") == 3
+    assert Store(str(default_store_path())).counts() == before
+
+
+def test_dry_run_writes_nothing(cli, export: dict) -> None:
+    cli("--project", "other/p", "track", "f", str(export["data"]), check=True)
+    before = Store(str(default_store_path())).counts()
+    result = cli("import-neptune", "--dry-run", str(export["root"]), *export["rebases"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("would import ") == 3
+    assert Store(str(default_store_path())).counts() == before
+
+
+def test_conflicting_run_is_reported_and_not_overwritten(cli, export: dict) -> None:
+    assert cli("import-neptune", str(export["root"]), *export["rebases"]).returncode == 0
+    hash_before = cli("hash", "CLS-45", "data_versions").last_line
+    # The same run id with other content: without the rebase, other source URLs.
+    result = cli("import-neptune", str(export["root"]))
+    assert result.returncode == 1
+    assert "skipped ml-team/classification/CLS-45/data_versions" in result.stderr
+    assert "not overwritten" in result.stderr
+    assert cli("hash", "CLS-45", "data_versions").last_line == hash_before
+    assert cli("files", "CLS-45", "data_versions", "--json").stdout.count(str(export["data"])) == 2
+
+
+BAD_FILES = {
+    "malformed JSON": "[{not json",
+    "not an array": '{"filePath": "a"}',
+    "size of the wrong type": [{**local_entry("a.csv", b"a"), "size": "big"}],
+    "unknown type": [{**local_entry("a.csv", b"a"), "type": "FTP"}],
+    "metadata not a list": [{**local_entry("a.csv", b"a"), "metadata": {"file_path": "x"}}],
+    "negative size": [{**local_entry("a.csv", b"a"), "size": -1}],
+    "path escaping": [local_entry("../escape.csv", b"a")],
+    "absolute path": [{**local_entry("a.csv", b"a"), "filePath": "/etc/passwd"}],
+    "empty segment": [{**local_entry("a.csv", b"a"), "filePath": "a//b.csv"}],
+    "file and directory": [local_entry("x", b"a"), local_entry("x/y", b"b")],
+}
+
+
+@pytest.mark.parametrize("problem", list(BAD_FILES))
+def test_bad_export_files_are_reported_and_the_rest_imported(
+    cli, tmp_path: Path, problem: str
+) -> None:
+    root = tmp_path / "export"
+    write_export(root, "ml/good/GD-1/data", [local_entry("a.csv", b"a")])
+    bad = write_export(root, "ml/bad/BD-9/data", BAD_FILES[problem])
+    result = cli("import-neptune", str(root))
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr
+    failure_lines = [line for line in result.stderr.splitlines() if line.startswith("failed ")]
+    assert len(failure_lines) == 1
+    assert str(bad) in failure_lines[0]
+    assert "1 field(s) imported" in result.stderr
+    runs = cli("runs").stdout
+    assert "GD-1" in runs
+    assert "BD-9" not in runs
+
+
+def test_bad_arguments_are_one_line_errors(cli, tmp_path: Path) -> None:
+    for args in (
+        ["import-neptune", str(tmp_path / "missing")],
+        ["import-neptune", str(tmp_path), "--rebase", "no-equals-sign"],
+    ):
+        result = cli(*args)
+        assert result.returncode == 2, result
+        assert len(result.stderr.strip().splitlines()) == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli("import-neptune", str(empty))
+    assert result.returncode == 2
+    assert "no files_list.json" in result.stderr

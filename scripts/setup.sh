@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_packages=(python3 python3-dev python3-venv gcc pkg-config fuse3 libfuse3-dev attr)
+if [ "${1:-}" = "--test" ]; then
+  apt_packages+=(postgresql)  # the test suite runs the store tests against PostgreSQL too
+fi
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from artifactfs.sources import reset_sources
+from tests.support.postgres import PostgresServer, postgres_server
 from tests.support.servers import gcs_emulator, moto_server
 
 _CLEARED = (
@@ -28,12 +29,43 @@ _CLEARED = (
 )
 
 
+STORE_BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Modules marked `store_backends` run every test once per store backend."""
+    if metafunc.definition.get_closest_marker("store_backends"):
+        metafunc.parametrize("store_backend", STORE_BACKENDS, indirect=True, scope="function")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture
+def store_backend(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", "sqlite")
+
+
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Store, caches and credentials of this test only."""
+def isolated_home(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    store_backend: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[Path]:
+    """Store, caches and credentials of this test only. With the postgresql backend, the store
+    is a fresh database on the session's PostgreSQL server (ARTIFACTFS_STORE points at it)."""
     home = tmp_path / "home"
     for name in _CLEARED:
         monkeypatch.delenv(name, raising=False)
+    database = None
+    if store_backend == "postgresql":
+        server: PostgresServer = request.getfixturevalue("postgres")
+        database = server.create_database()
+        monkeypatch.setenv("ARTIFACTFS_STORE", server.uri(database))
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
@@ -44,6 +76,8 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     reset_sources()
     yield home
     reset_sources()
+    if database is not None:
+        request.getfixturevalue("postgres").drop_database(database)
 
 
 @dataclass

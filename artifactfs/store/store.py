@@ -1,14 +1,16 @@
 """The metadata store: projects, runs, fields and immutable artifacts.
 
-One code path for every database SQLAlchemy speaks; SQLite is the embedded default. Writes that
-must not race (allocating run ids, creating projects, pointing a field at a new artifact) run in
-one transaction each: on SQLite it starts with `BEGIN IMMEDIATE`, so concurrent writers queue on
-the database lock instead of failing half-way; on a server database the id comes from a single
-`UPDATE ... RETURNING`, which locks the project row.
+One code path for SQLite (the embedded default) and PostgreSQL (a team's shared store). Writes
+that must not race run in one transaction each. On SQLite it starts with `BEGIN IMMEDIATE`, so
+concurrent writers queue on the database lock instead of failing half-way. On PostgreSQL, run
+ids come from a single `UPDATE ... RETURNING` (which locks the project row), project creation
+and schema set-up take a transaction-scoped advisory lock, and a field update locks its run row
+(`SELECT ... FOR UPDATE`), so no read-then-write can interleave with another host's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
@@ -47,6 +49,20 @@ def resolve_store_uri(store: str | None) -> str:
     if "://" in store:
         return store
     return "sqlite:///" + os.path.abspath(os.path.expanduser(store))
+
+
+def _redact(uri: str) -> str:
+    """The URI without its password, for messages and logs."""
+    try:
+        return make_url(uri).render_as_string(hide_password=True)
+    except ArgumentError:
+        return uri
+
+
+def _lock_key(name: str) -> int:
+    """A signed 64-bit advisory lock number for a name."""
+    digest = hashlib.blake2b(f"artifactfs:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def now_text() -> str:
@@ -86,8 +102,9 @@ class Store:
     """A connection pool on one store database, with the queries artifactfs needs."""
 
     def __init__(self, uri: str | None = None) -> None:
-        self.uri = resolve_store_uri(uri)
-        self.engine = self._make_engine(self.uri)
+        real_uri = resolve_store_uri(uri)
+        self.uri = _redact(real_uri)  # for messages and logs: never the password
+        self.engine = self._make_engine(real_uri)
         self._ensure_schema()
 
     # -- set-up -----------------------------------------------------------------------------
@@ -97,12 +114,23 @@ class Store:
         try:
             url = make_url(uri)
         except ArgumentError:
-            raise ArtifactfsError(f"invalid store URI {uri!r}") from None
-        if url.get_backend_name() != "sqlite":
+            raise ArtifactfsError(f"invalid store URI {_redact(uri)!r}") from None
+        backend = url.get_backend_name()
+        if backend == "postgresql":
+            if url.drivername == "postgresql":
+                url = url.set(drivername="postgresql+psycopg")  # psycopg 3, not psycopg2
             try:
-                return create_engine(url, pool_pre_ping=True)
-            except Exception as exc:  # unknown dialect or missing driver
-                raise ArtifactfsError(f"cannot use store {uri!r}: {exc}") from None
+                return create_engine(
+                    url,
+                    pool_pre_ping=True,  # a database that went away and came back: reconnect
+                    connect_args={"connect_timeout": 10},
+                )
+            except Exception as exc:  # a missing driver
+                raise ArtifactfsError(f"cannot use store {_redact(uri)!r}: {exc}") from None
+        if backend != "sqlite":
+            raise ArtifactfsError(
+                f"unsupported store {_redact(uri)!r}: use a file path, sqlite:/// or postgresql://"
+            )
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 120})
@@ -125,11 +153,16 @@ class Store:
         return engine
 
     @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        """A transaction that holds the write lock from its first statement."""
+    def _write(self, lock: str | None = None) -> Iterator[Connection]:
+        """A write transaction. SQLite: it holds the database's write lock from its first
+        statement. PostgreSQL: with `lock`, it first takes that advisory lock."""
         with self.engine.connect() as conn:
             conn.execution_options(sqlite_begin="IMMEDIATE")
             with conn.begin():
+                if lock is not None and self.engine.dialect.name == "postgresql":
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(lock)}
+                    )
                 yield conn
 
     @contextmanager
@@ -139,7 +172,7 @@ class Store:
 
     def _ensure_schema(self) -> None:
         try:
-            with self._write() as conn:
+            with self._write(lock="schema") as conn:
                 schema.metadata.create_all(conn, checkfirst=True)
                 row = conn.execute(
                     select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
@@ -151,7 +184,8 @@ class Store:
                     return
                 version = int(row[0])
         except OperationalError as exc:
-            raise ArtifactfsError(f"cannot open store {self.uri}: {exc.orig}") from None
+            reason = " ".join(str(exc.orig).split())
+            raise ArtifactfsError(f"cannot open store {self.uri}: {reason}") from None
         if version > SCHEMA_VERSION:
             raise ArtifactfsError(
                 f"store {self.uri} has schema version {version}, newer than this artifactfs "
@@ -181,7 +215,7 @@ class Store:
         """The project, created with `key` (or one derived from its name) if it is new."""
         if key is not None:
             validate_project_key(key)
-        with self._write() as conn:
+        with self._write(lock="projects") as conn:
             found = self._find_project(conn, project)
             if found is not None:
                 if key is not None and key != found.key:
@@ -246,7 +280,7 @@ class Store:
         key, number = parse_run_id(run_id)
         record = self.ensure_project(project, key)
         r, p = schema.runs, schema.projects
-        with self._write() as conn:
+        with self._write(lock="projects") as conn:
             row = conn.execute(
                 select(r.c.id, r.c.project_id, r.c.created_at).where(r.c.run_key == run_id)
             ).first()
@@ -361,6 +395,10 @@ class Store:
         points at artifact id `unchanged_if`, nothing is read or written (an unchanged re-track).
         """
         with self._write() as conn:
+            # Serialises updates of one run's fields across hosts (a no-op on SQLite, whose
+            # write transaction is exclusive already).
+            r = schema.runs
+            conn.execute(select(r.c.id).where(r.c.id == run.id).with_for_update())
             self._check_field_conflict(conn, run, field_path)
             f = schema.fields
             current = conn.execute(
@@ -431,16 +469,18 @@ class Store:
         if self._artifact_in(conn, record.id) is not None:
             return record
         try:
-            conn.execute(
-                schema.artifacts.insert().values(
-                    id=record.id,
-                    hash=record.hash,
-                    file_count=record.file_count,
-                    total_size=record.total_size,
-                    created_at=now_text(),
+            # In a savepoint: on PostgreSQL a failed statement would abort the transaction.
+            with conn.begin_nested():
+                conn.execute(
+                    schema.artifacts.insert().values(
+                        id=record.id,
+                        hash=record.hash,
+                        file_count=record.file_count,
+                        total_size=record.total_size,
+                        created_at=now_text(),
+                    )
                 )
-            )
-        except IntegrityError:  # another writer stored it first (server databases)
+        except IntegrityError:  # another host stored the same artifact first
             return record
         rows = []
         dirs: set[str] = set()

@@ -28,6 +28,9 @@ from tests.support.mounts import (
     wait_gone,
 )
 
+# Every test here runs against SQLite and against PostgreSQL.
+pytestmark = pytest.mark.store_backends
+
 FILE_XATTRS = (
     "file_hash",
     "type",

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from artifactfs.store import Store, default_store_path
+from artifactfs.store import Store
 from tests.conftest import S3Bucket, make_tree
 from tests.support.mounts import mounted
+
+# Every test here runs against SQLite and against PostgreSQL.
+pytestmark = pytest.mark.store_backends
 
 ALICE = "/home/alice/project/datasets"
 
@@ -129,21 +132,21 @@ def test_import_mount_verify_and_detect_a_change(cli, tmp_path: Path, export: di
 
 def test_importing_twice_changes_nothing_and_says_so(cli, export: dict) -> None:
     assert cli("import-neptune", str(export["root"]), *export["rebases"]).returncode == 0
-    before = Store(str(default_store_path())).counts()
+    before = Store().counts()
     again = cli("import-neptune", str(export["root"]), *export["rebases"])
     assert again.returncode == 0, again.stderr
     assert "nothing to do" in again.stdout
     assert again.stdout.count("unchanged ") == 3
-    assert Store(str(default_store_path())).counts() == before
+    assert Store().counts() == before
 
 
 def test_dry_run_writes_nothing(cli, export: dict) -> None:
     cli("--project", "other/p", "track", "f", str(export["data"]), check=True)
-    before = Store(str(default_store_path())).counts()
+    before = Store().counts()
     result = cli("import-neptune", "--dry-run", str(export["root"]), *export["rebases"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("would import ") == 3
-    assert Store(str(default_store_path())).counts() == before
+    assert Store().counts() == before
 
 
 def test_conflicting_run_is_reported_and_not_overwritten(cli, export: dict) -> None:

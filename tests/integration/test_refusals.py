@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 
 import artifactfs
-from artifactfs.store import Store, default_store_path
+from artifactfs.store import Store
 from tests.conftest import make_tree
+
+# Every test here runs against SQLite and against PostgreSQL.
+pytestmark = pytest.mark.store_backends
 
 
 def store_counts() -> dict[str, int]:
-    store = Store(str(default_store_path()))
+    store = Store()
     try:
         return store.counts()
     finally:
@@ -182,7 +185,7 @@ def test_api_refusals_leave_no_run_and_no_field(world: dict[str, str], location:
     with pytest.raises(artifactfs.ArtifactfsError):
         run["new"].track_files(location.format(**world))
     assert store_counts() == before
-    assert Store(str(default_store_path())).get_run("P-1").fields == ("data",)
+    assert Store().get_run("P-1").fields == ("data",)
 
 
 def test_api_refuses_file_and_directory(world: dict[str, str]) -> None:

@@ -9,8 +9,13 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 import artifactfs
 from artifactfs.naming import derive_project_key
+
+# Every test here runs against SQLite and against PostgreSQL.
+pytestmark = pytest.mark.store_backends
 
 PROCESSES = 8
 RUNS_EACH = 25

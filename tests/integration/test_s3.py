@@ -18,7 +18,6 @@ import pytest
 
 import artifactfs
 from artifactfs.store import Store
-from artifactfs.store.store import default_store_path
 from tests.conftest import make_tree
 
 pytestmark = pytest.mark.s3
@@ -45,7 +44,7 @@ def files_by_path(run: artifactfs.Run, field: str = "data") -> dict[str, Any]:
 
 
 def store_counts() -> dict[str, int]:
-    store = Store(str(default_store_path()))
+    store = Store()
     try:
         return store.counts()
     finally:

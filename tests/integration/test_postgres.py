@@ -1,0 +1,143 @@
+"""The team store on PostgreSQL: many hosts track and mount the same runs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+import artifactfs
+from artifactfs.errors import ArtifactfsError
+from artifactfs.naming import derive_project_key
+from artifactfs.store import Store, schema
+from tests.conftest import make_tree
+from tests.support.mounts import mounted
+from tests.support.postgres import PostgresServer, postgres_server
+
+HOST_SCRIPT = """
+import os, sys, artifactfs
+os.environ["XDG_CACHE_HOME"] = sys.argv[2]  # each "host" has its own cache directory
+ids = [artifactfs.init_run(project="team/race", store=sys.argv[1]).id for _ in range(50)]
+print(" ".join(ids))
+"""
+
+
+def test_four_hosts_creating_runs_at_once_get_distinct_gap_free_ids(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    uri = postgres.uri(postgres.create_database())
+    Store(uri).close()  # schema in place, so the hosts race on run ids, not on set-up
+    hosts = [
+        subprocess.Popen(
+            [sys.executable, "-c", HOST_SCRIPT, uri, str(tmp_path / f"host{n}")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(4)
+    ]
+    ids: list[str] = []
+    for host in hosts:
+        out, err = host.communicate(timeout=240)
+        assert host.returncode == 0, err
+        ids += out.split()
+    assert len(ids) == 200
+    key = derive_project_key("race")
+    assert sorted(ids, key=lambda i: int(i.split("-")[1])) == [f"{key}-{n}" for n in range(1, 201)]
+
+
+def test_two_daemons_see_a_new_run_within_seconds_and_read_the_same_bytes(
+    postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = postgres.uri(postgres.create_database())
+    monkeypatch.setenv("ARTIFACTFS_STORE", uri)  # the daemons inherit it
+    first = make_tree(tmp_path / "first", {"a.csv": b"1,2\n", "sub/b.bin": os.urandom(70_000)})
+    artifactfs.init_run(project="team/cls")["data"].track_files(str(first))
+    with (
+        mounted(tmp_path / "host1", "--cache-dir", str(tmp_path / "cache1")) as one,
+        mounted(tmp_path / "host2", "--cache-dir", str(tmp_path / "cache2")) as two,
+    ):
+        assert sorted(os.listdir(one.path / "team" / "cls")) == ["CLS-1"]
+        later = make_tree(tmp_path / "later", {"c.txt": b"tracked while mounted"})
+        run = artifactfs.init_run(project="team/cls")
+        run["data"].track_files(str(later))
+        for mount in (one, two):
+            run_dir = mount.path / "team" / "cls" / run.id
+            deadline = time.monotonic() + 5
+            while not run_dir.exists():
+                assert time.monotonic() < deadline, f"{run.id} not in {mount.path} after 5 s"
+                time.sleep(0.1)
+        for rel in ("CLS-1/data/a.csv", "CLS-1/data/sub/b.bin", f"{run.id}/data/c.txt"):
+            left = (one.path / "team" / "cls" / rel).read_bytes()
+            right = (two.path / "team" / "cls" / rel).read_bytes()
+            assert left == right
+        assert (one.path / "team/cls/CLS-1/data/sub/b.bin").read_bytes() == (
+            first / "sub" / "b.bin"
+        ).read_bytes()
+
+
+def test_daemon_survives_the_database_going_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Open files keep reading; new lookups fail with EIO; all works again after a restart."""
+    with postgres_server() as server:  # its own server: this test stops it
+        uri = server.uri(server.create_database())
+        monkeypatch.setenv("ARTIFACTFS_STORE", uri)
+        body = os.urandom(300_000)
+        data = make_tree(tmp_path / "data", {"open.bin": body, "later.txt": b"looked up later"})
+        run = artifactfs.init_run(project="team/outage")
+        run["data"].track_files(str(data))
+        with mounted(tmp_path / "mnt", "--cache-dir", str(tmp_path / "cache")) as mount:
+            base = mount.path / "team" / "outage" / run.id / "data"
+            with open(base / "open.bin", "rb") as handle:
+                assert handle.read(1000) == body[:1000]
+                server.stop()
+                try:
+                    # An open file goes on (it needs no database).
+                    assert handle.read() == body[1000:]
+                    # A lookup the kernel has not cached needs the store: EIO, not a hang.
+                    with pytest.raises(OSError) as raised:
+                        os.stat(mount.path / "team" / "outage" / "NEW-1")
+                    assert raised.value.errno == errno.EIO
+                    assert "EIO" in mount.log() or "failed" in mount.log()
+                finally:
+                    server.start()
+            # Back without a remount: the daemon reconnects by itself.
+            assert (base / "later.txt").read_bytes() == b"looked up later"
+            newer = artifactfs.init_run(project="team/outage")
+            newer["data"].track_files(str(data))
+            deadline = time.monotonic() + 5
+            while not (mount.path / "team" / "outage" / newer.id).exists():
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+
+
+@pytest.mark.store_backends
+def test_a_store_of_a_newer_schema_is_refused(cli) -> None:
+    Store().close()
+    store = Store()
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(schema.meta).where(schema.meta.c.key == "schema_version").values(value="99")
+        )
+    store.close()
+    with pytest.raises(ArtifactfsError, match="schema version 99, newer"):
+        Store()
+    result = cli("runs")
+    assert result.returncode == 2
+    assert "newer than this artifactfs understands" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_errors_never_show_the_database_password(cli, postgres: PostgresServer) -> None:
+    result = cli("--store", postgres.uri("no_such_database"), "runs")
+    assert result.returncode == 2
+    assert "test-password" not in result.stderr
+    assert "***" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

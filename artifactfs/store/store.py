@@ -123,6 +123,10 @@ class Store:
                 return create_engine(
                     url,
                     pool_pre_ping=True,  # a database that went away and came back: reconnect
+                    # Few connections per process: a team may run a mount on every host.
+                    pool_size=2,
+                    max_overflow=6,
+                    pool_timeout=30,
                     connect_args={"connect_timeout": 10},
                 )
             except Exception as exc:  # a missing driver

@@ -1,0 +1,68 @@
+"""`mount.artifactfs`, as mount(8) calls it for an fstab line of type `artifactfs`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from artifactfs.errors import ArtifactfsError
+from artifactfs.fs.daemon import is_mounted
+from artifactfs.fs.mount_helper import options_from
+from tests.conftest import make_tree
+from tests.support.mounts import force_unmount
+
+HELPER = str(Path(sys.executable).parent / "mount.artifactfs")
+
+
+def test_fstab_style_mount_serves_the_run(cli, tmp_path: Path, store_uri: str) -> None:
+    data = make_tree(tmp_path / "data", {"a.csv": b"1,2\n"})
+    run_id = cli("--store", store_uri, "--project", "t/p", "track", "f", str(data)).last_line
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    options = f"defaults,_netdev,nofail,run={run_id},cache_dir={tmp_path / 'cache'},cache_size=1G"
+    try:
+        result = subprocess.run(
+            [HELPER, store_uri, str(mountpoint), "-o", options],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(str(mountpoint))
+        assert (mountpoint / "f" / "a.csv").read_bytes() == b"1,2\n"
+    finally:
+        force_unmount(mountpoint, None)
+    assert not is_mounted(str(mountpoint))
+
+
+def test_unknown_options_and_bad_usage_fail_with_mounts_code(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [HELPER, "default", str(tmp_path), "-o", "colour=blue"], capture_output=True, text=True
+    )
+    assert result.returncode == 32
+    assert "unknown mount option 'colour=blue'" in result.stderr
+    assert not is_mounted(str(tmp_path))
+    result = subprocess.run([HELPER, "only-one-arg"], capture_output=True, text=True)
+    assert result.returncode == 32
+    assert "usage" in result.stderr
+
+
+def test_options_are_translated() -> None:
+    options = options_from(
+        "postgresql://u@h/db",
+        "/mnt/x",
+        "run=CLS-1,field=data,cache_size=2G,allow_other,x-systemd.after=network-online.target",
+    )
+    assert (options.store_uri, options.run_id, options.field_path) == (
+        "postgresql://u@h/db",
+        "CLS-1",
+        "data",
+    )
+    assert options.cache_size == 2 * 1024**3
+    assert options.allow_other
+    assert options_from("default", "/mnt/x", "").store_uri is None
+    with pytest.raises(ArtifactfsError, match="needs the run option"):
+        options_from("default", "/mnt/x", "field=data")

@@ -142,8 +142,10 @@ class Tree:
     def lookup(self, parent: Node, name: str) -> Node | None:
         if not _safe_name(name):
             return None
-        if parent.kind in (Kind.ARTIFACT_DIR,):
+        if parent.kind is Kind.ARTIFACT_DIR:
             return self._artifact_lookup(parent, name)
+        if parent.kind is Kind.PROJECT:
+            return self._run_lookup(parent, name)
         for child in self.children(parent):
             if child.name == name:
                 return child
@@ -167,6 +169,16 @@ class Tree:
         if node.kind is Kind.ARTIFACT_DIR:
             return self._artifact_children(node)
         return []
+
+    def _run_lookup(self, parent: Node, name: str) -> Node | None:
+        """One run by name, without listing the project's (possibly many) runs."""
+        try:
+            record = self.store.get_run(name)
+        except ArtifactfsError:  # not a run id, or no such run
+            return None
+        if record.project != ProjectName(parent.workspace, parent.project):
+            return None
+        return self._run(parent, record.run_id)
 
     def _workspace(self, workspace: str) -> Node:
         return Node(Kind.WORKSPACE, workspace, inode_for(workspace), workspace)

@@ -331,9 +331,12 @@ class Store:
         )
         if project is not None:
             query = query.where(p.c.workspace == project.workspace, p.c.name == project.name)
+        fields_query = select(f.c.run_id, f.c.path).order_by(f.c.path)
+        if project is not None:  # only this project's runs' fields
+            fields_query = fields_query.where(f.c.run_id.in_(query.with_only_columns(r.c.id)))
         with self._read() as conn:
             rows = conn.execute(query).all()
-            field_rows = conn.execute(select(f.c.run_id, f.c.path).order_by(f.c.path)).all()
+            field_rows = conn.execute(fields_query).all()
         names: dict[int, list[str]] = {}
         for run_pk, path in field_rows:
             names.setdefault(run_pk, []).append(path)

@@ -9,7 +9,6 @@ a manifest written by someone else must never make us write or show anything out
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,9 +122,13 @@ def artifact_id(entries: Iterable[ArtifactFileData]) -> str:
     Two trees with the same content at different places (or times) share an artifact hash,
     yet their entries name different sources; they must not share stored entries.
     """
-    canonical = [e.to_dict() for e in sorted(entries, key=lambda e: e.file_path)]
-    text = json.dumps(canonical, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+    digest = hashlib.sha256()
+    for e in sorted(entries, key=lambda e: e.file_path):
+        # repr() of str, int and None is unambiguous and never holds a raw newline; it is also
+        # several times faster than JSON, which matters when re-tracking large trees.
+        fields = (e.file_path, e.file_hash, e.type, e.size, tuple(sorted(e.metadata.items())))
+        digest.update(repr(fields).encode("utf-8", "surrogateescape") + b"\n")
+    return digest.hexdigest()
 
 
 def artifact_hash(entries: Iterable[ArtifactFileData]) -> str:

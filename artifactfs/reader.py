@@ -10,6 +10,11 @@ sequential: the next chunks are fetched ahead on the bounded pool. A file that f
 is checked against its whole-file hash before it is cached; a larger file is checked once all
 its chunks are in the cache, and dropped from it if the hash does not match. Transient failures
 are retried with back-off within a deadline; nothing waits forever.
+
+Recently used chunks also stay in memory (a small LRU of verified bytes): the kernel asks for at
+most 1 MiB at a time, and re-reading and re-checking an 8 MiB chunk file for each of those would
+cost eight times the I/O. `prefetch()` warms the cache with whole small files a program is about
+to open (its neighbours in a directory), on a pool of its own so it never delays a demand read.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+
+from cachetools import LRUCache
 
 from artifactfs.cache import ChunkCache, chunk_key
 from artifactfs.entries import TYPE_LOCAL, ArtifactFileData
@@ -35,6 +42,8 @@ DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
 DEFAULT_READAHEAD_CHUNKS = 2
 DEFAULT_WORKERS = 8
 DEFAULT_DEADLINE = 30.0  # seconds one read may spend on retries before it fails
+DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024
+MAX_PENDING_PREFETCHES = 64
 RETRY_BASE_DELAY = 0.2
 
 
@@ -55,19 +64,50 @@ class Reader:
         workers: int = DEFAULT_WORKERS,
         readahead_chunks: int = DEFAULT_READAHEAD_CHUNKS,
         deadline: float = DEFAULT_DEADLINE,
+        memory_bytes: int = DEFAULT_MEMORY_BYTES,
     ) -> None:
         self.cache = cache
         self.chunk_size = chunk_size
         self.readahead_chunks = readahead_chunks
         self.deadline = deadline
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="artifactfs-fetch")
+        self._prefetch_pool = ThreadPoolExecutor(workers, thread_name_prefix="artifactfs-prefetch")
+        self._pending_prefetches = 0
         self._lock = threading.Lock()
+        self._memory: LRUCache[bytes, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
         self._inflight: dict[bytes, Future[bytes]] = {}
         self._sequences: dict[tuple[str, str], _Sequence] = {}
         self._verified_local: set[tuple[str, int, int, int, str]] = set()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
+
+    def prefetch(self, entry: ArtifactFileData) -> None:
+        """Start fetching a small remote file into the cache, unless busy or cached already."""
+        if entry.type == TYPE_LOCAL or self._chunk_count(entry.size or 0) != 1:
+            return
+        key = self._key(entry, 0)
+        with self._lock:
+            if self._pending_prefetches >= MAX_PENDING_PREFETCHES or key in self._inflight:
+                return
+            if key in self._memory:
+                return
+            self._pending_prefetches += 1
+        if self.cache.contains(key):
+            with self._lock:
+                self._pending_prefetches -= 1
+            return
+        self._prefetch_pool.submit(self._run_prefetch, entry)
+
+    def _run_prefetch(self, entry: ArtifactFileData) -> None:
+        try:
+            self._start_fetch(entry, 0).result(timeout=self.deadline + 30)
+        except Exception as exc:  # a prefetch that fails is only a lost hint
+            log.info("prefetch of %s failed: %s", entry.source_url, exc)
+        finally:
+            with self._lock:
+                self._pending_prefetches -= 1
 
     def iter_file(self, entry: ArtifactFileData) -> Iterator[bytes]:
         """Every byte of the entry, chunk by chunk, through the cache (with read-ahead)."""
@@ -163,9 +203,31 @@ class Reader:
             if not self.cache.contains(self._key(entry, index)):
                 self._start_fetch(entry, index)
 
+    def _cached(self, key: bytes) -> bytes | None:
+        """A verified chunk from memory, else from the disk cache (then kept in memory)."""
+        with self._lock:
+            data = self._memory.get(key)
+        if data is not None:
+            self.cache.record_hit()
+            return data
+        data = self.cache.get(key)
+        if data is not None:
+            self._remember(key, data)
+        return data
+
+    def _remember(self, key: bytes, data: bytes) -> None:
+        if len(data) <= self._memory.maxsize:
+            with self._lock:
+                self._memory[key] = data
+
+    def _forget(self, key: bytes) -> None:
+        with self._lock:
+            self._memory.pop(key, None)
+        self.cache.drop(key)
+
     def _chunk(self, entry: ArtifactFileData, index: int) -> bytes:
         key = self._key(entry, index)
-        cached = self.cache.get(key)
+        cached = self._cached(key)
         if cached is not None:
             return cached
         future = self._start_fetch(entry, index)
@@ -195,7 +257,7 @@ class Reader:
                     del self._inflight[key]
 
     def _fetch_chunk(self, entry: ArtifactFileData, index: int, key: bytes) -> bytes:
-        cached = self.cache.get(key)  # another reader may have fetched it meanwhile
+        cached = self._cached(key)  # another reader may have fetched it meanwhile
         if cached is not None:
             return cached
         size = entry.size or 0
@@ -217,6 +279,7 @@ class Reader:
             if problem is not None:
                 raise ReadError(f"{entry.source_url}: {problem}")
         self.cache.put(key, data)
+        self._remember(key, data)
         if self._chunk_count(size) > 1:
             self._check_whole_file_if_complete(entry)
         return data
@@ -231,14 +294,14 @@ class Reader:
         if not check.checks_hash:
             return
         for key in keys:
-            chunk = self.cache.get(key)
+            chunk = self._cached(key)
             if chunk is None:
                 return  # evicted meanwhile: checked next time it is complete
             check.update(chunk)
         problem = check.problem()
         if problem is not None:
             for key in keys:
-                self.cache.drop(key)
+                self._forget(key)
             raise ReadError(
                 f"{entry.source_url}: whole-file check failed, dropped from the cache: {problem}"
             )

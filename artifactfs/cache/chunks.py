@@ -251,6 +251,11 @@ class ChunkCache:
                 self._index.popitem()
                 self._refresh_stats()
 
+    def record_hit(self) -> None:
+        """A hit served from a reader's memory copy of a chunk."""
+        with self._lock:
+            self.stats.hits += 1
+
     def record_fetch(self, nbytes: int) -> None:
         with self._lock:
             self.stats.fetched_bytes += nbytes

@@ -206,6 +206,7 @@ def _serve(options: MountOptions, ready_fd: int | None) -> None:
         trio.run(_main_loop, options.mountpoint)
     finally:
         pyfuse3.close(unmount=True)
+        operations.prefetcher.close()
         reader.close()
         store.close()
         log.info("unmounted %s", options.mountpoint)

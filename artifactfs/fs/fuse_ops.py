@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from artifactfs.fs.prefetch import NeighbourPrefetcher
 from artifactfs.fs.tree import ROOT_INODE, XATTR_PREFIX, Kind, Node, Tree
 from artifactfs.reader import Reader, ReadError
 
@@ -35,6 +36,7 @@ class ArtifactOperations(pyfuse3.Operations):
         super().__init__()
         self.tree = tree
         self.reader = reader
+        self.prefetcher = NeighbourPrefetcher(tree, reader)
         self._limiter = trio.CapacityLimiter(WORKER_THREADS)
         self._nodes: dict[int, Node] = {ROOT_INODE: tree.root()}
         self._lookups: dict[int, int] = {}
@@ -166,6 +168,7 @@ class ArtifactOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         handle = self._new_handle()
         self._open_files[handle] = node
+        self.prefetcher.opened(node)
         # The bytes behind an inode never change: keep the page cache across opens.
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 

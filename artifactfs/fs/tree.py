@@ -255,6 +255,12 @@ class Tree:
             children.setdefault(name, self._artifact_node(node, name, entry))
         return [children[name] for name in sorted(children)]
 
+    def sibling_files(self, node: Node) -> list[ArtifactFileData]:
+        """The files of the artifact directory that holds `node`, in name order."""
+        parent_dir = node.dir_path.rpartition("/")[0]
+        _dirs, files = self.store.artifact_children(node.artifact_id, parent_dir)
+        return [entry for entry in files if path_problem(entry.file_path) is None]
+
     # -- attributes -------------------------------------------------------------------------
 
     def attributes(self, node: Node) -> Attributes:

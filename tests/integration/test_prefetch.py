@@ -1,0 +1,34 @@
+"""Opening a small remote file fetches its next neighbours before the program asks."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import artifactfs
+from tests.conftest import S3Bucket
+from tests.support.mounts import mounted
+
+
+def test_opening_a_file_prefetches_its_neighbours(s3: S3Bucket, tmp_path: Path) -> None:
+    bodies = {f"imgs/{n:03d}.bin": bytes([n]) * (1000 + n) for n in range(60)}
+    for key, body in bodies.items():
+        s3.put(key, body)
+    run = artifactfs.init_run(project="t/prefetch")
+    run["data"].track_files(s3.url("imgs"))
+    with mounted(
+        tmp_path / "mnt", "--run", run.id, "--field", "data", "--cache-dir", str(tmp_path / "c")
+    ) as mount:
+        assert (mount.path / "000.bin").read_bytes() == bodies["imgs/000.bin"]
+        # The next 32 files are fetched without being opened; the ones after are not.
+        deadline = time.monotonic() + 10
+        while int(mount.xattr("032.bin", "cached")) != len(bodies["imgs/032.bin"]):
+            assert time.monotonic() < deadline, "neighbour 32 was not prefetched"
+            time.sleep(0.05)
+        assert int(mount.xattr("040.bin", "cached")) == 0
+        # Each of files 0..32 was fetched exactly once, nothing else.
+        expected = sum(len(bodies[f"imgs/{n:03d}.bin"]) for n in range(33))
+        assert mount.root_figure("fetched_bytes") == expected
+        for n in range(1, 33):
+            assert (mount.path / f"{n:03d}.bin").read_bytes() == bodies[f"imgs/{n:03d}.bin"]
+        assert mount.root_figure("errors") == 0

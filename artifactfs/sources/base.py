@@ -12,11 +12,23 @@ from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 from artifactfs.entries import ArtifactFileData
+from artifactfs.errors import ArtifactfsError
 
 STREAM_CHUNK = 1024 * 1024
 
 # Called with the number of files done so far (progress bars).
 ProgressCallback = Callable[[int], None]
+
+
+def parse_bucket_url(url: str, scheme: str) -> tuple[str, str]:
+    """`s3://bucket/key` (or `gs://`) -> (bucket, key); key may be empty."""
+    prefix = f"{scheme}://"
+    if not url.startswith(prefix):
+        raise ArtifactfsError(f"not a {prefix} URL: {url!r}")
+    bucket, _, key = url[len(prefix) :].partition("/")
+    if not bucket:
+        raise ArtifactfsError(f"invalid URL {url!r}: no bucket")
+    return bucket, key
 
 
 class Source(ABC):

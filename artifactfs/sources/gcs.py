@@ -25,7 +25,7 @@ from artifactfs.errors import (
     SourceChangedError,
     TransientSourceError,
 )
-from artifactfs.sources.base import STREAM_CHUNK, ProgressCallback, Source
+from artifactfs.sources.base import STREAM_CHUNK, ProgressCallback, Source, parse_bucket_url
 from artifactfs.verification import GCS_HASH_KEY
 
 TIMEOUT = (10, 30)  # connect, read (seconds)
@@ -66,12 +66,7 @@ def reset_client() -> None:
 
 
 def parse_gs_url(url: str) -> tuple[str, str]:
-    if not url.startswith("gs://"):
-        raise ArtifactfsError(f"not a GCS URL: {url!r}")
-    bucket, _, name = url[len("gs://") :].partition("/")
-    if not bucket:
-        raise ArtifactfsError(f"invalid GCS URL {url!r}: no bucket")
-    return bucket, name
+    return parse_bucket_url(url, "gs")
 
 
 def _b64_to_hex(value: str) -> str:

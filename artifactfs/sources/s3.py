@@ -21,7 +21,7 @@ from artifactfs.errors import (
     SourceChangedError,
     TransientSourceError,
 )
-from artifactfs.sources.base import STREAM_CHUNK, ProgressCallback, Source
+from artifactfs.sources.base import STREAM_CHUNK, ProgressCallback, Source, parse_bucket_url
 
 _client_lock = threading.Lock()
 _client: Any = None
@@ -62,12 +62,7 @@ def reset_client() -> None:
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
-    if not url.startswith("s3://"):
-        raise ArtifactfsError(f"not an S3 URL: {url!r}")
-    bucket, _, key = url[len("s3://") :].partition("/")
-    if not bucket:
-        raise ArtifactfsError(f"invalid S3 URL {url!r}: no bucket")
-    return bucket, key
+    return parse_bucket_url(url, "s3")
 
 
 def _error_code(exc: Exception) -> str:

@@ -39,7 +39,7 @@ from artifactfs.verification import ContentCheck
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
-DEFAULT_READAHEAD_CHUNKS = 2
+DEFAULT_READAHEAD_CHUNKS = 4
 DEFAULT_WORKERS = 8
 DEFAULT_DEADLINE = 30.0  # seconds one read may spend on retries before it fails
 DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024
@@ -54,6 +54,7 @@ class ReadError(CheckFailedError):
 @dataclass
 class _Sequence:
     next_offset: int = 0
+    streak: int = 0  # contiguous reads so far: the read-ahead window grows with it
 
 
 class Reader:
@@ -177,6 +178,8 @@ class Reader:
     def _read_remote(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
         first = offset // self.chunk_size
         last = (offset + length - 1) // self.chunk_size
+        if not self.cache.contains(self._key(entry, first)):
+            self._start_fetch(entry, first)  # the chunk asked for goes before any read-ahead
         self._maybe_read_ahead(entry, offset, length, last)
         pieces = []
         for index in range(first, last + 1):
@@ -192,14 +195,18 @@ class Reader:
         key = (entry.type, entry.file_hash)
         with self._lock:
             sequence = self._sequences.setdefault(key, _Sequence())
-            sequential = offset == sequence.next_offset or offset == 0
+            contiguous = offset == sequence.next_offset and offset > 0
+            sequence.streak = sequence.streak + 1 if contiguous else 0
             sequence.next_offset = offset + length
+            streak = sequence.streak
             if len(self._sequences) > 10_000:
                 self._sequences.clear()
-        if not sequential:
-            return
+        if offset != 0 and streak == 0:
+            return  # a random reader: no read-ahead
+        # A first read at 0 gets one chunk ahead; a reader that keeps going, the full window.
+        window = self.readahead_chunks if streak > 0 else min(1, self.readahead_chunks)
         count = self._chunk_count(entry.size or 0)
-        for index in range(last_index + 1, min(count, last_index + 1 + self.readahead_chunks)):
+        for index in range(last_index + 1, min(count, last_index + 1 + window)):
             if not self.cache.contains(self._key(entry, index)):
                 self._start_fetch(entry, index)
 
@@ -281,8 +288,16 @@ class Reader:
         self.cache.put(key, data)
         self._remember(key, data)
         if self._chunk_count(size) > 1:
-            self._check_whole_file_if_complete(entry)
+            # Off the reader's path: re-reading a large file to hash it must not stall a read.
+            self._prefetch_pool.submit(self._check_whole_file_quietly, entry)
         return data
+
+    def _check_whole_file_quietly(self, entry: ArtifactFileData) -> None:
+        try:
+            self._check_whole_file_if_complete(entry)
+        except ReadError as exc:
+            self.cache.record_error()
+            log.error("%s", exc)
 
     def _check_whole_file_if_complete(self, entry: ArtifactFileData) -> None:
         """With every chunk cached, hash them in order; drop them all if it does not match."""

@@ -219,6 +219,7 @@ async def _main_loop(mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
         nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, mountpoint)
+        nursery.start_soon(trio.to_thread.run_sync, _warm_s3_client)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -232,6 +233,16 @@ async def _stop_on_signal() -> None:
             log.info("signal %d: unmounting", signum)
             pyfuse3.terminate()
             return
+
+
+def _warm_s3_client() -> None:
+    """Importing boto3 and building its client takes ~0.3 s: not on the first read's clock."""
+    from artifactfs.sources.s3 import s3_client
+
+    try:
+        s3_client()
+    except ArtifactfsError as exc:  # no credentials: only S3 reads will fail, and say so
+        log.info("no S3 client yet: %s", exc)
 
 
 def _raise_readahead(mountpoint: str) -> None:

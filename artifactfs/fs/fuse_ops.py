@@ -200,8 +200,11 @@ class ArtifactOperations(pyfuse3.Operations):
         return {XATTR_PREFIX + key: value for key, value in values.items()}
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        text = os.fsdecode(name)
+        if not text.startswith(XATTR_PREFIX):  # security.*, system.posix_acl_*: `ls -l` asks
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         values = await self._call(self._all_xattrs, self._node(inode))
-        value = values.get(os.fsdecode(name))
+        value = values.get(text)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value.encode("utf-8", "surrogateescape")

@@ -14,12 +14,16 @@ left out (and logged), so a hostile store cannot show anything outside the tree.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import logging
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+
+from cachetools import LRUCache
 
 from artifactfs import __version__
 from artifactfs.entries import ArtifactFileData, path_problem
@@ -30,6 +34,7 @@ from artifactfs.store import ArtifactRecord, Store
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+LISTING_CACHE_ENTRIES = 200_000
 XATTR_PREFIX = "user.artifactfs."
 
 
@@ -89,6 +94,7 @@ def _safe_name(name: str) -> bool:
     return "/" not in name and path_problem(name) is None
 
 
+@functools.lru_cache(maxsize=65536)
 def _parse_time(text: str) -> int:
     try:
         when = datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
@@ -105,6 +111,12 @@ class Tree:
     def __init__(self, store: Store, run_id: str | None = None, field_path: str | None = None):
         self.store = store
         self.mounted_ns = time.time_ns()
+        self._lock = threading.Lock()
+        self._artifacts: LRUCache[str, ArtifactRecord] = LRUCache(maxsize=4096)
+        # Listings of artifact directories by inode, bounded by the number of entries held.
+        self._listings: LRUCache[int, dict[str, Node]] = LRUCache(
+            maxsize=LISTING_CACHE_ENTRIES, getsizeof=lambda listing: max(1, len(listing))
+        )
         if field_path is not None and run_id is None:
             raise ArtifactfsError("--field needs --run")
         if run_id is None:
@@ -231,6 +243,10 @@ class Tree:
         )
 
     def _artifact_lookup(self, parent: Node, name: str) -> Node | None:
+        with self._lock:
+            listed = self._listings.get(parent.inode)
+        if listed is not None:  # listed before (readdir): no query
+            return listed.get(name)
         found = self.store.artifact_lookup(parent.artifact_id, parent.dir_path, name)
         if found is None:
             return None
@@ -241,6 +257,11 @@ class Tree:
         return self._artifact_node(parent, name, found)
 
     def _artifact_children(self, node: Node) -> list[Node]:
+        # A directory inside an artifact never changes: its listing is remembered (bounded).
+        with self._lock:
+            listed = self._listings.get(node.inode)
+        if listed is not None:
+            return list(listed.values())
         dirs, files = self.store.artifact_children(node.artifact_id, node.dir_path)
         children: dict[str, Node] = {}
         for dir_path in dirs:
@@ -253,7 +274,10 @@ class Tree:
                 log.warning("hiding entry with an unsafe path %r", entry.file_path)
                 continue
             children.setdefault(name, self._artifact_node(node, name, entry))
-        return [children[name] for name in sorted(children)]
+        ordered = {name: children[name] for name in sorted(children)}
+        with self._lock:
+            self._listings[node.inode] = ordered
+        return list(ordered.values())
 
     def sibling_files(self, node: Node) -> list[ArtifactFileData]:
         """The files of the artifact directory that holds `node`, in name order."""
@@ -272,9 +296,14 @@ class Tree:
         return Attributes(stat.S_IFDIR | 0o555, 0, self.mounted_ns, 2)
 
     def _artifact(self, node: Node) -> ArtifactRecord:
-        artifact = self.store.artifact(node.artifact_id)
+        with self._lock:
+            artifact = self._artifacts.get(node.artifact_id)
         if artifact is None:
-            raise NotFoundError(f"artifact {node.artifact_id} is missing from the store")
+            artifact = self.store.artifact(node.artifact_id)
+            if artifact is None:
+                raise NotFoundError(f"artifact {node.artifact_id} is missing from the store")
+            with self._lock:  # artifacts never change: remember them
+                self._artifacts[node.artifact_id] = artifact
         return artifact
 
     def xattrs(self, node: Node) -> dict[str, str]:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cachetools import LRUCache
+from cachetools import LRUCache, TTLCache
 
 from artifactfs.cache import ChunkCache, chunk_key
 from artifactfs.entries import TYPE_LOCAL, ArtifactFileData
@@ -44,6 +44,7 @@ DEFAULT_WORKERS = 8
 DEFAULT_DEADLINE = 30.0  # seconds one read may spend on retries before it fails
 DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024
 MAX_PENDING_PREFETCHES = 64
+FAILURE_MEMORY = 5.0  # seconds a failed chunk fetch answers EIO without trying again
 RETRY_BASE_DELAY = 0.2
 
 
@@ -76,6 +77,10 @@ class Reader:
         self._pending_prefetches = 0
         self._lock = threading.Lock()
         self._memory: LRUCache[bytes, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
+        # Files whose whole-file check failed, and chunks that just failed to fetch: the kernel
+        # retries a failed read at once, and it should get its EIO at once too.
+        self._failed_files: dict[tuple[str, str], str] = {}
+        self._failed_chunks: TTLCache[bytes, str] = TTLCache(maxsize=4096, ttl=FAILURE_MEMORY)
         self._inflight: dict[bytes, Future[bytes]] = {}
         self._sequences: dict[tuple[str, str], _Sequence] = {}
         self._verified_local: set[tuple[str, int, int, int, str]] = set()
@@ -122,6 +127,10 @@ class Reader:
         size = entry.size or 0
         if offset >= size or length <= 0:
             return b""
+        failed = self._failed_files.get((entry.type, entry.file_hash))
+        if failed is not None:  # its whole-file check failed: never serve any of it again
+            self.cache.record_error()
+            raise ReadError(failed)
         length = min(length, size - offset)
         try:
             if entry.type == TYPE_LOCAL:
@@ -140,6 +149,7 @@ class Reader:
         if entry.type == TYPE_LOCAL:
             return size
         total = 0
+        # The tree shows no entry over 5 TiB: at most 655,360 chunks of 8 MiB to look up.
         for index in range(self._chunk_count(size)):
             if self.cache.contains(self._key(entry, index)):
                 total += min(self.chunk_size, size - index * self.chunk_size)
@@ -155,6 +165,10 @@ class Reader:
             raise ReadError(f"{entry.source_url}: cannot open: {exc.strerror}") from None
         try:
             info = os.fstat(fd)
+            if entry.size is not None and info.st_size != entry.size:
+                raise ReadError(
+                    f"{entry.source_url}: size is {info.st_size} bytes, tracked {entry.size}"
+                )
             identity = (path, info.st_size, info.st_mtime_ns, info.st_ctime_ns, entry.file_hash)
             if identity not in self._verified_local:
                 # Checks size, then the SHA-1 (hash cache or a fresh read): a changed file fails.
@@ -237,11 +251,19 @@ class Reader:
         cached = self._cached(key)
         if cached is not None:
             return cached
+        with self._lock:
+            failed = self._failed_chunks.get(key)
+        if failed is not None:
+            raise ReadError(failed)
         future = self._start_fetch(entry, index)
         try:
-            return future.result(timeout=self.deadline + 30)
+            return future.result(timeout=self.deadline + 5)
         except TimeoutError:
             raise ReadError(f"{entry.source_url}: fetch timed out") from None
+        except ArtifactfsError as exc:
+            with self._lock:
+                self._failed_chunks[key] = str(exc)
+            raise
 
     def _start_fetch(self, entry: ArtifactFileData, index: int) -> Future[bytes]:
         """The in-flight fetch of this chunk, started if there is none (one fetch per chunk)."""
@@ -315,11 +337,14 @@ class Reader:
             check.update(chunk)
         problem = check.problem()
         if problem is not None:
-            for key in keys:
-                self._forget(key)
-            raise ReadError(
+            message = (
                 f"{entry.source_url}: whole-file check failed, dropped from the cache: {problem}"
             )
+            with self._lock:
+                self._failed_files[(entry.type, entry.file_hash)] = message
+            for key in keys:
+                self._forget(key)
+            raise ReadError(message)
 
 
 def _with_retries(fetch: Callable[[], bytes], deadline: float, url: str) -> bytes:

@@ -89,6 +89,8 @@ def _check_mountpoint(mountpoint: str) -> str:
 
 
 def mount(options: MountOptions, foreground: bool) -> None:
+    # Everything the daemon writes (cache, logs, hash cache) is private to the mounting user.
+    os.umask(0o077)
     options.mountpoint = _check_mountpoint(options.mountpoint)
     if shutil.which("fusermount3") is None:
         raise ArtifactfsError("fusermount3 not found: install the 'fuse3' package")

@@ -103,6 +103,20 @@ def _parse_time(text: str) -> int:
     return int(when.timestamp()) * 1_000_000_000
 
 
+MAX_ENTRY_SIZE = 5 * 1024**4  # S3's and GCS's largest object
+
+
+def _servable(entry: ArtifactFileData) -> bool:
+    """Whether a stored entry may be shown: a safe path and a plausible size."""
+    if path_problem(entry.file_path) is not None:
+        log.warning("hiding entry with an unsafe path %r", entry.file_path)
+        return False
+    if entry.size is not None and not 0 <= entry.size <= MAX_ENTRY_SIZE:
+        log.warning("hiding entry %r with an impossible size %d", entry.file_path, entry.size)
+        return False
+    return True
+
+
 def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
@@ -247,14 +261,20 @@ class Tree:
             listed = self._listings.get(parent.inode)
         if listed is not None:  # listed before (readdir): no query
             return listed.get(name)
-        found = self.store.artifact_lookup(parent.artifact_id, parent.dir_path, name)
-        if found is None:
+        entry, dir_path = self.store.artifact_lookup(parent.artifact_id, parent.dir_path, name)
+        if entry is not None and dir_path is not None:
+            log.warning("hiding %r: both a file and a directory in the store", name)
             return None
-        path = found.file_path if isinstance(found, ArtifactFileData) else found
-        if path_problem(path) or path != _join(parent.dir_path, name):
-            log.warning("hiding entry with an unsafe path %r", path)
+        if entry is not None:
+            if entry.file_path != _join(parent.dir_path, name) or not _servable(entry):
+                return None
+            return self._artifact_node(parent, name, entry)
+        if dir_path is None:
             return None
-        return self._artifact_node(parent, name, found)
+        if path_problem(dir_path) or dir_path != _join(parent.dir_path, name):
+            log.warning("hiding entry with an unsafe path %r", dir_path)
+            return None
+        return self._artifact_node(parent, name, dir_path)
 
     def _artifact_children(self, node: Node) -> list[Node]:
         # A directory inside an artifact never changes: its listing is remembered (bounded).
@@ -268,12 +288,18 @@ class Tree:
             name = dir_path.rsplit("/", 1)[-1]
             if path_problem(dir_path) is None and _safe_name(name):
                 children.setdefault(name, self._artifact_node(node, name, dir_path))
+        both = set()
         for entry in files:
             name = entry.file_path.rsplit("/", 1)[-1]
-            if path_problem(entry.file_path) is not None:
-                log.warning("hiding entry with an unsafe path %r", entry.file_path)
+            if not _servable(entry):
+                continue
+            if name in children and children[name].kind is Kind.ARTIFACT_DIR:
+                both.add(name)  # a store written by hand: tracking never allows this
                 continue
             children.setdefault(name, self._artifact_node(node, name, entry))
+        for name in both:
+            log.warning("hiding %r: both a file and a directory in the store", name)
+            del children[name]
         ordered = {name: children[name] for name in sorted(children)}
         with self._lock:
             self._listings[node.inode] = ordered

@@ -42,9 +42,10 @@ def s3_client() -> Any:
                     "or AWS_PROFILE with ~/.aws/credentials"
                 )
             config = Config(
-                connect_timeout=10,
-                read_timeout=30,
-                retries={"max_attempts": 5, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=10,
+                # Few attempts: the reader retries transient failures within its own deadline.
+                retries={"max_attempts": 2, "mode": "standard"},
                 max_pool_connections=32,
                 # S3-compatible servers often lack the new default checksums on ranged GETs.
                 response_checksum_validation="when_required",
@@ -221,6 +222,8 @@ class S3Source(Source):
             return SourceChangedError(entry.source_url, "object no longer exists")
         if code == "InvalidRange":
             return SourceChangedError(entry.source_url, "object is shorter than tracked")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return SourceChangedError(entry.source_url, f"access denied: {code}")
         return TransientSourceError(f"{entry.source_url}: cannot read: {exc}")
 
     def open_stream(

@@ -546,8 +546,10 @@ class Store:
 
     def artifact_lookup(
         self, artifact_id: str, parent: str, name: str
-    ) -> ArtifactFileData | str | None:
-        """The entry named `name` in directory `parent`, the directory path, or None."""
+    ) -> tuple[ArtifactFileData | None, str | None]:
+        """The file entry and the directory path named `name` in directory `parent`.
+
+        Tracking never stores both; a store written by hand may, and callers must not guess."""
         e, d = schema.artifact_entries, schema.artifact_dirs
         with self._read() as conn:
             row = conn.execute(
@@ -555,14 +557,13 @@ class Store:
                     e.c.artifact_id == artifact_id, e.c.parent == parent, e.c.name == name
                 )
             ).first()
-            if row is not None:
-                return _entry_from_row(row)
+            entry = _entry_from_row(row) if row is not None else None
             found = conn.execute(
                 select(d.c.path).where(
                     d.c.artifact_id == artifact_id, d.c.parent == parent, d.c.name == name
                 )
             ).scalar()
-        return str(found) if found is not None else None
+        return entry, str(found) if found is not None else None
 
     def artifact_children(
         self, artifact_id: str, parent: str

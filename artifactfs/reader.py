@@ -127,12 +127,10 @@ class Reader:
         size = entry.size or 0
         if offset >= size or length <= 0:
             return b""
-        failed = self._failed_files.get((entry.type, entry.file_hash))
-        if failed is not None:  # its whole-file check failed: never serve any of it again
-            self.cache.record_error()
-            raise ReadError(failed)
         length = min(length, size - offset)
         try:
+            if (entry.type, entry.file_hash) in self._failed_files:
+                self._reverify(entry)
             if entry.type == TYPE_LOCAL:
                 return self._read_local(entry, offset, length)
             return self._read_remote(entry, offset, length)
@@ -314,6 +312,16 @@ class Reader:
             self._prefetch_pool.submit(self._check_whole_file_quietly, entry)
         return data
 
+    def _reverify(self, entry: ArtifactFileData) -> None:
+        """A file whose whole-file check failed is served again only once all of it has been
+        fetched anew and checked whole; until then every read of it fails."""
+        for index in range(self._chunk_count(entry.size or 0)):
+            self._chunk(entry, index)
+        if not self._check_whole_file_if_complete(entry):  # raises ReadError if still wrong
+            raise ReadError(f"{entry.source_url}: cannot check it whole again (cache too small?)")
+        with self._lock:
+            self._failed_files.pop((entry.type, entry.file_hash), None)
+
     def _check_whole_file_quietly(self, entry: ArtifactFileData) -> None:
         try:
             self._check_whole_file_if_complete(entry)
@@ -321,19 +329,20 @@ class Reader:
             self.cache.record_error()
             log.error("%s", exc)
 
-    def _check_whole_file_if_complete(self, entry: ArtifactFileData) -> None:
-        """With every chunk cached, hash them in order; drop them all if it does not match."""
+    def _check_whole_file_if_complete(self, entry: ArtifactFileData) -> bool:
+        """With every chunk cached, hash them in order; drop them all if it does not match.
+        True when the file was checked and is right, False when it could not be checked."""
         count = self._chunk_count(entry.size or 0)
         keys = [self._key(entry, i) for i in range(count)]
         if not all(self.cache.contains(k) for k in keys):
-            return
+            return False
         check = ContentCheck(entry)
         if not check.checks_hash:
-            return
+            return False
         for key in keys:
             chunk = self._cached(key)
             if chunk is None:
-                return  # evicted meanwhile: checked next time it is complete
+                return False  # evicted meanwhile: checked next time it is complete
             check.update(chunk)
         problem = check.problem()
         if problem is not None:
@@ -345,6 +354,7 @@ class Reader:
             for key in keys:
                 self._forget(key)
             raise ReadError(message)
+        return True
 
 
 def _with_retries(fetch: Callable[[], bytes], deadline: float, url: str) -> bytes:

@@ -14,7 +14,6 @@ import errno
 import hashlib
 import os
 import random
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ from artifactfs.cache.chunks import _HEADER, FORMAT_VERSION, HEADER_SIZE, MAGIC
 from artifactfs.entries import ArtifactFileData
 from artifactfs.reader import DEFAULT_DEADLINE
 from tests.support.faultproxy import FaultProxy, fault_proxy
-from tests.support.mounts import Mount, force_unmount, pid_alive, start_mount
+from tests.support.mounts import Mount, pid_alive, start_mount, supervised
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -242,14 +241,8 @@ def mount_through_proxy(
         for item in backends:
             patch.setenv(item.env_name, item.proxy.url)
         mount = start_mount(mountpoint, *args)
-    failed = True
-    try:
+    with supervised(mount):
         yield mount
-        failed = False
-    finally:
-        if failed:
-            print(f"--- daemon log {mount.log_file} ---\n{mount.log()}", file=sys.stderr)
-        force_unmount(mount.path, mount.pid)
 
 
 def body_of(size: int, seed: int) -> bytes:

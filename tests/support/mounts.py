@@ -99,7 +99,13 @@ def start_mount(mountpoint: Path, *args: str) -> Mount:
 @contextmanager
 def mounted(mountpoint: Path, *args: str) -> Iterator[Mount]:
     """`artifactfs mount MOUNTPOINT ARGS...`, unmounted whatever happens in the block."""
-    mount = start_mount(mountpoint, *args)
+    with supervised(start_mount(mountpoint, *args)) as mount:
+        yield mount
+
+
+@contextmanager
+def supervised(mount: Mount) -> Iterator[Mount]:
+    """A started mount, unmounted whatever happens; its daemon log printed on failure."""
     failed = True
     try:
         yield mount

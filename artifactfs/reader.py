@@ -228,6 +228,10 @@ class Reader:
             data = self._memory.get(key)
         if data is not None:
             self.cache.record_hit()
+            if not self.cache.touch(key):
+                # Evicted from disk while kept in memory: a use makes it recent again, on disk
+                # too, so that what was read last survives a remount.
+                self.cache.put(key, data)
             return data
         data = self.cache.get(key)
         if data is not None:

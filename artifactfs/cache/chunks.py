@@ -185,6 +185,12 @@ class ChunkCache:
         with self._lock:
             return key in self._index
 
+    def touch(self, key: bytes) -> bool:
+        """Mark a chunk most recently used (a hit served from memory); False if not on disk."""
+        with self._lock:
+            size = self._index.get(key)  # a get moves it to the recent end of the LRU
+            return size is not None
+
     def put(self, key: bytes, payload: bytes) -> bool:
         """Store a chunk atomically; False when it cannot be kept (too big, disk too full)."""
         size = HEADER_SIZE + len(payload)

@@ -241,6 +241,19 @@ def test_least_recently_used_evicted_first(cache_dir: Path) -> None:
     assert bytes_on_disk(cache_dir) <= 4 * size
 
 
+def test_touch_marks_a_chunk_used_without_reading_it(cache_dir: Path) -> None:
+    """A hit served from the reader's memory still counts as a use of the disk copy."""
+    size = HEADER_SIZE + 1000
+    cache = new_cache(cache_dir, 3 * size)
+    for n in range(3):
+        assert cache.put(key(n), payload(n))
+    assert cache.touch(key(0))
+    assert cache.put(key(3), payload(3))  # evicts key 1, not the touched key 0
+    assert cache.contains(key(0)) and not cache.contains(key(1))
+    assert not cache.touch(key(1))  # gone: the caller may put it back
+    assert cache.get(key(0)) == payload(0)
+
+
 def test_chunk_bigger_than_limit_is_refused(cache_dir: Path) -> None:
     cache = new_cache(cache_dir, 10_000)
     assert cache.put(key(1), payload(1, 1000))

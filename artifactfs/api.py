@@ -19,7 +19,7 @@ from artifactfs.entries import ArtifactFileData
 from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.naming import RESERVED_NAMESPACE, parse_project, validate_field_path
 from artifactfs.store import ArtifactRecord, RunRecord, Store
-from artifactfs.tracking import collect_entries, record_entries
+from artifactfs.tracking import PendingTrack
 
 WRITE_MODES = ("async", "sync")
 READ_ONLY_MODE = "read-only"
@@ -146,8 +146,7 @@ class FieldHandle:
         del wait  # tracking is synchronous already
         self._run._check_writable()
         validate_field_path(self.path)
-        new_entries = collect_entries(path, destination)
-        record_entries(self._run.store, self._run.record, self.path, new_entries)
+        PendingTrack(path, destination).record(self._run.store, self._run.record, self.path)
 
     def fetch_hash(self) -> str:
         return self._artifact().hash

@@ -28,7 +28,7 @@ from artifactfs.fs.daemon import MountOptions
 from artifactfs.naming import parse_project, validate_field_path
 from artifactfs.neptune_import import Rebase, import_export
 from artifactfs.store import RunRecord, Store
-from artifactfs.tracking import collect_entries, record_entries
+from artifactfs.tracking import PendingTrack
 
 CACHE_DIR_HELP = "Cache directory [default: $XDG_CACHE_HOME/artifactfs]"
 
@@ -93,15 +93,16 @@ def track(
     validate_field_path(field_path)
     if run_id is None and ctx.project is None:
         raise ArtifactfsError("no project: pass --project or set ARTIFACTFS_PROJECT (or --run)")
-    # List and hash first: a refused location must not leave a new, empty run behind.
-    new_entries = collect_entries(location, destination)
+    pending = PendingTrack(location, destination)
     if run_id is not None:
         record = ctx.run(run_id)
     else:
         assert ctx.project is not None
+        # List and hash first: a refused location must not leave a new, empty run behind.
+        pending.entries()
         record = ctx.store.create_run(parse_project(ctx.project))
-    record_entries(ctx.store, record, field_path, new_entries)
-    click.echo(f"tracked {len(new_entries)} file(s) in {record.run_id}/{field_path}")
+    pending.record(ctx.store, record, field_path)
+    click.echo(f"tracked {pending.file_count} file(s) in {record.run_id}/{field_path}")
     click.echo(record.run_id)
 
 

@@ -123,28 +123,54 @@ def artifact_id(entries: Iterable[ArtifactFileData]) -> str:
     yet their entries name different sources; they must not share stored entries.
     """
     digest = hashlib.sha256()
-    for e in sorted(entries, key=lambda e: e.file_path):
-        # repr() of str, int and None is unambiguous and never holds a raw newline; it is also
-        # several times faster than JSON, which matters when re-tracking large trees.
-        fields = (e.file_path, e.file_hash, e.type, e.size, tuple(sorted(e.metadata.items())))
-        digest.update(repr(fields).encode("utf-8", "surrogateescape") + b"\n")
+    for entry in sorted(entries, key=_by_path):
+        digest.update(_id_part(entry))
     return digest.hexdigest()
 
 
 def artifact_hash(entries: Iterable[ArtifactFileData]) -> str:
     """SHA-256 hex over the entries sorted by file_path, metadata excluded (Neptune's formula)."""
     digest = hashlib.sha256()
-    for entry in sorted(entries, key=lambda e: e.file_path):
-        digest.update(b"#")
-        # Neptune counts characters, not UTF-8 bytes; keep that for compatible hashes.
-        digest.update(len(entry.file_path).to_bytes(4, "big"))
-        digest.update(entry.file_path.encode("utf-8"))
-        digest.update(b"#")
-        digest.update(entry.file_hash.encode("utf-8"))
-        digest.update(b"#")
-        if entry.size is not None:
-            digest.update(entry.size.to_bytes(8, "big"))
-        digest.update(b"#")
-        digest.update(len(entry.type).to_bytes(4, "big"))
-        digest.update(entry.type.encode("utf-8"))
+    for entry in sorted(entries, key=_by_path):
+        digest.update(_hash_part(entry))
     return digest.hexdigest()
+
+
+def artifact_id_and_hash(entries: Iterable[ArtifactFileData]) -> tuple[str, str]:
+    """Both of the above in one pass (one sort), for storing a new artifact."""
+    id_digest, hash_digest = hashlib.sha256(), hashlib.sha256()
+    for entry in sorted(entries, key=_by_path):
+        id_digest.update(_id_part(entry))
+        hash_digest.update(_hash_part(entry))
+    return id_digest.hexdigest(), hash_digest.hexdigest()
+
+
+def _by_path(entry: ArtifactFileData) -> str:
+    return entry.file_path
+
+
+def _id_part(e: ArtifactFileData) -> bytes:
+    # repr() of str, int and None is unambiguous and never holds a raw newline; it is also
+    # several times faster than JSON, which matters when re-tracking large trees.
+    fields = (e.file_path, e.file_hash, e.type, e.size, tuple(sorted(e.metadata.items())))
+    return repr(fields).encode("utf-8", "surrogateescape") + b"\n"
+
+
+def _hash_part(entry: ArtifactFileData) -> bytes:
+    # Neptune counts characters, not UTF-8 bytes; keep that for compatible hashes.
+    path = entry.file_path
+    size = b"" if entry.size is None else entry.size.to_bytes(8, "big")
+    return b"".join(
+        (
+            b"#",
+            len(path).to_bytes(4, "big"),
+            path.encode("utf-8"),
+            b"#",
+            entry.file_hash.encode("utf-8"),
+            b"#",
+            size,
+            b"#",
+            len(entry.type).to_bytes(4, "big"),
+            entry.type.encode("utf-8"),
+        )
+    )

@@ -5,6 +5,10 @@ the content changed; ctime cannot be set by a user, so such a file is hashed aga
 
 Re-tracking an unchanged tree then costs one `stat` per file instead of a read. The cache is
 only an optimisation: any failure to read or write it is logged and ignored.
+
+It also remembers, for a scanned tree's fingerprint (every file's path, size, mtime and ctime),
+the id of the entries made from it: re-tracking an unchanged tree into a field that already
+holds exactly those entries then needs no entries built at all.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from artifactfs.cache.location import default_cache_dir
 log = logging.getLogger(__name__)
 
 FileKey = tuple[str, int, int, int]  # absolute path, size, mtime_ns, ctime_ns
+REMEMBERED_SCANS = 10_000
 
 
 class HashCache:
@@ -39,6 +44,10 @@ class HashCache:
                 "CREATE TABLE IF NOT EXISTS hashes_v2 (path TEXT PRIMARY KEY,"
                 " size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,"
                 " sha1 TEXT NOT NULL)"
+            )
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS scans_v1 (fingerprint TEXT PRIMARY KEY,"
+                " entries_id TEXT NOT NULL)"
             )
             conn.commit()
             self._conn = conn
@@ -89,6 +98,36 @@ class HashCache:
             with self._lock, self._conn:
                 self._conn.executemany(
                     "INSERT OR REPLACE INTO hashes_v2 VALUES (?, ?, ?, ?, ?)", rows
+                )
+        except sqlite3.Error as exc:
+            log.warning("local hash cache update failed: %s", exc)
+
+    def entries_id(self, fingerprint: str) -> str | None:
+        """The id of the entries last made from a scan with this fingerprint, if remembered."""
+        if self._conn is None:
+            return None
+        try:
+            with self._lock:
+                row = self._conn.execute(
+                    "SELECT entries_id FROM scans_v1 WHERE fingerprint = ?", (fingerprint,)
+                ).fetchone()
+        except sqlite3.Error as exc:
+            log.warning("local hash cache lookup failed: %s", exc)
+            return None
+        return row[0] if row else None
+
+    def remember_entries_id(self, fingerprint: str, entries_id: str) -> None:
+        if self._conn is None:
+            return
+        try:
+            with self._lock, self._conn:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO scans_v1 VALUES (?, ?)", (fingerprint, entries_id)
+                )
+                # Only the latest scans matter: keep the table small.
+                self._conn.execute(
+                    "DELETE FROM scans_v1 WHERE rowid <= (SELECT max(rowid) FROM scans_v1) - ?",
+                    (REMEMBERED_SCANS,),
                 )
         except sqlite3.Error as exc:
             log.warning("local hash cache update failed: %s", exc)

@@ -2,6 +2,11 @@
 
 Everything that can fail (listing, hashing, path checks, conflicts) happens before anything is
 written, so a refused `track_files` leaves the store exactly as it was.
+
+Re-tracking an unchanged local tree is the common case (a training script tracks its data on
+every run) and must cost little more than a `stat` per file: the scan's fingerprint maps, in the
+local hash cache, to the id of the entries last made from it; when the field already holds
+exactly those entries, nothing is hashed, built or written.
 """
 
 from __future__ import annotations
@@ -13,31 +18,93 @@ from artifactfs.entries import (
     join_destination,
     validate_path,
 )
-from artifactfs.errors import ArtifactfsError
+from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.progress import progress_bar
 from artifactfs.sources import source_for_location
+from artifactfs.sources.local import LocalScan, LocalSource
 from artifactfs.store import ArtifactRecord, RunRecord, Store
 
 
-def collect_entries(
-    location: str, destination: str | None = None, show_progress: bool | None = None
-) -> dict[str, ArtifactFileData]:
-    """Entries for every file at `location`, keyed by their path in the artifact."""
-    if destination is not None:
-        validate_path(destination.rstrip("/"))  # refuse before hashing a large tree
-    source = source_for_location(location)
-    entries: dict[str, ArtifactFileData] = {}
-    with progress_bar(None, f"tracking {location}", enabled=show_progress) as bar:
+class PendingTrack:
+    """One `track_files(location, destination)`: listed when made, recorded by `record`."""
 
-        def on_progress(done: int) -> None:
-            bar.update(done - bar.n)
+    def __init__(
+        self, location: str, destination: str | None = None, show_progress: bool | None = None
+    ) -> None:
+        if destination is not None:
+            validate_path(destination.rstrip("/"))  # refuse before hashing a large tree
+        self.location = location
+        self.destination = destination
+        self.show_progress = show_progress
+        self.source = source_for_location(location)
+        self._scan: LocalScan | None = None
+        self._entries: dict[str, ArtifactFileData] | None = None
+        if isinstance(self.source, LocalSource):
+            self._scan = self.source.scan(location)  # a missing path fails here, at once
+            if not self._scan.files:
+                raise self._nothing_there()
 
-        for entry in source.list_location(location, on_progress):
-            path = join_destination(destination, entry.file_path)
-            entries[path] = entry.with_path(path)
-    if not entries:
-        raise ArtifactfsError(f"nothing to track at {location}: no files there")
-    return entries
+    @property
+    def file_count(self) -> int:
+        return len(self._scan.files) if self._scan is not None else len(self.entries())
+
+    def entries(self) -> dict[str, ArtifactFileData]:
+        """Entries for every file at the location, keyed by their path in the artifact."""
+        if self._entries is None:
+            self._entries = self._collect()
+        return self._entries
+
+    def record(self, store: Store, run: RunRecord, field_path: str) -> ArtifactRecord:
+        """Merge the entries into the run's field; returns the field's new artifact."""
+        current = _field_artifact_or_none(store, run, field_path)
+        fingerprint = None
+        if self._scan is not None and isinstance(self.source, LocalSource):
+            fingerprint = self._scan.fingerprint(self.destination)
+            known = self.source.hash_cache.entries_id(fingerprint)
+            if current is not None and current.id == known:
+                return current  # unchanged files, and the field holds exactly them
+        new_entries = self.entries()
+        record = store.update_field(
+            run,
+            field_path,
+            lambda old: merged_entries(old, new_entries),
+            # The field already holding exactly these entries makes the merge a no-op.
+            unchanged_if=artifact_id(new_entries.values()) if current is not None else None,
+        )
+        if fingerprint is not None and isinstance(self.source, LocalSource):
+            # A merge that kept no old entry is exactly the new entries: its id is theirs.
+            same = record.file_count == len(new_entries)
+            new_id = record.id if same else artifact_id(new_entries.values())
+            self.source.hash_cache.remember_entries_id(fingerprint, new_id)
+        return record
+
+    def _collect(self) -> dict[str, ArtifactFileData]:
+        entries: dict[str, ArtifactFileData] = {}
+        with progress_bar(None, f"tracking {self.location}", enabled=self.show_progress) as bar:
+
+            def on_progress(done: int) -> None:
+                bar.update(done - bar.n)
+
+            if self._scan is not None and isinstance(self.source, LocalSource):
+                listed = self.source.entries_of(self._scan, on_progress)
+            else:
+                listed = self.source.list_location(self.location, on_progress)
+            for entry in listed:
+                path = join_destination(self.destination, entry.file_path)
+                entries[path] = entry.with_path(path) if path != entry.file_path else entry
+        if not entries:
+            raise self._nothing_there()
+        return entries
+
+    def _nothing_there(self) -> ArtifactfsError:
+        return ArtifactfsError(f"nothing to track at {self.location}: no files there")
+
+
+def _field_artifact_or_none(store: Store, run: RunRecord, field_path: str) -> ArtifactRecord | None:
+    try:
+        return store.field_artifact(run, field_path)
+    except NotFoundError:
+        return None
 
 
 def merged_entries(
@@ -53,16 +120,3 @@ def merged_entries(
             f"{file_path!r} would be both a file and a directory (because of {below!r})"
         )
     return sorted(merged.values(), key=lambda e: e.file_path)
-
-
-def record_entries(
-    store: Store, run: RunRecord, field_path: str, new_entries: dict[str, ArtifactFileData]
-) -> ArtifactRecord:
-    """Merge `new_entries` into the run's field; returns the field's new artifact."""
-    return store.update_field(
-        run,
-        field_path,
-        lambda old: merged_entries(old, new_entries),
-        # The field already holding exactly these entries makes the merge a no-op.
-        unchanged_if=artifact_id(new_entries.values()),
-    )

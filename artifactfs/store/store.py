@@ -20,11 +20,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
-from artifactfs.entries import ArtifactFileData, artifact_hash, artifact_id
+from artifactfs.entries import ArtifactFileData, artifact_id_and_hash
 from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.naming import (
     ProjectName,
@@ -36,6 +46,7 @@ from artifactfs.store import schema
 from artifactfs.store.schema import SCHEMA_VERSION
 
 _INSERT_BATCH = 5000
+_METADATA_JSON = json.JSONEncoder(sort_keys=True)  # one encoder: json.dumps makes one per call
 
 
 def default_store_path() -> Path:
@@ -468,8 +479,7 @@ class Store:
     ) -> ArtifactRecord:
         """Store the artifact unless an identical one (same id) is stored already."""
         record = ArtifactRecord(
-            artifact_id(entries),
-            artifact_hash(entries),
+            *artifact_id_and_hash(entries),
             len(entries),
             sum(e.size or 0 for e in entries),
         )
@@ -494,32 +504,23 @@ class Store:
         for entry in entries:
             parent, name = _split_parent(entry.file_path)
             rows.append(
-                {
-                    "artifact_id": record.id,
-                    "file_path": entry.file_path,
-                    "parent": parent,
-                    "name": name,
-                    "file_hash": entry.file_hash,
-                    "type": entry.type,
-                    "size": entry.size,
-                    "metadata_json": json.dumps(entry.metadata, sort_keys=True),
-                }
+                (
+                    record.id,
+                    entry.file_path,
+                    parent,
+                    name,
+                    entry.file_hash,
+                    entry.type,
+                    entry.size,
+                    _METADATA_JSON.encode(entry.metadata),
+                )
             )
             while parent and parent not in dirs:
                 dirs.add(parent)
                 parent = _split_parent(parent)[0]
-            if len(rows) >= _INSERT_BATCH:
-                conn.execute(schema.artifact_entries.insert(), rows)
-                rows = []
-        if rows:
-            conn.execute(schema.artifact_entries.insert(), rows)
-        dir_rows = [
-            {"artifact_id": record.id, "path": d, "parent": p, "name": n}
-            for d in sorted(dirs)
-            for p, n in [_split_parent(d)]
-        ]
-        for start in range(0, len(dir_rows), _INSERT_BATCH):
-            conn.execute(schema.artifact_dirs.insert(), dir_rows[start : start + _INSERT_BATCH])
+        _insert_rows(conn, schema.artifact_entries, rows)
+        dir_rows = [(record.id, d, *_split_parent(d)) for d in sorted(dirs)]
+        _insert_rows(conn, schema.artifact_dirs, dir_rows)
         return record
 
     # -- browsing, for the mount -----------------------------------------------------------
@@ -609,3 +610,29 @@ def _entry_from_row(row: Any) -> ArtifactFileData:
         row.size,
         {str(k): str(v) for k, v in metadata.items()},
     )
+
+
+def _insert_rows(conn: Connection, table: Table, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Insert rows (values in the table's column order) with the driver's own executemany.
+
+    An artifact of a million entries is a million rows: SQLAlchemy's per-row parameter
+    processing would cost more than the database's work, so the statement is compiled once for
+    the dialect and handed to the driver as it stands.
+    """
+    if not rows:
+        return
+    columns = [column.name for column in table.columns]
+    compiled = table.insert().compile(dialect=conn.dialect, column_keys=columns)
+    sql = str(compiled)
+    # SQLite takes positional parameters in the compiled order; psycopg takes named ones.
+    order = [columns.index(name) for name in compiled.positiontup or ()]
+    for start in range(0, len(rows), _INSERT_BATCH):
+        batch = rows[start : start + _INSERT_BATCH]
+        params: list[Any]
+        if not compiled.positional:
+            params = [dict(zip(columns, row, strict=True)) for row in batch]
+        elif order == list(range(len(columns))):
+            params = list(batch)
+        else:
+            params = [tuple(row[i] for i in order) for row in batch]
+        conn.exec_driver_sql(sql, params)

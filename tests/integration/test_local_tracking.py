@@ -224,6 +224,75 @@ def test_changed_file_with_same_size_is_hashed_again(
     assert second["f"].fetch_hash() != first["f"].fetch_hash()
 
 
+def test_retracking_an_unchanged_tree_into_its_field_builds_and_writes_nothing(
+    datasets: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a training script does on every start: track the same data into the same field."""
+    run = artifactfs.init_run(project="p")
+    run["f"].track_files(str(datasets))
+    before_hash, before_rows = run["f"].fetch_hash(), run.store.counts()
+
+    def must_not_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("entries built for an unchanged tree already in the field")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("artifactfs.sources.local.LocalSource.entries_of", must_not_build)
+        patched.setattr("artifactfs.sources.local.sha1_of_file", must_not_build)
+        run["f"].track_files(str(datasets))
+        run["f"].track_files(f"file://{datasets}/")
+    assert run["f"].fetch_hash() == before_hash
+    assert run.store.counts() == before_rows
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["same-size-content-mtime-restored", "file-added", "file-removed", "other-destination"],
+)
+def test_retracking_a_changed_tree_records_the_change(datasets: Path, change: str) -> None:
+    run = artifactfs.init_run(project="p")
+    run["f"].track_files(str(datasets))
+    first = {e.file_path: e for e in run["f"].fetch_files_list()}
+    destination = None
+    expected = {path: sha1(body) for path, body in FILES.items()}
+    if change == "same-size-content-mtime-restored":
+        # `cp -p` / `rsync -t` style: new bytes of the same size under the old mtime.
+        changed = datasets / "train" / "a.csv"
+        new_body = b"x,y\n9,9\n9,9\n"
+        assert len(new_body) == len(FILES["train/a.csv"])
+        changed.write_bytes(new_body)
+        os.utime(changed, (KNOWN_MTIME, KNOWN_MTIME))
+        expected["train/a.csv"] = sha1(new_body)
+    elif change == "file-added":
+        (datasets / "train" / "new.csv").write_bytes(b"new\n")
+        expected["train/new.csv"] = sha1(b"new\n")
+    elif change == "file-removed":
+        (datasets / "test" / "c.csv").unlink()  # the field keeps it: track_files only adds
+    else:
+        destination = "moved"
+        expected.update({f"moved/{path}": digest for path, digest in list(expected.items())})
+    run["f"].track_files(str(datasets), destination=destination)
+    now = {e.file_path: e.file_hash for e in run["f"].fetch_files_list()}
+    assert now == expected
+    if change != "file-removed":
+        assert run["f"].fetch_hash() != artifactfs.artifact_hash(first.values())
+
+
+def test_retracking_one_of_two_trees_of_a_field_keeps_both(tmp_path: Path) -> None:
+    one = make_tree(tmp_path / "one", {"a.csv": b"a"})
+    two = make_tree(tmp_path / "two", {"b.csv": b"b"})
+    run = artifactfs.init_run(project="p")
+    run["f"].track_files(str(one))
+    run["f"].track_files(str(two))
+    both = run["f"].fetch_hash()
+    run["f"].track_files(str(one))
+    assert run["f"].fetch_hash() == both
+    assert {e.file_path for e in run["f"].fetch_files_list()} == {"a.csv", "b.csv"}
+    # The same tree into another run's new field is recorded there, not skipped.
+    other = artifactfs.init_run(project="p")
+    other["g"].track_files(str(one))
+    assert [e.file_path for e in other["g"].fetch_files_list()] == ["a.csv"]
+
+
 # -- the CLI ----------------------------------------------------------------------------------
 
 

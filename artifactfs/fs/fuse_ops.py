@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 import trio
+from cachetools import LRUCache
 
 from artifactfs.fs.prefetch import NeighbourPrefetcher
 from artifactfs.fs.tree import ROOT_INODE, XATTR_PREFIX, Kind, Node, Tree
@@ -29,6 +30,7 @@ T = TypeVar("T")
 IMMUTABLE_TIMEOUT = 3600.0
 LISTING_TIMEOUT = 1.0
 WORKER_THREADS = 16
+ATTRIBUTE_CACHE_NODES = 200_000
 
 
 class ArtifactOperations(pyfuse3.Operations):
@@ -42,6 +44,9 @@ class ArtifactOperations(pyfuse3.Operations):
         self._lookups: dict[int, int] = {}
         self._open_files: dict[int, Node] = {}
         self._listings: dict[int, list[Node]] = {}
+        self._attribute_cache: LRUCache[int, pyfuse3.EntryAttributes] = LRUCache(
+            maxsize=ATTRIBUTE_CACHE_NODES
+        )
         self._next_handle = 1
         self._uid = os.getuid()
         self._gid = os.getgid()
@@ -82,6 +87,16 @@ class ArtifactOperations(pyfuse3.Operations):
         return handle
 
     def _entry_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        if node.immutable:
+            # Built once per node: a warm `find -ls` replies with thousands of these, and the
+            # attributes of a node inside an artifact never change (pyfuse3 copies them out).
+            cached = self._attribute_cache.get(node.inode)
+            if cached is None:
+                cached = self._attribute_cache[node.inode] = self._build_attributes(node)
+            return cached
+        return self._build_attributes(node)
+
+    def _build_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         attributes = self.tree.attributes(node)
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = node.inode
@@ -136,7 +151,11 @@ class ArtifactOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         handle = self._new_handle()
         # One listing per open: paging through it stays consistent while runs are added.
-        self._listings[handle] = await self._call(self.tree.children, node)
+        # A remembered listing is served here, without the round trip to a worker thread.
+        listing = self.tree.remembered_children(node)
+        if listing is None:
+            listing = await self._call(self.tree.children, node)
+        self._listings[handle] = listing
         return handle
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:

@@ -276,12 +276,19 @@ class Tree:
             return None
         return self._artifact_node(parent, name, dir_path)
 
-    def _artifact_children(self, node: Node) -> list[Node]:
-        # A directory inside an artifact never changes: its listing is remembered (bounded).
+    def remembered_children(self, node: Node) -> list[Node] | None:
+        """The listing of an artifact directory if it is remembered: no store query, no wait."""
+        if node.kind is not Kind.ARTIFACT_DIR:
+            return None
         with self._lock:
             listed = self._listings.get(node.inode)
+        return None if listed is None else list(listed.values())
+
+    def _artifact_children(self, node: Node) -> list[Node]:
+        # A directory inside an artifact never changes: its listing is remembered (bounded).
+        listed = self.remembered_children(node)
         if listed is not None:
-            return list(listed.values())
+            return listed
         dirs, files = self.store.artifact_children(node.artifact_id, node.dir_path)
         children: dict[str, Node] = {}
         for dir_path in dirs:

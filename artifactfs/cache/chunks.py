@@ -2,16 +2,33 @@
 
 Layout of a cache directory (format version in `FORMAT`):
 
-    FORMAT                   "artifactfs-cache 1"
+    FORMAT                   "artifactfs-cache 2"
     chunks/ab/abcdef...      one file per chunk, named by a SHA-256 of its content identity
     tmp/                     chunks being written; published by os.replace, never read
 
 A chunk's identity is (entry type, tracked file hash, size, chunk size, chunk index): the same
-file in two runs is cached once, and a chunk of other bytes can never be found under it. Each
-chunk file starts with a header (magic, version, payload length, SHA-256 of the payload, the
-key) that is checked on every read, so a torn or corrupted file is detected, dropped and
-fetched again rather than served. The LRU index (cachetools) is rebuilt from the directory on
-start, oldest-used first by mtime, which a hit refreshes.
+file in two runs is cached once, and a chunk of other bytes can never be found under it.
+
+Each chunk file (format 2) is a header followed by the payload:
+
+    magic "AFSCHUNK", version 2, payload length, block size, key    (">8sIQI32s", 56 bytes)
+    one CRC32C per BLOCK (1 MiB) of the payload, the last one short  (4 bytes each)
+    a CRC32C of all the header bytes before it                       (4 bytes)
+    the payload
+
+The header's length follows from the payload length (`header_size`). Every read checks the
+header (its own CRC32C, magic, version, key, and that the file is exactly as long as it says),
+then only the blocks it returns: `read(key, offset, length)` of 4 KiB touches one 1 MiB block,
+not the whole chunk. Format 1 stored one SHA-256 of the whole payload, so every read from disk
+read and hashed the whole chunk (8 MiB by default) whatever the kernel asked for; that capped
+re-reads after a remount and made random small reads slow. CRC32C (hardware-assisted through
+`google-crc32c`) detects torn, truncated and bit-flipped files, which is all a cache needs: the
+bytes were verified against the source when fetched, and a chunk that fails a check is dropped
+and fetched again rather than served. A format 1 directory is upgraded by clearing its chunks
+(a cache is disposable); any other format is refused.
+
+The LRU index (cachetools) is rebuilt from the directory on start, oldest-used first by mtime,
+which a hit refreshes.
 """
 
 from __future__ import annotations
@@ -24,24 +41,62 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 from cachetools import LRUCache
 
 from artifactfs.errors import ArtifactfsError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FORMAT_TEXT = f"artifactfs-cache {FORMAT_VERSION}\n"
+# Directories in these formats are emptied and reused; any other format is refused.
+UPGRADABLE_FORMATS = ("artifactfs-cache 1",)
 MAGIC = b"AFSCHUNK"
-# magic, format version, payload length, payload SHA-256, key SHA-256
-_HEADER = struct.Struct(">8sIQ32s32s")
-HEADER_SIZE = _HEADER.size
+BLOCK = 1024 * 1024  # bytes covered by one CRC32C: the least a read from disk checks
+# magic, format version, payload length, block size, key; then the block CRCs and header CRC
+_PREFIX = struct.Struct(">8sIQI32s")
+_CRC = struct.Struct(">I")
+# One pread gets the whole header of any chunk up to ~1,000 blocks (1 GiB).
+_HEADER_READ = 4096
 DEFAULT_FREE_FLOOR = 256 * 1024 * 1024
+
+
+def block_count(length: int) -> int:
+    """How many BLOCKs (the last one short) a payload of `length` bytes has."""
+    return -(-length // BLOCK)
+
+
+def header_size(length: int) -> int:
+    """The header's size in bytes, for a payload of `length` bytes."""
+    return _PREFIX.size + _CRC.size * block_count(length) + _CRC.size
+
+
+def pack_header(key: bytes, payload: bytes | memoryview) -> bytes:
+    """The format 2 header of a chunk file holding `payload` under `key`."""
+    crcs = [
+        google_crc32c.value(bytes(payload[offset : offset + BLOCK]))
+        for offset in range(0, len(payload), BLOCK)
+    ]
+    head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(payload), BLOCK, key)
+    head += struct.pack(f">{len(crcs)}I", *crcs)
+    return head + _CRC.pack(google_crc32c.value(head))
+
+
+def unpack_chunk(raw: bytes, key: bytes) -> bytes | None:
+    """The payload of a whole chunk file's bytes, every block checked; None if damaged.
+
+    For tools and tests that inspect a cache directory; the cache itself reads by blocks.
+    """
+    try:
+        return _read_checked(lambda size, offset: raw[offset : offset + size], len(raw), key, 0)
+    except _Damaged:
+        return None
 
 
 def chunk_key(
@@ -97,20 +152,32 @@ class ChunkCache:
     def _prepare_directory(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         format_file = self.directory / "FORMAT"
-        if format_file.exists():
-            found = format_file.read_text().strip()
-            if found != FORMAT_TEXT.strip():
-                raise ArtifactfsError(
-                    f"cache {self.directory} has format {found!r}, this artifactfs uses "
-                    f"{FORMAT_TEXT.strip()!r}: remove that directory or pick another --cache-dir"
-                )
-        else:
-            format_file.write_text(FORMAT_TEXT)
+        found = format_file.read_text().strip() if format_file.exists() else None
+        if found in UPGRADABLE_FORMATS:
+            # A cache is disposable: empty it rather than convert it. FORMAT changes last, so
+            # a crash half-way clears again on the next start.
+            log.warning(
+                "cache %s has format %r: clearing its chunks to use %r",
+                self.directory,
+                found,
+                FORMAT_TEXT.strip(),
+            )
+            shutil.rmtree(self.directory / "chunks", ignore_errors=True)
+        elif found is not None and found != FORMAT_TEXT.strip():
+            raise ArtifactfsError(
+                f"cache {self.directory} has format {found!r}, this artifactfs uses "
+                f"{FORMAT_TEXT.strip()!r}: remove that directory or pick another --cache-dir"
+            )
         (self.directory / "chunks").mkdir(exist_ok=True, mode=0o700)
         tmp = self.directory / "tmp"
         # Whatever is in tmp/ was being written when a process died: never complete.
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(mode=0o700)
+        if found != FORMAT_TEXT.strip():
+            fd, temp = tempfile.mkstemp(dir=tmp)
+            with os.fdopen(fd, "w") as out:
+                out.write(FORMAT_TEXT)
+            os.replace(temp, format_file)
 
     def _path(self, key: bytes) -> Path:
         name = key.hex()
@@ -146,12 +213,25 @@ class ChunkCache:
 
     # -- reading and writing ----------------------------------------------------------------
 
+    def read(self, key: bytes, offset: int, length: int) -> bytes | None:
+        """Bytes [offset, offset + length) of the chunk's payload, clipped to its end; None if
+        the chunk is absent or damaged (then it is dropped).
+
+        Only the header and the BLOCKs that cover the range are read and checked.
+        """
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range: offset {offset}, length {length}")
+        return self._read(key, offset, offset + length)
+
     def get(self, key: bytes) -> bytes | None:
-        """The chunk's payload, or None if absent or damaged (then it is dropped)."""
+        """The chunk's whole payload, every block checked; None if absent or damaged (then it
+        is dropped)."""
+        return self._read(key, 0, None)
+
+    def _read(self, key: bytes, start: int, end: int | None) -> bytes | None:
         path = self._path(key)
         try:
-            with open(path, "rb") as handle:
-                raw = handle.read()
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             with self._lock:
                 # A put may have published it since: only forget a file that is still missing
@@ -161,25 +241,35 @@ class ChunkCache:
                 self.stats.misses += 1
                 self._refresh_stats()
             return None
-        payload = _unpack(raw, key)
-        with self._lock:
-            if payload is None:
-                self.stats.errors += 1
-                self.stats.misses += 1
-                self._index.pop(key, None)
-                self._refresh_stats()
-            else:
-                self.stats.hits += 1
-                if key in self._index:
-                    self._index[key] = len(raw)  # marks it most recently used
-                # else: evicted while we read it; its file is gone, so do not count it again
-        if payload is None:
-            log.error("cache chunk %s is damaged: dropped, will fetch again", path)
+        damage = ""
+        try:
+            file_size = os.fstat(fd).st_size
+            try:
+                data = _read_checked(
+                    lambda size, at: _pread_full(fd, size, at), file_size, key, start, end
+                )
+            except _Damaged as exc:
+                data, damage = None, str(exc)
+            with self._lock:
+                if data is None:
+                    self.stats.errors += 1
+                    self.stats.misses += 1
+                    self._index.pop(key, None)
+                    self._refresh_stats()
+                else:
+                    self.stats.hits += 1
+                    if key in self._index:
+                        self._index[key] = file_size  # marks it most recently used
+                    # else: evicted while we read it; its file is gone, so do not count it again
+            if data is not None:
+                with contextlib.suppress(OSError):
+                    os.utime(fd)  # keeps LRU order across restarts
+        finally:
+            os.close(fd)
+        if data is None:
+            log.error("cache chunk %s is damaged (%s): dropped, will fetch again", path, damage)
             self._remove_file(key)
-            return None
-        with contextlib.suppress(OSError):
-            os.utime(path)  # keeps LRU order across restarts
-        return payload
+        return data
 
     def contains(self, key: bytes) -> bool:
         with self._lock:
@@ -193,7 +283,7 @@ class ChunkCache:
 
     def put(self, key: bytes, payload: bytes) -> bool:
         """Store a chunk atomically; False when it cannot be kept (too big, disk too full)."""
-        size = HEADER_SIZE + len(payload)
+        size = header_size(len(payload)) + len(payload)
         if size > self.limit:
             return False
         with self._lock:
@@ -222,9 +312,7 @@ class ChunkCache:
         return written
 
     def _write(self, key: bytes, payload: bytes) -> bool:
-        header = _HEADER.pack(
-            MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest(), key
-        )
+        header = pack_header(key, payload)
         path = self._path(key)
         try:
             path.parent.mkdir(exist_ok=True, mode=0o700)
@@ -292,21 +380,26 @@ class ChunkCache:
         return freed
 
     def fsck(self) -> tuple[int, int]:
-        """Re-check every chunk file; drop the bad ones. Returns (checked, dropped)."""
+        """Re-check every chunk file, every block; drop the bad ones. Returns (checked, dropped)."""
         checked = dropped = 0
         for path in list(self._iter_files()):
             checked += 1
             try:
                 key = bytes.fromhex(path.name)
-                raw = path.read_bytes()
-            except (OSError, ValueError):
-                key, raw = b"", b""
-            if len(key) != 32 or _unpack(raw, key) is None:
-                dropped += 1
-                log.warning("cache fsck: dropping damaged chunk %s", path)
-                path.unlink(missing_ok=True)
-                with self._lock:
-                    self._index.pop(key, None)
+            except ValueError:
+                key = b""
+            try:
+                if len(key) != 32:
+                    raise _Damaged("not named by a chunk key")
+                _check_file(path, key)
+                continue
+            except (OSError, _Damaged) as exc:
+                reason = str(exc)
+            dropped += 1
+            log.warning("cache fsck: dropping damaged chunk %s (%s)", path, reason)
+            path.unlink(missing_ok=True)
+            with self._lock:
+                self._index.pop(key, None)
         with self._lock:
             self._refresh_stats()
         return checked, dropped
@@ -317,13 +410,79 @@ class ChunkCache:
             return dict(vars(self.stats))
 
 
-def _unpack(raw: bytes, key: bytes) -> bytes | None:
-    if len(raw) < HEADER_SIZE:
-        return None
-    magic, version, length, digest, stored_key = _HEADER.unpack_from(raw)
-    if magic != MAGIC or version != FORMAT_VERSION or stored_key != key:
-        return None
-    payload = raw[HEADER_SIZE:]
-    if len(payload) != length or hashlib.sha256(payload).digest() != digest:
-        return None
-    return payload
+class _Damaged(Exception):
+    """A chunk file that must not be served; the message says why."""
+
+
+def _pread_full(fd: int, size: int, offset: int) -> bytes:
+    """Up to `size` bytes at `offset`: fewer only at the end of the file."""
+    data = os.pread(fd, size, offset)
+    # A regular file reads short only at its end, or past Linux's ~2 GiB cap on one read.
+    while 0 < len(data) < size:
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _read_checked(
+    pread: Callable[[int, int], bytes],
+    file_size: int,
+    key: bytes,
+    start: int,
+    end: int | None = None,
+) -> bytes:
+    """Payload bytes [start, end) (end None: to the payload's end, clipped to it) of the chunk
+    file that `pread(size, offset)` reads, after checking its header and every block the range
+    touches. Raises _Damaged."""
+    head = pread(_HEADER_READ, 0)
+    if len(head) < _PREFIX.size:
+        raise _Damaged(f"{file_size} bytes, shorter than a header")
+    magic, version, length, block, stored_key = _PREFIX.unpack_from(head)
+    if magic != MAGIC:
+        raise _Damaged("not a chunk file")
+    if version != FORMAT_VERSION:
+        raise _Damaged(f"chunk format {version}, not {FORMAT_VERSION}")
+    size = header_size(length)
+    if file_size != size + length:
+        raise _Damaged(f"{file_size} bytes, its header says {size + length}")
+    if len(head) < size:
+        head += pread(size - len(head), len(head))
+        if len(head) < size:
+            raise _Damaged("header cut short")  # the file shrank under us
+    (header_crc,) = _CRC.unpack_from(head, size - _CRC.size)
+    if google_crc32c.value(head[: size - _CRC.size]) != header_crc:
+        raise _Damaged("header checksum mismatch")
+    if block != BLOCK:
+        raise _Damaged(f"blocks of {block} bytes, not {BLOCK}")
+    if stored_key != key:
+        raise _Damaged("its header names another key")
+    stop = length if end is None else min(end, length)
+    if start >= stop:
+        return b""
+    first, last = start // BLOCK, (stop - 1) // BLOCK
+    crcs = struct.unpack_from(f">{last - first + 1}I", head, _PREFIX.size + _CRC.size * first)
+    parts = []
+    for index, crc in enumerate(crcs, first):
+        # One pread per block: google_crc32c takes bytes only (no memoryview), so slicing one
+        # big read would copy every block once more.
+        offset = index * BLOCK
+        want = min(BLOCK, length - offset)
+        data = pread(want, size + offset)
+        if len(data) != want or google_crc32c.value(data) != crc:
+            raise _Damaged(f"block {index} checksum mismatch")
+        parts.append(data)
+    whole = parts[0] if len(parts) == 1 else b"".join(parts)
+    low, high = start - first * BLOCK, stop - first * BLOCK
+    return whole if low == 0 and high == len(whole) else whole[low:high]
+
+
+def _check_file(path: Path, key: bytes) -> None:
+    """Check a chunk file's header and every block; raises _Damaged or OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        file_size = os.fstat(fd).st_size
+        _read_checked(lambda size, at: _pread_full(fd, size, at), file_size, key, 0)
+    finally:
+        os.close(fd)

@@ -7,6 +7,7 @@ damaged by hand the way a crash, a full disk or a stray `dd` would.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import struct
@@ -14,15 +15,25 @@ import tempfile
 import threading
 from pathlib import Path
 
+import google_crc32c
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from artifactfs.cache import ChunkCache, chunk_key
-from artifactfs.cache.chunks import FORMAT_TEXT, FORMAT_VERSION, HEADER_SIZE, MAGIC
+from artifactfs.cache import ChunkCache, chunk_key, chunks
+from artifactfs.cache.chunks import (
+    BLOCK,
+    FORMAT_TEXT,
+    FORMAT_VERSION,
+    MAGIC,
+    header_size,
+    unpack_chunk,
+)
 from artifactfs.errors import ArtifactfsError
 
 MiB = 1024 * 1024
+# The fixed start of a format 2 header: magic, version, payload length, block size, key.
+PREFIX = struct.Struct(">8sIQI32s")
 
 
 def key(n: int) -> bytes:
@@ -31,6 +42,17 @@ def key(n: int) -> bytes:
 
 def payload(n: int, size: int = 1000) -> bytes:
     return random.Random(n).randbytes(size)
+
+
+def stored(length: int) -> int:
+    """Bytes on disk of a chunk file holding `length` payload bytes."""
+    return header_size(length) + length
+
+
+def payload_start(raw: bytes) -> int:
+    """Where the payload starts in a chunk file's bytes: after its header."""
+    (length,) = struct.unpack_from(">Q", raw, 12)
+    return header_size(length)
 
 
 def chunk_path(directory: Path, k: bytes) -> Path:
@@ -100,26 +122,43 @@ def test_chunk_key_is_content_identity() -> None:
     assert len(others) == 6
 
 
+@pytest.mark.parametrize(
+    "length",
+    [0, 1, 5000, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 1234],
+    ids=lambda n: f"{n} bytes",
+)
 def test_chunk_file_is_named_by_key_and_starts_with_versioned_header(
-    cache: ChunkCache, cache_dir: Path
+    cache: ChunkCache, cache_dir: Path, length: int
 ) -> None:
+    """Format 2: prefix, one CRC32C per BLOCK of payload, a CRC32C of the header, payload."""
     k = key(7)
-    body = payload(7, 5000)
+    body = payload(7, length)
     assert cache.put(k, body)
     path = chunk_path(cache_dir, k)
     assert path.is_file()
     assert chunk_files(cache_dir) == [path]
     raw = path.read_bytes()
-    assert len(raw) == HEADER_SIZE + len(body)
-    magic, version, length, digest, stored_key = struct.unpack_from(">8sIQ32s32s", raw)
+    blocks = [body[at : at + BLOCK] for at in range(0, length, BLOCK)]
+    assert len(blocks) == -(-length // BLOCK)
+    size = PREFIX.size + 4 * len(blocks) + 4
+    assert size == header_size(length)
+    assert len(raw) == size + length == stored(length)
+    magic, version, stored_length, block, stored_key = PREFIX.unpack_from(raw)
+    assert PREFIX.size == 56
     assert raw.startswith(MAGIC)
     assert magic == MAGIC
-    assert version == FORMAT_VERSION
-    assert length == len(body)
-    assert digest == hashlib.sha256(body).digest()
+    assert version == FORMAT_VERSION == 2
+    assert stored_length == length
+    assert block == BLOCK == MiB
     assert stored_key == k
-    assert raw[HEADER_SIZE:] == body
-    assert (cache_dir / "FORMAT").read_text() == FORMAT_TEXT
+    crcs = struct.unpack_from(f">{len(blocks)}I", raw, PREFIX.size)
+    assert list(crcs) == [google_crc32c.value(b) for b in blocks]
+    (header_crc,) = struct.unpack_from(">I", raw, size - 4)
+    assert header_crc == google_crc32c.value(raw[: size - 4])
+    assert raw[size:] == body
+    assert unpack_chunk(raw, k) == body
+    assert unpack_chunk(raw, key(8)) is None
+    assert (cache_dir / "FORMAT").read_text() == FORMAT_TEXT == "artifactfs-cache 2\n"
     assert list((cache_dir / "tmp").iterdir()) == []  # nothing left half-written
 
 
@@ -128,7 +167,7 @@ def test_chunk_file_is_named_by_key_and_starts_with_versioned_header(
 
 def _flip_payload_byte(path: Path) -> None:
     raw = bytearray(path.read_bytes())
-    raw[HEADER_SIZE + 17] ^= 0x01
+    raw[payload_start(raw) + 17] ^= 0x01
     path.write_bytes(bytes(raw))
 
 
@@ -138,7 +177,8 @@ def _truncate(path: Path) -> None:
 
 
 def _truncate_into_header(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: HEADER_SIZE - 3])
+    raw = path.read_bytes()
+    path.write_bytes(raw[: payload_start(raw) - 3])
 
 
 def _wrong_magic(path: Path) -> None:
@@ -164,6 +204,7 @@ DAMAGES = {
     "wrong magic": _wrong_magic,
     "wrong version": _wrong_version,
     "extra byte": _extra_byte,
+    "only the prefix": lambda path: path.write_bytes(path.read_bytes()[: PREFIX.size]),
 }
 
 
@@ -208,11 +249,215 @@ def test_damaged_chunk_found_at_start_is_dropped_on_read(cache_dir: Path) -> Non
     assert second.snapshot()["errors"] == 1
 
 
+# -- reading a range: only the blocks it touches are read and checked -------------------------
+
+# Three whole blocks and a short fourth: block boundaries inside, a short block at the end.
+MULTI = 3 * BLOCK + 1234
+MULTI_BLOCKS = 4
+
+
+def multi_payload() -> bytes:
+    return payload(42, MULTI)
+
+
+@pytest.fixture(scope="module")
+def multi_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[ChunkCache, bytes]:
+    """One multi-block chunk, put once and only read (hypothesis reuses it)."""
+    cache = new_cache(tmp_path_factory.mktemp("multi") / "cache")
+    assert cache.put(key(42), multi_payload())
+    return cache, multi_payload()
+
+
+# Positions anywhere, and often right at a block boundary, one byte either side, or past the end.
+POSITIONS = st.one_of(
+    st.integers(0, MULTI + 2 * BLOCK),
+    st.builds(
+        lambda block, delta: max(0, block * BLOCK + delta),
+        st.integers(0, MULTI_BLOCKS + 1),
+        st.integers(-2, 2),
+    ),
+    st.sampled_from([MULTI - 1, MULTI, MULTI + 1]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(offset=POSITIONS, length=st.one_of(POSITIONS, st.integers(0, 5000)))
+def test_read_of_any_range_is_that_slice_of_the_payload(
+    multi_cache: tuple[ChunkCache, bytes], offset: int, length: int
+) -> None:
+    cache, body = multi_cache
+    errors = cache.snapshot()["errors"]
+    hits = cache.snapshot()["hits"]
+    got = cache.read(key(42), offset, length)
+    assert got is not None
+    assert got == body[offset : offset + length]  # clipped to the payload's end
+    assert type(got) is bytes
+    stats = cache.snapshot()
+    assert stats["errors"] == errors == 0
+    assert stats["hits"] == hits + 1
+
+
+def test_read_every_block_aligned_and_whole(multi_cache: tuple[ChunkCache, bytes]) -> None:
+    cache, body = multi_cache
+    for index in range(MULTI_BLOCKS):
+        assert (
+            cache.read(key(42), index * BLOCK, BLOCK) == body[index * BLOCK : (index + 1) * BLOCK]
+        )
+    assert cache.read(key(42), 0, MULTI) == body
+    assert cache.read(key(42), 0, 10 * MULTI) == body
+    assert cache.get(key(42)) == body
+
+
+def test_read_beyond_the_end_is_clipped(cache: ChunkCache) -> None:
+    body = payload(5, BLOCK + 10)
+    assert cache.put(key(5), body)
+    assert cache.read(key(5), BLOCK, 4096) == body[BLOCK:]
+    assert cache.read(key(5), len(body) - 1, 100) == body[-1:]
+    assert cache.read(key(5), len(body), 100) == b""
+    assert cache.read(key(5), len(body) + 5 * BLOCK, 100) == b""
+    assert cache.read(key(5), 3, 0) == b""
+    stats = cache.snapshot()
+    assert stats["hits"] == 5  # a chunk that is there and whole, even for no bytes
+    assert stats["errors"] == 0 and stats["misses"] == 0
+
+
+def test_read_of_an_empty_payload(cache: ChunkCache, cache_dir: Path) -> None:
+    assert cache.put(key(1), b"")
+    assert chunk_path(cache_dir, key(1)).stat().st_size == header_size(0) == PREFIX.size + 4
+    assert cache.read(key(1), 0, 0) == b""
+    assert cache.read(key(1), 0, 4096) == b""
+    assert cache.read(key(1), 100, 4096) == b""
+    assert cache.get(key(1)) == b""
+    assert cache.snapshot()["hits"] == 4
+
+
+def test_read_of_an_absent_chunk_is_a_miss(cache: ChunkCache) -> None:
+    assert cache.read(key(1), 0, 4096) is None
+    stats = cache.snapshot()
+    assert stats["misses"] == 1 and stats["hits"] == 0 and stats["errors"] == 0
+
+
+def test_read_rejects_a_negative_range(cache: ChunkCache) -> None:
+    assert cache.put(key(1), payload(1))
+    with pytest.raises(ValueError):
+        cache.read(key(1), -1, 10)
+    with pytest.raises(ValueError):
+        cache.read(key(1), 0, -10)
+
+
+def test_header_longer_than_the_first_read(
+    multi_cache: tuple[ChunkCache, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header longer than one first read (chunks over ~1 GiB) is read in a second pread."""
+    cache, body = multi_cache
+    monkeypatch.setattr(chunks, "_HEADER_READ", PREFIX.size + 1)
+    assert cache.read(key(42), 2 * BLOCK - 3, 10) == body[2 * BLOCK - 3 : 2 * BLOCK + 7]
+    assert cache.get(key(42)) == body
+    assert cache.snapshot()["errors"] == 0
+
+
+def _flip_multi_byte(path: Path, at: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[header_size(MULTI) + at] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+# How a read can touch block k: inside it, from the block before into it, all of it, the whole
+# chunk with get.
+TOUCHING = {
+    "inside": lambda k: (k * BLOCK + 500, 100),  # not even the flipped byte itself
+    "spanning into it": lambda k: (max(0, k * BLOCK - 10), 20),
+    "the whole block": lambda k: (k * BLOCK, BLOCK),
+    "get": lambda k: None,
+}
+
+
+@pytest.mark.parametrize("how", TOUCHING.values(), ids=TOUCHING.keys())
+@pytest.mark.parametrize("k", range(MULTI_BLOCKS))
+def test_flipped_byte_in_block_k_fails_reads_touching_block_k(
+    cache: ChunkCache, cache_dir: Path, k: int, how
+) -> None:
+    body = multi_payload()
+    assert cache.put(key(42), body)
+    path = chunk_path(cache_dir, key(42))
+    _flip_multi_byte(path, k * BLOCK + 1000)  # every block, the short last one too, has it
+
+    # Reads of other blocks check only those blocks: they are served, and right.
+    other = (k + 1) % MULTI_BLOCKS
+    assert cache.read(key(42), other * BLOCK + 5000, 100) == body[other * BLOCK + 5000 :][:100]
+    assert cache.snapshot()["errors"] == 0
+
+    rng = how(k)
+    got = cache.get(key(42)) if rng is None else cache.read(key(42), *rng)
+    assert got is None
+    assert not path.exists()
+    assert not cache.contains(key(42))
+    stats = cache.snapshot()
+    assert stats["errors"] == 1
+    assert stats["misses"] == 1
+    assert stats["chunks"] == 0 and stats["cache_bytes"] == 0
+    # The whole chunk is gone: a read of another block now misses, with no new error.
+    assert cache.read(key(42), other * BLOCK, 100) is None
+    assert cache.snapshot()["errors"] == 1
+    assert cache.snapshot()["misses"] == 2
+    # Fetched again, it is stored and served again.
+    assert cache.put(key(42), body)
+    assert cache.read(key(42), k * BLOCK, BLOCK) == body[k * BLOCK : (k + 1) * BLOCK]
+
+
+def test_damaged_header_is_detected_whatever_byte(cache: ChunkCache, cache_dir: Path) -> None:
+    """A bit flipped anywhere in the header (prefix, block CRCs, header CRC) fails every read,
+    even one of a block whose own bytes are intact."""
+    body = payload(9, 2 * BLOCK + 7)
+    size = header_size(len(body))
+    assert size == PREFIX.size + 3 * 4 + 4
+    path = chunk_path(cache_dir, key(9))
+    for at in range(size):
+        for bit in (0x01, 0x80):
+            assert cache.put(key(9), body)
+            raw = bytearray(path.read_bytes())
+            raw[at] ^= bit
+            path.write_bytes(bytes(raw))
+            assert cache.read(key(9), 0, 10) is None, f"header byte {at} bit {bit:#x}"
+            assert not path.exists()
+            assert not cache.contains(key(9))
+    stats = cache.snapshot()
+    assert stats["errors"] == stats["misses"] == 2 * size
+    assert stats["hits"] == 0
+
+
+def test_header_with_another_block_size_is_refused(cache: ChunkCache, cache_dir: Path) -> None:
+    """Even a consistent header (its CRC right) is refused if it was cut in other blocks."""
+    body = payload(4, 5000)
+    assert cache.put(key(4), body)
+    path = chunk_path(cache_dir, key(4))
+    half = BLOCK // 2
+    head = PREFIX.pack(MAGIC, FORMAT_VERSION, len(body), half, key(4))
+    head += struct.pack(">I", google_crc32c.value(body))
+    head += struct.pack(">I", google_crc32c.value(head))
+    path.write_bytes(head + body)
+    assert cache.read(key(4), 0, 10) is None
+    assert not path.exists()
+    assert cache.snapshot()["errors"] == 1
+
+
+@pytest.mark.parametrize("damage", [_truncate, _extra_byte], ids=["truncated", "extra byte"])
+def test_wrong_file_length_fails_a_read_of_the_first_block(
+    cache: ChunkCache, cache_dir: Path, damage
+) -> None:
+    """The file's length is checked against its header on every read, not only at the end."""
+    assert cache.put(key(42), multi_payload())
+    damage(chunk_path(cache_dir, key(42)))
+    assert cache.read(key(42), 0, 4096) is None
+    assert not chunk_path(cache_dir, key(42)).exists()
+    assert cache.snapshot()["errors"] == 1
+
+
 # -- the byte limit and LRU eviction -----------------------------------------------------------
 
 
 def test_limit_holds_under_many_puts(cache_dir: Path) -> None:
-    limit = 20 * (HEADER_SIZE + 1000) + 500
+    limit = 20 * stored(1000) + 500
     cache = new_cache(cache_dir, limit)
     rng = random.Random(5)
     for n in range(300):
@@ -224,12 +469,20 @@ def test_limit_holds_under_many_puts(cache_dir: Path) -> None:
     assert stats["chunks"] == len(chunk_files(cache_dir))
 
 
-def test_least_recently_used_evicted_first(cache_dir: Path) -> None:
-    size = HEADER_SIZE + 1000
+# A use of a chunk from disk: all of it, or a few bytes of it.
+USES = {
+    "get": lambda cache, k: cache.get(k),
+    "read": lambda cache, k: cache.read(k, 100, 10),
+}
+
+
+@pytest.mark.parametrize("use", USES.values(), ids=USES.keys())
+def test_least_recently_used_evicted_first(cache_dir: Path, use) -> None:
+    size = stored(1000)
     cache = new_cache(cache_dir, 4 * size)
     for n in range(4):
         assert cache.put(key(n), payload(n))
-    assert cache.get(key(0)) == payload(0)  # now the most recently used
+    assert use(cache, key(0)) is not None  # now the most recently used
     assert cache.put(key(4), payload(4))  # evicts key 1, the least recently used
     assert cache.contains(key(0))
     assert not cache.contains(key(1))
@@ -243,7 +496,7 @@ def test_least_recently_used_evicted_first(cache_dir: Path) -> None:
 
 def test_touch_marks_a_chunk_used_without_reading_it(cache_dir: Path) -> None:
     """A hit served from the reader's memory still counts as a use of the disk copy."""
-    size = HEADER_SIZE + 1000
+    size = stored(1000)
     cache = new_cache(cache_dir, 3 * size)
     for n in range(3):
         assert cache.put(key(n), payload(n))
@@ -256,13 +509,15 @@ def test_touch_marks_a_chunk_used_without_reading_it(cache_dir: Path) -> None:
 
 def test_chunk_bigger_than_limit_is_refused(cache_dir: Path) -> None:
     cache = new_cache(cache_dir, 10_000)
+    fits = 10_000 - header_size(10_000)
+    assert stored(fits) == 10_000
     assert cache.put(key(1), payload(1, 1000))
     assert not cache.put(key(2), b"x" * 10_000)  # with its header, over the limit
-    assert not cache.put(key(3), b"x" * (10_000 - HEADER_SIZE + 1))
+    assert not cache.put(key(3), b"x" * (fits + 1))
     assert not cache.contains(key(2))
     assert not chunk_path(cache_dir, key(2)).exists()
     assert cache.get(key(1)) == payload(1, 1000)  # nothing was evicted for it
-    assert cache.put(key(4), b"y" * (10_000 - HEADER_SIZE))  # exactly the limit fits
+    assert cache.put(key(4), b"y" * fits)  # exactly the limit fits
     assert bytes_on_disk(cache_dir) == 10_000
 
 
@@ -275,7 +530,7 @@ def test_rejects_non_positive_limit(cache_dir: Path) -> None:
 
 
 def test_index_rebuilt_from_directory_in_mtime_order(cache_dir: Path) -> None:
-    size = HEADER_SIZE + 1000
+    size = stored(1000)
     first = new_cache(cache_dir, 4 * size)
     for n in range(4):
         assert first.put(key(n), payload(n))
@@ -302,7 +557,7 @@ def test_index_rebuilt_from_directory_in_mtime_order(cache_dir: Path) -> None:
 
 
 def test_restart_with_smaller_limit_evicts_down_to_it(cache_dir: Path) -> None:
-    size = HEADER_SIZE + 1000
+    size = stored(1000)
     first = new_cache(cache_dir, 10 * size)
     for n in range(10):
         assert first.put(key(n), payload(n))
@@ -311,14 +566,16 @@ def test_restart_with_smaller_limit_evicts_down_to_it(cache_dir: Path) -> None:
     assert bytes_on_disk(cache_dir) <= 3 * size
 
 
-def test_get_refreshes_mtime_for_next_start(cache_dir: Path) -> None:
-    size = HEADER_SIZE + 1000
+@pytest.mark.parametrize("use", USES.values(), ids=USES.keys())
+def test_get_refreshes_mtime_for_next_start(cache_dir: Path, use) -> None:
+    size = stored(1000)
     first = new_cache(cache_dir, 3 * size)
     for n in range(3):
         assert first.put(key(n), payload(n))
         stamp = 1_600_000_000 + n
         os.utime(chunk_path(cache_dir, key(n)), (stamp, stamp))
-    assert first.get(key(0)) == payload(0)  # oldest on disk, now the newest
+    assert use(first, key(0)) is not None  # oldest on disk, now the newest
+    assert chunk_path(cache_dir, key(0)).stat().st_mtime > 1_600_000_000 + 2
     second = new_cache(cache_dir, 3 * size)
     assert second.put(key(9), payload(9))
     assert second.contains(key(0))
@@ -349,7 +606,7 @@ def test_format_file_written_and_checked(cache_dir: Path) -> None:
     new_cache(cache_dir)  # the same format opens again
 
 
-@pytest.mark.parametrize("text", ["artifactfs-cache 2\n", "artifactfs-cache 0", "something\n", ""])
+@pytest.mark.parametrize("text", ["artifactfs-cache 3\n", "artifactfs-cache 0", "something\n", ""])
 def test_other_format_is_refused(cache_dir: Path, text: str) -> None:
     cache_dir.mkdir()
     (cache_dir / "FORMAT").write_text(text)
@@ -361,6 +618,61 @@ def test_other_format_is_refused(cache_dir: Path, text: str) -> None:
     assert str(cache_dir) in message
     assert (cache_dir / "FORMAT").read_text() == text  # left as it was
     assert (cache_dir / "chunks" / "keep").read_bytes() == b"not ours"
+
+
+def test_format_1_directory_is_cleared_and_upgraded(
+    cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A format 1 cache (one SHA-256 per chunk) is emptied, logged in one line, and reused."""
+    old_key = key(1)
+    body = payload(1)
+    v1_header = struct.pack(
+        ">8sIQ32s32s", MAGIC, 1, len(body), hashlib.sha256(body).digest(), old_key
+    )
+    old = chunk_path(cache_dir, old_key)
+    old.parent.mkdir(parents=True)
+    old.write_bytes(v1_header + body)
+    (cache_dir / "FORMAT").write_text("artifactfs-cache 1\n")
+    (cache_dir / "tmp").mkdir()
+    (cache_dir / "tmp" / "tmpab12cd").write_bytes(b"half")
+
+    with caplog.at_level(logging.INFO, logger="artifactfs.cache.chunks"):
+        cache = new_cache(cache_dir)
+    records = [r for r in caplog.records if r.name == "artifactfs.cache.chunks"]
+    assert len(records) == 1
+    message = records[0].getMessage()
+    assert "\n" not in message
+    assert str(cache_dir) in message
+    assert "artifactfs-cache 1" in message and "artifactfs-cache 2" in message
+    assert "clear" in message
+    assert (cache_dir / "FORMAT").read_text() == FORMAT_TEXT
+    assert chunk_files(cache_dir) == []
+    assert list((cache_dir / "tmp").iterdir()) == []
+    assert cache.snapshot()["chunks"] == 0 and cache.snapshot()["cache_bytes"] == 0
+    assert cache.get(old_key) is None
+    assert cache.put(old_key, body)
+    assert cache.get(old_key) == body
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="artifactfs.cache.chunks"):
+        again = new_cache(cache_dir)  # now format 2: opened as it is, nothing logged
+    assert [r for r in caplog.records if r.name == "artifactfs.cache.chunks"] == []
+    assert again.get(old_key) == body
+
+
+def test_format_1_chunk_file_in_a_format_2_cache_is_dropped(
+    cache: ChunkCache, cache_dir: Path
+) -> None:
+    body = payload(1)
+    path = chunk_path(cache_dir, key(1))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(
+        struct.pack(">8sIQ32s32s", MAGIC, 1, len(body), hashlib.sha256(body).digest(), key(1))
+        + body
+    )
+    assert cache.read(key(1), 0, 10) is None
+    assert not path.exists()
+    assert cache.snapshot()["errors"] == 1
 
 
 # -- maintenance -------------------------------------------------------------------------------
@@ -388,6 +700,20 @@ def test_fsck_drops_damaged_chunks_and_reports(cache: ChunkCache, cache_dir: Pat
     assert cache.fsck() == (4, 0)
 
 
+def test_fsck_checks_every_block(cache: ChunkCache, cache_dir: Path) -> None:
+    """fsck reads every block, so it finds damage that reads of other blocks would not."""
+    body = multi_payload()
+    assert cache.put(key(42), body)
+    assert cache.put(key(43), body)
+    _flip_multi_byte(chunk_path(cache_dir, key(42)), MULTI - 1)  # the last byte of the last block
+    assert cache.read(key(42), 0, BLOCK) == body[:BLOCK]  # block 0 is intact
+    assert cache.fsck() == (2, 1)
+    assert not chunk_path(cache_dir, key(42)).exists()
+    assert not cache.contains(key(42))
+    assert cache.get(key(43)) == body
+    assert cache.snapshot()["cache_bytes"] == bytes_on_disk(cache_dir) == stored(MULTI)
+
+
 def test_clear_removes_everything(cache: ChunkCache, cache_dir: Path) -> None:
     for n in range(5):
         assert cache.put(key(n), payload(n))
@@ -395,7 +721,7 @@ def test_clear_removes_everything(cache: ChunkCache, cache_dir: Path) -> None:
     stray.parent.mkdir(exist_ok=True)
     stray.write_bytes(b"stray")
     freed = cache.clear()
-    assert freed >= 5 * (HEADER_SIZE + 1000)
+    assert freed >= 5 * stored(1000)
     assert chunk_files(cache_dir) == []
     for n in range(5):
         assert not cache.contains(key(n))
@@ -467,7 +793,7 @@ def test_two_concurrent_puts_never_exceed_limit_on_disk(
     The two puts are held just before they write (after their make-room step), then let go
     together: the directory must stay within the limit while both chunk files are published.
     """
-    size = HEADER_SIZE + 1000
+    size = stored(1000)
     limit = 4 * size
     cache = new_cache(cache_dir, limit)
     for n in range(4):
@@ -501,7 +827,7 @@ def test_two_concurrent_puts_never_exceed_limit_on_disk(
 def test_concurrent_puts_and_gets_keep_limit_and_bytes(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    size = HEADER_SIZE + 2000
+    size = stored(2000)
     limit = 12 * size
     cache = new_cache(cache_dir, limit)
     ledger = DiskLedger(cache_dir, monkeypatch)
@@ -519,12 +845,18 @@ def test_concurrent_puts_and_gets_keep_limit_and_bytes(
             barrier.wait()
             for _ in range(300):
                 n = rng.randrange(keys)
-                if rng.random() < 0.5:
+                draw = rng.random()
+                if draw < 0.5:
                     cache.put(key(n), expected(n))
-                else:
+                elif draw < 0.75:
                     got = cache.get(key(n))
                     if got is not None and got != expected(n):
                         wrong.append(f"key {n}: {len(got)} bytes")
+                else:
+                    offset, length = rng.randrange(2100), rng.randrange(2100)
+                    got = cache.read(key(n), offset, length)
+                    if got is not None and got != expected(n)[offset : offset + length]:
+                        wrong.append(f"key {n} [{offset}:+{length}]: {len(got)} bytes")
                 assert cache.snapshot()["cache_bytes"] <= limit
         except BaseException as exc:
             errors.append(exc)
@@ -557,7 +889,7 @@ def test_concurrent_puts_and_gets_keep_limit_and_bytes(
 # -- property: any sequence of operations ------------------------------------------------------
 
 OPERATIONS = st.lists(
-    st.tuples(st.sampled_from(["put", "get", "drop"]), st.integers(0, 7)),
+    st.tuples(st.sampled_from(["put", "get", "read", "drop"]), st.integers(0, 7)),
     max_size=60,
 )
 
@@ -566,7 +898,7 @@ OPERATIONS = st.lists(
 @given(
     operations=OPERATIONS,
     sizes=st.lists(st.integers(0, 400), min_size=8, max_size=8),
-    limit=st.integers(HEADER_SIZE, 1500),
+    limit=st.integers(header_size(0), 1500),
 )
 def test_any_operation_sequence_keeps_limit_and_bytes(
     operations: list[tuple[str, int]], sizes: list[int], limit: int
@@ -582,13 +914,15 @@ def test_any_operation_sequence_keeps_limit_and_bytes(
                 if cache.put(key(n), bodies[n]):
                     present.add(n)
                 else:
-                    assert HEADER_SIZE + sizes[n] > limit
-            elif op == "get":
-                got = cache.get(key(n))
+                    assert stored(sizes[n]) > limit
+            elif op in ("get", "read"):
+                # A read takes a slice that depends on the key: start, middle or past the end.
+                start, stop = (0, None) if op == "get" else (n * 37, n * 37 + 50)
+                got = cache.get(key(n)) if op == "get" else cache.read(key(n), start, 50)
                 if n not in present:
                     assert got is None
                 else:
-                    assert got is None or got == bodies[n]
+                    assert got is None or got == bodies[n][start:stop]
                     if got is None:
                         present.discard(n)  # evicted
             else:

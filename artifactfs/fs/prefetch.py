@@ -4,26 +4,23 @@ Programs that walk a directory of small files (a DataLoader over an image folder
 `rsync`) open them one after another, in name order or close to it. A remote small file costs
 a round trip before its first byte; fetching the next few files in parallel while the program
 reads the current one hides that latency. Only small remote files are prefetched (one chunk
-each); each directory's listing is read from the store once and remembered for a while.
+each). The directory's listing comes from the tree, which remembers it: the program's next
+lookups in that directory are then answered without a store query.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from cachetools import LRUCache
-
-from artifactfs.entries import TYPE_LOCAL, ArtifactFileData
+from artifactfs.entries import TYPE_LOCAL
 from artifactfs.fs.tree import Kind, Node, Tree
 from artifactfs.reader import Reader
 
 log = logging.getLogger(__name__)
 
 NEIGHBOURS = 32
-REMEMBERED_DIRECTORIES = 256
 
 
 class NeighbourPrefetcher:
@@ -31,10 +28,6 @@ class NeighbourPrefetcher:
         self.tree = tree
         self.reader = reader
         self.neighbours = neighbours
-        self._listings: LRUCache[tuple[str, str], tuple[list[str], list[ArtifactFileData]]] = (
-            LRUCache(maxsize=REMEMBERED_DIRECTORIES)
-        )
-        self._lock = threading.Lock()
         # One thread: it only reads listings and queues fetches on the reader's prefetch pool.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="artifactfs-neighbours")
 
@@ -47,22 +40,12 @@ class NeighbourPrefetcher:
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
 
-    def _listing(self, node: Node) -> tuple[list[str], list[ArtifactFileData]]:
-        key = (node.artifact_id, node.dir_path.rpartition("/")[0])
-        with self._lock:
-            found = self._listings.get(key)
-        if found is None:
-            files = self.tree.sibling_files(node)
-            found = ([entry.file_path for entry in files], files)
-            with self._lock:
-                self._listings[key] = found
-        return found
-
     def _prefetch_after(self, node: Node) -> None:
         try:
-            paths, files = self._listing(node)
-            position = bisect.bisect_right(paths, node.dir_path)
-            for entry in files[position : position + self.neighbours]:
-                self.reader.prefetch(entry)
+            listing = self.tree.siblings(node)
+            position = bisect.bisect_right(listing.names, node.name)
+            for sibling in listing.nodes[position : position + self.neighbours]:
+                if sibling.kind is Kind.FILE and sibling.entry is not None:
+                    self.reader.prefetch(sibling.entry)
         except Exception as exc:  # a hint that failed costs nothing but the hint
             log.info("prefetch after %s failed: %s", node.path, exc)

@@ -76,6 +76,15 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Listing:
+    """An artifact directory's children, in name order and by name (shared: never changed)."""
+
+    names: list[str]
+    nodes: list[Node]
+    by_name: dict[str, Node]
+
+
+@dataclass(frozen=True)
 class Attributes:
     mode: int
     size: int
@@ -117,6 +126,10 @@ def _servable(entry: ArtifactFileData) -> bool:
     return True
 
 
+def _listing_key(directory: Node) -> tuple[str, str]:
+    return directory.path, directory.artifact_id
+
+
 def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
@@ -127,9 +140,9 @@ class Tree:
         self.mounted_ns = time.time_ns()
         self._lock = threading.Lock()
         self._artifacts: LRUCache[str, ArtifactRecord] = LRUCache(maxsize=4096)
-        # Listings of artifact directories by inode, bounded by the number of entries held.
-        self._listings: LRUCache[int, dict[str, Node]] = LRUCache(
-            maxsize=LISTING_CACHE_ENTRIES, getsizeof=lambda listing: max(1, len(listing))
+        # Listings of artifact directories by (path, artifact id), bounded by entries held.
+        self._listings: LRUCache[tuple[str, str], Listing] = LRUCache(
+            maxsize=LISTING_CACHE_ENTRIES, getsizeof=lambda listing: max(1, len(listing.nodes))
         )
         if field_path is not None and run_id is None:
             raise ArtifactfsError("--field needs --run")
@@ -258,9 +271,9 @@ class Tree:
 
     def _artifact_lookup(self, parent: Node, name: str) -> Node | None:
         with self._lock:
-            listed = self._listings.get(parent.inode)
-        if listed is not None:  # listed before (readdir): no query
-            return listed.get(name)
+            listed = self._listings.get(_listing_key(parent))
+        if listed is not None:  # listed before (readdir, or a neighbour's open): no query
+            return listed.by_name.get(name)
         entry, dir_path = self.store.artifact_lookup(parent.artifact_id, parent.dir_path, name)
         if entry is not None and dir_path is not None:
             log.warning("hiding %r: both a file and a directory in the store", name)
@@ -277,16 +290,21 @@ class Tree:
         return self._artifact_node(parent, name, dir_path)
 
     def remembered_children(self, node: Node) -> list[Node] | None:
-        """The listing of an artifact directory if it is remembered: no store query, no wait."""
+        """The listing of an artifact directory if it is remembered: no store query, no wait.
+        The list is shared: callers must not change it."""
         if node.kind is not Kind.ARTIFACT_DIR:
             return None
         with self._lock:
-            listed = self._listings.get(node.inode)
-        return None if listed is None else list(listed.values())
+            listed = self._listings.get(_listing_key(node))
+        return None if listed is None else listed.nodes
 
     def _artifact_children(self, node: Node) -> list[Node]:
+        return self._artifact_listing(node).nodes
+
+    def _artifact_listing(self, node: Node) -> Listing:
         # A directory inside an artifact never changes: its listing is remembered (bounded).
-        listed = self.remembered_children(node)
+        with self._lock:
+            listed = self._listings.get(_listing_key(node))
         if listed is not None:
             return listed
         dirs, files = self.store.artifact_children(node.artifact_id, node.dir_path)
@@ -307,16 +325,28 @@ class Tree:
         for name in both:
             log.warning("hiding %r: both a file and a directory in the store", name)
             del children[name]
-        ordered = {name: children[name] for name in sorted(children)}
+        names = sorted(children)
+        listing = Listing(names, [children[name] for name in names], children)
         with self._lock:
-            self._listings[node.inode] = ordered
-        return list(ordered.values())
+            self._listings[_listing_key(node)] = listing
+        return listing
 
-    def sibling_files(self, node: Node) -> list[ArtifactFileData]:
-        """The files of the artifact directory that holds `node`, in name order."""
-        parent_dir = node.dir_path.rpartition("/")[0]
-        _dirs, files = self.store.artifact_children(node.artifact_id, parent_dir)
-        return [entry for entry in files if path_problem(entry.file_path) is None]
+    def siblings(self, node: Node) -> Listing:
+        """The listing of the artifact directory that holds `node`; remembered, so that the
+        lookups of a program opening its files one by one need no query."""
+        path = node.path.rpartition("/")[0]
+        parent = Node(
+            Kind.ARTIFACT_DIR,
+            path,
+            ROOT_INODE if path == "" else inode_for(f"{path}\0{node.artifact_id}"),
+            node.workspace,
+            node.project,
+            node.run_id,
+            node.field_path,
+            node.artifact_id,
+            node.dir_path.rpartition("/")[0],
+        )
+        return self._artifact_listing(parent)
 
     # -- attributes -------------------------------------------------------------------------
 

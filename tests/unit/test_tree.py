@@ -222,6 +222,44 @@ def test_run_field_root(store: Store, populated: dict[str, str]) -> None:
     assert xattrs["size"] == str(sum(len(body) for body in TRAIN.values()))
 
 
+@pytest.mark.parametrize(
+    ("run_id", "field", "file_path"),
+    [
+        (None, None, "ml-team/classification/CLS-1/datasets/train/sub/b.csv"),
+        ("CLS-1", None, "datasets/train/sub/b.csv"),
+        ("CLS-1", "datasets/train", "sub/b.csv"),
+        ("CLS-1", "datasets/train", "a.csv"),
+    ],
+)
+def test_siblings_are_remembered_for_the_next_lookups(
+    store: Store,
+    populated: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    run_id: str | None,
+    field: str | None,
+    file_path: str,
+) -> None:
+    """A program opening files one by one: once one is open, its directory is listed once and
+    the lookups of its neighbours need no store query, and give the same nodes as a listing."""
+    tree = Tree(store, run_id=run_id, field_path=field)
+    node = resolve(tree, file_path)
+    assert node is not None and node.kind is Kind.FILE
+    listing = tree.siblings(node)
+    parent = resolve(tree, file_path.rpartition("/")[0])
+    assert parent is not None
+    assert listing.nodes == tree.children(parent)
+    assert listing.names == sorted(listing.names) and node.name in listing.names
+
+    def no_query(*args: object) -> None:
+        raise AssertionError("a remembered directory was queried again")
+
+    monkeypatch.setattr(store, "artifact_lookup", no_query)
+    monkeypatch.setattr(store, "artifact_children", no_query)
+    for name in listing.names:
+        assert tree.lookup(parent, name) == listing.by_name[name]
+    assert tree.lookup(parent, "missing.csv") is None
+
+
 def test_bad_roots_are_refused(store: Store, populated: dict[str, str]) -> None:
     with pytest.raises(ArtifactfsError):
         Tree(store, field_path="datasets/train")

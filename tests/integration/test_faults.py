@@ -11,7 +11,6 @@ daemon must keep serving other files meanwhile. Each test asserts all three.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import random
 import threading
@@ -26,7 +25,7 @@ import pytest
 
 import artifactfs
 from artifactfs.cache import chunk_key
-from artifactfs.cache.chunks import _HEADER, FORMAT_VERSION, HEADER_SIZE, MAGIC
+from artifactfs.cache.chunks import unpack_chunk
 from artifactfs.entries import ArtifactFileData
 from artifactfs.reader import DEFAULT_DEADLINE
 from tests.support.faultproxy import FaultProxy, fault_proxy
@@ -141,15 +140,9 @@ def check_cache(cache_dir: Path, expected: dict[bytes, bytes]) -> set[bytes]:
         if key not in expected:
             problems.append(f"{path.name}: no tracked chunk has this key")
             continue
-        if len(raw) < HEADER_SIZE:
-            problems.append(f"{path.name}: {len(raw)} bytes, shorter than a header")
-            continue
-        magic, version, length, digest, stored_key = _HEADER.unpack_from(raw)
-        payload = raw[HEADER_SIZE:]
-        if (magic, version, stored_key) != (MAGIC, FORMAT_VERSION, key):
-            problems.append(f"{path.name}: bad header")
-        elif length != len(payload) or hashlib.sha256(payload).digest() != digest:
-            problems.append(f"{path.name}: payload does not match its header (partial?)")
+        payload = unpack_chunk(raw, key)  # every checksum and the header checked
+        if payload is None:
+            problems.append(f"{path.name}: bad header, or a payload that does not match it")
         elif payload != expected[key]:
             problems.append(
                 f"{path.name}: {len(payload)} bytes that are not the tracked chunk "

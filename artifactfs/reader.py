@@ -9,7 +9,9 @@ of a chunk wait for the same fetch. A reader that continues where its last read 
 sequential: the next chunks are fetched ahead on the bounded pool. A file that fits in one chunk
 is checked against its whole-file hash before it is cached; a larger file is checked once all
 its chunks are in the cache, and dropped from it if the hash does not match. Transient failures
-are retried with back-off within a deadline; nothing waits forever.
+are retried with back-off within a deadline, and the requests of one chunk fetch are cut off
+when it passes (`RequestDeadline`): a stalled or trickling server gives EIO after about the
+deadline, never later.
 
 Recently used chunks also stay in memory (a small LRU of verified bytes): the kernel asks for at
 most 1 MiB at a time, and re-reading and re-checking an 8 MiB chunk file for each of those would
@@ -33,6 +35,7 @@ from artifactfs.cache import ChunkCache, chunk_key
 from artifactfs.entries import TYPE_LOCAL, ArtifactFileData
 from artifactfs.errors import ArtifactfsError, CheckFailedError, TransientSourceError
 from artifactfs.sources import source_for_entry
+from artifactfs.sources.base import RequestDeadline
 from artifactfs.sources.local import LocalSource, local_path_of
 from artifactfs.verification import ContentCheck
 
@@ -46,6 +49,9 @@ DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024
 MAX_PENDING_PREFETCHES = 64
 FAILURE_MEMORY = 5.0  # seconds a failed chunk fetch answers EIO without trying again
 RETRY_BASE_DELAY = 0.2
+# A fetch ends within the deadline (its requests are cut off then): a reader waiting for one
+# gives up this much later, in case the fetch was queued behind others.
+FETCH_WAIT_MARGIN = 5.0
 
 
 class ReadError(CheckFailedError):
@@ -253,19 +259,23 @@ class Reader:
         cached = self._cached(key)
         if cached is not None:
             return cached
+        self._raise_if_failed_recently(key)
+        return self._wait(entry, key, self._start_fetch(entry, index))
+
+    def _raise_if_failed_recently(self, key: bytes) -> None:
         with self._lock:
             failed = self._failed_chunks.get(key)
         if failed is not None:
             raise ReadError(failed)
-        future = self._start_fetch(entry, index)
+
+    def _wait(self, entry: ArtifactFileData, key: bytes, future: Future[bytes]) -> bytes:
         try:
-            return future.result(timeout=self.deadline + 5)
+            return future.result(timeout=self.deadline + FETCH_WAIT_MARGIN)
         except TimeoutError:
-            raise ReadError(f"{entry.source_url}: fetch timed out") from None
-        except ArtifactfsError as exc:
+            message = f"{entry.source_url}: fetch timed out"
             with self._lock:
-                self._failed_chunks[key] = str(exc)
-            raise
+                self._failed_chunks[key] = message
+            raise ReadError(message) from None
 
     def _start_fetch(self, entry: ArtifactFileData, index: int) -> Future[bytes]:
         """The in-flight fetch of this chunk, started if there is none (one fetch per chunk)."""
@@ -288,6 +298,16 @@ class Reader:
                     del self._inflight[key]
 
     def _fetch_chunk(self, entry: ArtifactFileData, index: int, key: bytes) -> bytes:
+        try:
+            return self._fetch_and_cache(entry, index, key)
+        except ArtifactfsError as exc:
+            # Remembered here, where every fetch ends (read-ahead too, which nobody waits
+            # for): the kernel retries a failed read at once, and the retry gets EIO at once.
+            with self._lock:
+                self._failed_chunks[key] = str(exc)
+            raise
+
+    def _fetch_and_cache(self, entry: ArtifactFileData, index: int, key: bytes) -> bytes:
         cached = self._cached(key)  # another reader may have fetched it meanwhile
         if cached is not None:
             return cached
@@ -362,16 +382,32 @@ class Reader:
 
 
 def _with_retries(fetch: Callable[[], bytes], deadline: float, url: str) -> bytes:
-    """Retry transient failures with exponential back-off until `deadline` seconds pass."""
-    give_up_at = time.monotonic() + deadline
+    """Retry transient failures with exponential back-off until `deadline` seconds pass.
+
+    All attempts run in one `RequestDeadline`: a request still under way when it passes is cut
+    off (a stalled or trickling server never trips a socket timeout), so this returns or
+    raises little more than `deadline` seconds after it started."""
     attempt = 0
-    while True:
-        try:
-            return fetch()
-        except TransientSourceError as exc:
+    with RequestDeadline(deadline, url) as scope:
+        while True:
+            try:
+                return fetch()
+            except TransientSourceError as exc:
+                problem = str(exc)
+            except ArtifactfsError:
+                raise
+            except Exception as exc:
+                if not scope.expired:
+                    raise
+                # An HTTP client's own error, from a connection cut off at the deadline.
+                problem = f"{type(exc).__name__}: {exc}"
             attempt += 1
             delay = min(RETRY_BASE_DELAY * 2**attempt, 5.0)
-            if time.monotonic() + delay > give_up_at:
-                raise ReadError(f"{url}: giving up after {attempt} attempt(s): {exc}") from None
-            log.info("%s: attempt %d failed, retrying in %.1fs: %s", url, attempt, delay, exc)
+            if scope.expired:
+                raise ReadError(
+                    f"{scope.message()}, after {attempt} attempt(s); last: {problem}"
+                ) from None
+            if delay >= scope.remaining():
+                raise ReadError(f"{url}: giving up after {attempt} attempt(s): {problem}") from None
+            log.info("%s: attempt %d failed, retrying in %.1fs: %s", url, attempt, delay, problem)
             time.sleep(delay)

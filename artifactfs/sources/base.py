@@ -3,16 +3,22 @@
 Reads are *conditional on the tracked identity*: a source either returns exactly the bytes it had
 when the entry was tracked or raises `SourceChangedError`. Listing returns entries whose
 `file_path` is relative to the location (callers add a destination prefix and validate).
+
+Remote reads can be bounded as a whole, headers and body, by a `RequestDeadline` (below).
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from typing import ClassVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar
 
 from artifactfs.entries import ArtifactFileData
-from artifactfs.errors import ArtifactfsError
+from artifactfs.errors import ArtifactfsError, TransientSourceError
 
 STREAM_CHUNK = 1024 * 1024
 
@@ -52,3 +58,185 @@ class Source(ABC):
 
     def read_range(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
         return b"".join(self.open_stream(entry, offset, length))
+
+
+# -- an overall deadline for the HTTP requests of one read --------------------------------------
+#
+# Socket timeouts bound each wait for a byte, not a whole answer: a server that trickles one
+# byte every few seconds (in the headers or in the body) never trips them, and a read on top
+# of it would never end. A `RequestDeadline` bounds everything the HTTP requests of one thread
+# do between `with` and its end: when it passes, the connections those requests use are shut
+# down, which wakes any read blocked on them at once, and any later request in the scope fails
+# before it is sent. A read cut off this way ends in an error, or in an answer that looks
+# short or even whole (http.client takes the end of the stream for the end of the headers):
+# the sources trust no answer that ends after the deadline (`check_deadline`). The S3 and GCS
+# sources make their clients' connections report to the scope (`watched_pool_classes`); the
+# reader opens one scope per chunk fetch.
+
+_scope = threading.local()
+_OWNER = "_artifactfs_deadline"  # on a connection: the scope whose request uses it now
+# One lock for every scope: a connection changes hands (back to its pool, then to another
+# thread's request) between scopes, and a scope must never shut down one it no longer owns.
+_watch_lock = threading.Lock()
+
+
+class DeadlinePassedError(TimeoutError):
+    """Raised for a request started after its scope's deadline (an OSError, as HTTP clients
+    expect of a connection that fails)."""
+
+
+class RequestDeadline:
+    """`with RequestDeadline(seconds, url):` every HTTP request this thread makes inside is
+    over, answer and all, `seconds` from now, or cut off then."""
+
+    def __init__(self, seconds: float, url: str) -> None:
+        self.seconds = seconds
+        self.url = url
+        self.expires_at = time.monotonic() + seconds
+        # Connections used by requests in the scope, each with the socket its answer is read
+        # from (None until the answer starts: a new connection connects as it sends).
+        self._watched: list[tuple[Any, socket.socket | None]] = []
+        self._expired = False
+        self._ended = False
+        self._outer: RequestDeadline | None = None
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> RequestDeadline:
+        self._outer = current_deadline()
+        _scope.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+        _scope.deadline = self._outer
+        with _watch_lock:
+            # From here on the connections may serve other requests: never touch them again.
+            self._ended = True
+            self._watched.clear()
+
+    @property
+    def expired(self) -> bool:
+        return self._expired or time.monotonic() >= self.expires_at
+
+    def remaining(self) -> float:
+        return max(0.0, self.expires_at - time.monotonic())
+
+    def message(self) -> str:
+        return f"{self.url}: no complete answer within the {self.seconds:.0f}s read deadline"
+
+    def check(self) -> None:
+        """Between pieces of a body: raise TransientSourceError once the deadline passed."""
+        if self.expired:
+            raise TransientSourceError(self.message())
+
+    def watch(self, connection: Any) -> None:
+        """Called by a watched connection as a request on it starts, in the requesting thread."""
+        with _watch_lock:
+            if self._expired:
+                raise DeadlinePassedError(self.message())
+            setattr(connection, _OWNER, self)
+            self._watched.append((connection, None))
+
+    def watch_answer(self, connection: Any) -> None:
+        """Called by a watched connection as its answer starts: the socket it is read from is
+        kept, since http.client hands it over to the answer (the connection lets go of it)
+        when the server says `Connection: close`."""
+        sock = getattr(connection, "sock", None)
+        with _watch_lock:
+            if isinstance(sock, socket.socket):
+                self._watched.append((connection, sock))
+
+    def _expire(self) -> None:
+        with _watch_lock:
+            if self._ended:
+                return
+            self._expired = True
+            for connection, sock in self._watched:
+                # A connection that went back to its pool and now carries another thread's
+                # request belongs to that thread's scope.
+                if getattr(connection, _OWNER, None) is self:
+                    _shut_down(sock if sock is not None else getattr(connection, "sock", None))
+
+
+def current_deadline() -> RequestDeadline | None:
+    """The scope this thread is in, if any."""
+    found: RequestDeadline | None = getattr(_scope, "deadline", None)
+    return found
+
+
+def deadline_passed() -> bool:
+    """Whether this thread's scope (if any) has passed its deadline."""
+    deadline = current_deadline()
+    return deadline is not None and deadline.expired
+
+
+def check_deadline() -> None:
+    """Raise TransientSourceError if this thread's scope (if any) has passed its deadline."""
+    deadline = current_deadline()
+    if deadline is not None:
+        deadline.check()
+
+
+def timeout_within_deadline(connect: float, read: float) -> tuple[float, float]:
+    """Socket timeouts no longer than what is left of this thread's deadline (if any)."""
+    deadline = current_deadline()
+    if deadline is None:
+        return connect, read
+    left = max(0.1, deadline.remaining())
+    return min(connect, left), min(read, left)
+
+
+def _shut_down(sock: Any) -> None:
+    if isinstance(sock, socket.socket):
+        # socket.socket's own shutdown, also for an SSLSocket (whose override would drop its
+        # SSL object under the reading thread): the reader gets EOF, then an error. A socket
+        # closed meanwhile has no descriptor any more (-1): never someone else's.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def watched_pool_classes(classes: Mapping[str, type[Any]]) -> dict[str, type[Any]]:
+    """urllib3 connection pool classes (scheme -> class) whose connections report each
+    request to this thread's `RequestDeadline`: subclasses, so that botocore's and requests'
+    own connection classes keep working as before."""
+    return {scheme: _watched_pool(pool) for scheme, pool in classes.items()}
+
+
+_watched_pools: dict[type[Any], type[Any]] = {}  # one subclass per pool class, made once
+_watched_pools_lock = threading.Lock()
+
+
+def _watched_pool(pool: type[Any]) -> type[Any]:
+    if getattr(pool, "_artifactfs_watched", False):
+        return pool
+    with _watched_pools_lock:
+        if pool not in _watched_pools:
+            _watched_pools[pool] = type(
+                f"Watched{pool.__name__}",
+                (pool,),
+                {
+                    "ConnectionCls": _watched_connection(pool.ConnectionCls),
+                    "_artifactfs_watched": True,
+                },
+            )
+        return _watched_pools[pool]
+
+
+def _watched_connection(base: type[Any]) -> type[Any]:
+    def request(self: Any, *args: Any, **kwargs: Any) -> Any:
+        deadline = current_deadline()
+        if deadline is not None:
+            deadline.watch(self)
+        return base.request(self, *args, **kwargs)
+
+    def getresponse(self: Any, *args: Any, **kwargs: Any) -> Any:
+        deadline = current_deadline()
+        if deadline is not None:
+            deadline.watch_answer(self)
+        return base.getresponse(self, *args, **kwargs)
+
+    return type(
+        f"Watched{base.__name__}", (base,), {"request": request, "getresponse": getresponse}
+    )

@@ -3,12 +3,16 @@
 The client honours `STORAGE_EMULATOR_HOST` (then no credentials are needed) and the usual
 application-default credentials otherwise. Reads ask for the tracked generation *and* check the
 identity each response carries (`x-goog-generation`, and the whole-object hash in
-`x-goog-hash`), because not every server honours a generation pin.
+`x-goog-hash`), because not every server honours a generation pin. Inside a `RequestDeadline`
+(the reader's chunk fetches), the client's connections are cut off when the deadline passes,
+and the metadata request a read may make is not retried by the client library (its default
+retry would keep at it for 120 s): the reader retries within its own deadline.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import threading
 import time
@@ -25,8 +29,19 @@ from artifactfs.errors import (
     SourceChangedError,
     TransientSourceError,
 )
-from artifactfs.sources.base import STREAM_CHUNK, ProgressCallback, Source, parse_bucket_url
+from artifactfs.sources.base import (
+    STREAM_CHUNK,
+    ProgressCallback,
+    Source,
+    check_deadline,
+    deadline_passed,
+    parse_bucket_url,
+    timeout_within_deadline,
+    watched_pool_classes,
+)
 from artifactfs.verification import GCS_HASH_KEY
+
+log = logging.getLogger(__name__)
 
 TIMEOUT = (10, 30)  # connect, read (seconds)
 METADATA_RECHECK_SECONDS = 60.0
@@ -56,7 +71,24 @@ def gcs_client() -> Any:
                     "or run 'gcloud auth application-default login' "
                     "(or STORAGE_EMULATOR_HOST for an emulator)"
                 ) from None
+            _watch_connections(_client)
         return _client
+
+
+def _watch_connections(client: Any) -> None:
+    """Make the client's connections report to the read deadline (`RequestDeadline`), so that
+    a stalled or trickling answer is cut off when it passes. The client sends everything
+    through one requests session (`_http`, made here rather than on first use); each of its
+    adapters gets pool classes of its own (the default ones are urllib3's module-wide dict,
+    never changed). Connections through an HTTP(S) proxy are not watched: requests makes
+    those pools itself."""
+    adapters = getattr(client._http, "adapters", {})
+    managers = [getattr(adapter, "poolmanager", None) for adapter in adapters.values()]
+    if not any(managers):
+        log.warning("cannot watch GCS connections: a read may outlast its deadline")
+    for manager in managers:
+        if manager is not None:
+            manager.pool_classes_by_scheme = watched_pool_classes(manager.pool_classes_by_scheme)
 
 
 def reset_client() -> None:
@@ -185,7 +217,8 @@ class GCSSource(Source):
             if now - self._checked.get(key, -1e9) < METADATA_RECHECK_SECONDS:
                 return None
         try:
-            self.check(entry)
+            # No retry by the client library: the reader retries, within its deadline.
+            self._check(entry, retry=None)
         except SourceChangedError as exc:
             return exc.reason
         with self._checked_lock:
@@ -213,31 +246,43 @@ class GCSSource(Source):
             headers["Range"] = f"bytes={offset}-{end}"
         try:
             response = client._http.get(
-                url, params=params, headers=headers, stream=True, timeout=TIMEOUT
+                url,
+                params=params,
+                headers=headers,
+                stream=True,
+                timeout=timeout_within_deadline(*TIMEOUT),
             )
         except OSError as exc:  # requests' connection errors and timeouts are OSErrors
             raise TransientSourceError(f"{entry.source_url}: cannot read: {exc}") from None
-        if response.status_code == 404:
+        if deadline_passed():
+            # Cut off in its headers, an answer can look whole (http.client takes the end of
+            # the stream for the end of the headers): nothing in it can be trusted.
             response.close()
-            raise SourceChangedError(entry.source_url, "object no longer exists")
-        if response.status_code == 412:
-            response.close()
-            raise SourceChangedError(entry.source_url, "object changed since it was tracked")
+            check_deadline()
         if response.status_code not in (200, 206):
             response.close()
-            raise TransientSourceError(
-                f"{entry.source_url}: cannot read: HTTP {response.status_code}"
-            )
-        problem = self._identity_problem(entry, response.headers)
-        if problem is None and not _carries_identity(response.headers):
-            problem = self._metadata_problem(entry)
+            raise _status_error(entry, response.status_code)
+        try:
+            problem = self._identity_problem(entry, response.headers)
+            if problem is None and not _carries_identity(response.headers):
+                problem = self._metadata_problem(entry)
+        except BaseException:  # the metadata request failed: this answer is not read
+            response.close()
+            raise
         if problem is not None:
             response.close()
             raise SourceChangedError(entry.source_url, problem)
         return _iter_response(response, entry.source_url)
 
     def check(self, entry: ArtifactFileData) -> None:
-        from google.api_core.exceptions import GoogleAPIError
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        self._check(entry, retry=DEFAULT_RETRY)
+
+    def _check(self, entry: ArtifactFileData, retry: Any) -> None:
+        """`check` with the client library's `retry` (None: one attempt)."""
+        from google.api_core.exceptions import Forbidden, GoogleAPIError, Unauthorized
+        from requests.exceptions import RequestException
 
         bucket_name, name = parse_gs_url(entry.source_url)
         generation = entry.metadata.get("generation")
@@ -245,10 +290,19 @@ class GCSSource(Source):
             blob = (
                 gcs_client()
                 .bucket(bucket_name)
-                .get_blob(name, generation=int(generation) if generation else None, timeout=TIMEOUT)
+                .get_blob(
+                    name,
+                    generation=int(generation) if generation else None,
+                    timeout=timeout_within_deadline(*TIMEOUT),
+                    retry=retry,
+                )
             )
-        except GoogleAPIError as exc:
+        except (Forbidden, Unauthorized) as exc:
+            raise _status_error(entry, exc.code or 403) from None
+        except (GoogleAPIError, RequestException, OSError) as exc:
+            # Without a retry, connection errors and timeouts come as they are from requests.
             raise TransientSourceError(f"{entry.source_url}: cannot read: {exc}") from None
+        check_deadline()  # an answer cut off at the deadline is not the object's metadata
         if blob is None:
             raise SourceChangedError(entry.source_url, "object no longer exists")
         if generation and str(blob.generation) != generation:
@@ -266,12 +320,28 @@ class GCSSource(Source):
             )
 
 
+def _status_error(entry: ArtifactFileData, status: int) -> ArtifactfsError:
+    """What an HTTP error answer means for a read: permanent (no retry can help) or not."""
+    if status == 404:
+        return SourceChangedError(entry.source_url, "object no longer exists")
+    if status == 412:
+        return SourceChangedError(entry.source_url, "object changed since it was tracked")
+    if status == 416:
+        return SourceChangedError(entry.source_url, "object is shorter than tracked")
+    if status in (401, 403):
+        return SourceChangedError(entry.source_url, f"access denied: HTTP {status}")
+    return TransientSourceError(f"{entry.source_url}: cannot read: HTTP {status}")
+
+
 def _iter_response(response: Any, url: str) -> Iterator[bytes]:
     from requests.exceptions import RequestException
 
     try:
-        yield from response.iter_content(STREAM_CHUNK)
-    except (RequestException, OSError) as exc:  # reset or cut short mid-body
+        for piece in response.iter_content(STREAM_CHUNK):
+            check_deadline()  # a trickle: each piece arrives in time, the whole never does
+            yield piece
+        check_deadline()  # a body cut off where its length was unknown just ends
+    except (RequestException, OSError) as exc:  # reset, cut short or cut off mid-body
         raise TransientSourceError(f"{url}: read interrupted: {exc}") from None
     finally:
         response.close()

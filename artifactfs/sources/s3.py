@@ -3,11 +3,13 @@
 The client honours the standard AWS variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
 `AWS_PROFILE`, ...). Some S3-compatible servers ignore `If-Match`, so every response's ETag is
 compared with the tracked one as well. In a versioned bucket the entry records the `version_id`
-it saw, and reads fetch exactly that version.
+it saw, and reads fetch exactly that version. Inside a `RequestDeadline` (the reader's chunk
+fetches), the client's connections are cut off when the deadline passes.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -21,7 +23,17 @@ from artifactfs.errors import (
     SourceChangedError,
     TransientSourceError,
 )
-from artifactfs.sources.base import STREAM_CHUNK, ProgressCallback, Source, parse_bucket_url
+from artifactfs.sources.base import (
+    STREAM_CHUNK,
+    ProgressCallback,
+    Source,
+    check_deadline,
+    deadline_passed,
+    parse_bucket_url,
+    watched_pool_classes,
+)
+
+log = logging.getLogger(__name__)
 
 _client_lock = threading.Lock()
 _client: Any = None
@@ -52,7 +64,21 @@ def s3_client() -> Any:
                 request_checksum_calculation="when_required",
             )
             _client = session.client("s3", config=config)
+            _watch_connections(_client)
         return _client
+
+
+def _watch_connections(client: Any) -> None:
+    """Make the client's connections report to the read deadline (`RequestDeadline`), so that
+    a stalled or trickling answer is cut off when it passes. botocore has no public hook for
+    its connection classes: its HTTP session keeps them in `_pool_classes_by_scheme`, a dict
+    shared with every pool manager it makes (proxies too), so it is updated in place."""
+    try:
+        classes = client._endpoint.http_session._pool_classes_by_scheme
+    except AttributeError:
+        log.warning("cannot watch S3 connections: a read may outlast its deadline")
+        return
+    classes.update(watched_pool_classes(classes))
 
 
 def reset_client() -> None:
@@ -205,6 +231,11 @@ class S3Source(Source):
             raise self._changed(entry, exc) from None
         except BotoCoreError as exc:  # connection errors and timeouts, after botocore's retries
             raise TransientSourceError(f"{entry.source_url}: cannot read: {exc}") from None
+        if deadline_passed():
+            # Cut off in its headers, an answer can look whole (http.client takes the end of
+            # the stream for the end of the headers): nothing in it can be trusted.
+            response["Body"].close()
+            check_deadline()
         etag = _clean_etag(response.get("ETag", ""))
         if etag != entry.file_hash:
             response["Body"].close()
@@ -265,8 +296,11 @@ def _iter_body(body: Any, url: str) -> Iterator[bytes]:
     from urllib3.exceptions import HTTPError
 
     try:
-        yield from body.iter_chunks(STREAM_CHUNK)
-    except (BotoCoreError, HTTPError, OSError) as exc:  # reset or cut short mid-body
+        for piece in body.iter_chunks(STREAM_CHUNK):
+            check_deadline()  # a trickle: each piece arrives in time, the whole never does
+            yield piece
+        check_deadline()  # a body cut off where its length was unknown just ends
+    except (BotoCoreError, HTTPError, OSError) as exc:  # reset, cut short or cut off mid-body
         raise TransientSourceError(f"{url}: read interrupted: {exc}") from None
     finally:
         body.close()

@@ -6,12 +6,24 @@ size, and its SHA-1 (from the hash cache when size and mtime are unchanged, else
 Remote entries are cut into fixed-size chunks. Each chunk comes from the disk cache or from one
 ranged, conditional GET (the source checks the identity of every response); concurrent readers
 of a chunk wait for the same fetch. A reader that continues where its last read ended is
-sequential: the next chunks are fetched ahead on the bounded pool. A file that fits in one chunk
-is checked against its whole-file hash before it is cached; a larger file is checked once all
-its chunks are in the cache, and dropped from it if the hash does not match. Transient failures
-are retried with back-off within a deadline, and the requests of one chunk fetch are cut off
-when it passes (`RequestDeadline`): a stalled or trickling server gives EIO after about the
-deadline, never later.
+sequential: the next chunks are fetched ahead on the bounded pool.
+
+No byte is served before the whole-file hash vouched for it, wherever a file is small enough:
+
+- a file that fits in one chunk is checked against its whole-file hash before it is cached;
+- a file of several chunks, up to `VERIFY_BEFORE_SERVING_BYTES`, is fetched whole on its first
+  read (every missing chunk at once, on the pool) and checked before any of it is served, as
+  CernVM-FS does for whole files. A file that passed is remembered with the SHA-256 of each of
+  its chunks, so a chunk fetched again later (after eviction) is checked against that; after a
+  restart the check runs again, over the chunks in the disk cache;
+- a larger file is checked once all its chunks are in the cache, and dropped from it if the
+  hash does not match; until then its chunks are guarded by the conditional requests and the
+  identity in each response only.
+
+A file that fails its check is dropped from the cache and served again only once all of it has
+been fetched anew and checked. Transient failures are retried with back-off within a deadline,
+and the requests of one chunk fetch are cut off when it passes (`RequestDeadline`): a stalled
+or trickling server gives EIO after about the deadline, never later.
 
 Recently used chunks also stay in memory (a small LRU of verified bytes): the kernel asks for at
 most 1 MiB at a time, and re-reading and re-checking an 8 MiB chunk file for each of those would
@@ -21,6 +33,7 @@ to open (its neighbours in a directory), on a pool of its own so it never delays
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -28,6 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NoReturn
 
 from cachetools import LRUCache, TTLCache
 
@@ -52,6 +66,18 @@ RETRY_BASE_DELAY = 0.2
 # A fetch ends within the deadline (its requests are cut off then): a reader waiting for one
 # gives up this much later, in case the fetch was queued behind others.
 FETCH_WAIT_MARGIN = 5.0
+# Files of several chunks up to this size are fetched whole and checked before any byte of
+# them is served. Above it, a read of a few bytes must not fetch the whole file.
+VERIFY_BEFORE_SERVING_BYTES = 64 * 1024 * 1024
+# Chunk digests kept for the files that passed that check (32 bytes each: about 2 MiB).
+VERIFIED_CHUNK_DIGESTS = 65_536
+
+# (type, file_hash, size): what a whole-file check vouches for.
+FileId = tuple[str, str, int]
+
+
+def _file_id(entry: ArtifactFileData) -> FileId:
+    return (entry.type, entry.file_hash, entry.size or 0)
 
 
 class ReadError(CheckFailedError):
@@ -73,11 +99,13 @@ class Reader:
         readahead_chunks: int = DEFAULT_READAHEAD_CHUNKS,
         deadline: float = DEFAULT_DEADLINE,
         memory_bytes: int = DEFAULT_MEMORY_BYTES,
+        verify_before_serving_bytes: int = VERIFY_BEFORE_SERVING_BYTES,
     ) -> None:
         self.cache = cache
         self.chunk_size = chunk_size
         self.readahead_chunks = readahead_chunks
         self.deadline = deadline
+        self.verify_before_serving_bytes = verify_before_serving_bytes
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="artifactfs-fetch")
         self._prefetch_pool = ThreadPoolExecutor(workers, thread_name_prefix="artifactfs-prefetch")
         self._pending_prefetches = 0
@@ -88,6 +116,12 @@ class Reader:
         self._failed_files: dict[tuple[str, str], str] = {}
         self._failed_chunks: TTLCache[bytes, str] = TTLCache(maxsize=4096, ttl=FAILURE_MEMORY)
         self._inflight: dict[bytes, Future[bytes]] = {}
+        # Files checked whole before serving: their chunks' SHA-256, in order. The outcome of
+        # a check under way, for the readers that wait for it (one check per file at a time).
+        self._verified: LRUCache[FileId, tuple[bytes, ...]] = LRUCache(
+            maxsize=VERIFIED_CHUNK_DIGESTS, getsizeof=len
+        )
+        self._verifying: dict[FileId, Future[None]] = {}
         self._sequences: dict[tuple[str, str], _Sequence] = {}
         self._verified_local: set[tuple[str, int, int, int, str]] = set()
 
@@ -194,6 +228,8 @@ class Reader:
         return chunk_key(entry.type, entry.file_hash, entry.size, self.chunk_size, index)
 
     def _read_remote(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
+        if self._checked_before_serving(entry):
+            self._ensure_verified(entry)
         first = offset // self.chunk_size
         last = (offset + length - 1) // self.chunk_size
         if not self.cache.contains(self._key(entry, first)):
@@ -323,26 +359,141 @@ class Reader:
             raise ReadError(
                 f"{entry.source_url}: chunk {index} has {len(data)} bytes, expected {length}"
             )
-        if self._chunk_count(size) == 1:
+        self._check_fetched(entry, index, data)
+        # A chunk of a file still to be checked whole is cached too (the check reads it from
+        # here; every read of such a file waits for the check, which drops it if it fails).
+        self.cache.put(key, data)
+        self._remember(key, data)
+        if self._chunk_count(size) > 1 and not self._checked_before_serving(entry):
+            # Off the reader's path: re-reading a large file to hash it must not stall a read.
+            self._prefetch_pool.submit(self._check_whole_file_quietly, entry)
+        return data
+
+    def _check_fetched(self, entry: ArtifactFileData, index: int, data: bytes) -> None:
+        """What can be checked of one chunk as it arrives: a file of one chunk against its
+        whole-file hash; a chunk of a file that passed its whole-file check in this process
+        (and was evicted since) against the SHA-256 it had then."""
+        if self._chunk_count(entry.size or 0) == 1:
             check = ContentCheck(entry)
             check.update(data)
             problem = check.problem()
             if problem is not None:
                 raise ReadError(f"{entry.source_url}: {problem}")
-        self.cache.put(key, data)
-        self._remember(key, data)
-        if self._chunk_count(size) > 1:
-            # Off the reader's path: re-reading a large file to hash it must not stall a read.
-            self._prefetch_pool.submit(self._check_whole_file_quietly, entry)
-        return data
+            return
+        with self._lock:
+            digests = self._verified.get(_file_id(entry))
+        if digests is not None and hashlib.sha256(data).digest() != digests[index]:
+            raise ReadError(
+                f"{entry.source_url}: chunk {index} is not the one its whole-file check passed"
+            )
+
+    # -- whole-file check before serving ------------------------------------------------------
+
+    def _checked_before_serving(self, entry: ArtifactFileData) -> bool:
+        """A remote file of several chunks, small enough to fetch whole, with a hash that
+        covers all of it: none of its bytes is served before all of them passed the check."""
+        size = entry.size or 0
+        return (
+            self._chunk_count(size) > 1
+            and size <= self.verify_before_serving_bytes
+            and ContentCheck(entry).checks_hash
+        )
+
+    def _ensure_verified(self, entry: ArtifactFileData) -> None:
+        """Return once the whole file passed its check in this process, else raise ReadError.
+        The first reader runs the check; readers that come meanwhile wait for its outcome."""
+        file_id = _file_id(entry)
+        with self._lock:
+            if file_id in self._verified:
+                return
+            pending = self._verifying.get(file_id)
+            running = pending is not None
+            if pending is None:
+                pending = self._verifying[file_id] = Future()
+        if running:
+            self._wait_for_verification(entry, pending)
+            return
+        try:
+            digests = self._verify_whole_file(entry)
+        except BaseException as exc:
+            with self._lock:
+                del self._verifying[file_id]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            if len(digests) <= self._verified.maxsize:  # else: checked again on each read
+                self._verified[file_id] = digests
+            del self._verifying[file_id]
+        pending.set_result(None)
+
+    def _wait_for_verification(self, entry: ArtifactFileData, pending: Future[None]) -> None:
+        # The check's fetches run at once and end within the deadline, unless queued behind
+        # other fetches: twice the deadline leaves room for that.
+        wait = 2 * self.deadline + FETCH_WAIT_MARGIN
+        try:
+            pending.result(timeout=wait)
+        except TimeoutError:
+            raise ReadError(
+                f"{entry.source_url}: its whole-file check took longer than {wait:.0f}s"
+            ) from None
+
+    def _verify_whole_file(self, entry: ArtifactFileData) -> tuple[bytes, ...]:
+        """Fetch every chunk not cached (all at once, one fetch each), hash them all in order,
+        and return each chunk's SHA-256; if the file is not the tracked one, drop its chunks,
+        remember it as failed and raise ReadError."""
+        keys = [self._key(entry, index) for index in range(self._chunk_count(entry.size or 0))]
+        for key in keys:
+            self._raise_if_failed_recently(key)
+        fetches = {
+            index: self._start_fetch(entry, index)
+            for index, key in enumerate(keys)
+            if not self.cache.contains(key)
+        }
+        check = ContentCheck(entry)
+        digests = []
+        for index, key in enumerate(keys):
+            # Taken from the fetch itself when there is one: whatever the cache kept of it.
+            fetch = fetches.pop(index, None)
+            chunk = (
+                self._wait(entry, key, fetch) if fetch is not None else self._chunk(entry, index)
+            )
+            check.update(chunk)
+            digests.append(hashlib.sha256(chunk).digest())
+        problem = check.problem()
+        if problem is not None:
+            self._reject_whole_file(entry, keys, problem, hold_off=True)
+        return tuple(digests)
+
+    def _reject_whole_file(
+        self, entry: ArtifactFileData, keys: list[bytes], problem: str, *, hold_off: bool = False
+    ) -> NoReturn:
+        """Drop every chunk of a file that failed its whole-file check; raise ReadError.
+
+        With `hold_off`, its chunks also answer EIO for FAILURE_MEMORY seconds without a new
+        fetch: the kernel retries a failed read at once, and fetching the whole file again for
+        that (the check before serving does) is no use."""
+        message = f"{entry.source_url}: whole-file check failed, dropped from the cache: {problem}"
+        with self._lock:
+            self._failed_files[(entry.type, entry.file_hash)] = message
+            if hold_off:
+                for key in keys:
+                    self._failed_chunks[key] = message
+        for key in keys:
+            self._forget(key)
+        raise ReadError(message)
 
     def _reverify(self, entry: ArtifactFileData) -> None:
         """A file whose whole-file check failed is served again only once all of it has been
         fetched anew and checked whole; until then every read of it fails."""
-        for index in range(self._chunk_count(entry.size or 0)):
-            self._chunk(entry, index)
-        if not self._check_whole_file_if_complete(entry):  # raises ReadError if still wrong
-            raise ReadError(f"{entry.source_url}: cannot check it whole again (cache too small?)")
+        if self._checked_before_serving(entry):
+            self._ensure_verified(entry)  # its chunks were dropped: fetched anew, then checked
+        else:
+            for index in range(self._chunk_count(entry.size or 0)):
+                self._chunk(entry, index)
+            if not self._check_whole_file_if_complete(entry):  # raises ReadError if still wrong
+                raise ReadError(
+                    f"{entry.source_url}: cannot check it whole again (cache too small?)"
+                )
         with self._lock:
             self._failed_files.pop((entry.type, entry.file_hash), None)
 
@@ -370,14 +521,7 @@ class Reader:
             check.update(chunk)
         problem = check.problem()
         if problem is not None:
-            message = (
-                f"{entry.source_url}: whole-file check failed, dropped from the cache: {problem}"
-            )
-            with self._lock:
-                self._failed_files[(entry.type, entry.file_hash)] = message
-            for key in keys:
-                self._forget(key)
-            raise ReadError(message)
+            self._reject_whole_file(entry, keys, problem)
         return True
 
 

@@ -493,18 +493,7 @@ def _check_persistent_faults(
 # -- wrong bytes from the backend ---------------------------------------------------------------
 
 
-MULTI_CHUNK_XFAIL = pytest.mark.xfail(
-    reason="known gap, docs/RELIABILITY.md: a chunk of a multi-chunk file may be served before "
-    "the whole-file check can run, against a server that sends no identity headers",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    "size",
-    [300_000, pytest.param(2 * MiB + 5000, marks=MULTI_CHUNK_XFAIL)],
-    ids=["one-chunk", "three-chunks"],
-)
+@pytest.mark.parametrize("size", [300_000, 2 * MiB + 5000], ids=["one-chunk", "three-chunks"])
 @pytest.mark.parametrize("fault", ["flip", "replace"], ids=["one-byte-flipped", "stale-etag"])
 def test_bytes_that_do_not_match_the_tracked_hash_are_never_served_or_cached(
     remote: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, fault: str

@@ -69,7 +69,8 @@ FETCH_WAIT_MARGIN = 5.0
 # Files of several chunks up to this size are fetched whole and checked before any byte of
 # them is served. Above it, a read of a few bytes must not fetch the whole file.
 VERIFY_BEFORE_SERVING_BYTES = 64 * 1024 * 1024
-# Chunk digests kept for the files that passed that check (32 bytes each: about 2 MiB).
+# Chunk digests kept for the files that passed that check (32 bytes each; about 5 MiB with
+# Python's overhead).
 VERIFIED_CHUNK_DIGESTS = 65_536
 
 # (type, file_hash, size): what a whole-file check vouches for.

@@ -29,7 +29,6 @@ import pytest
 
 import artifactfs
 from artifactfs.fs.daemon import is_mounted
-from artifactfs.reader import DEFAULT_READAHEAD_CHUNKS
 from tests.support.mounts import Mount, mounted, wait_gone
 
 KiB = 1024
@@ -563,7 +562,7 @@ def test_concurrent_readers_of_one_chunk_cause_one_fetch(
             r if isinstance(r, str) else len(r) for r in results
         ]
         fetched = settled_figure(mount, "fetched_bytes")
-        # One fetch of the chunk, plus at most the read-ahead window behind it.
-        limit = MiB * (1 + DEFAULT_READAHEAD_CHUNKS)
-        assert 0 < fetched <= limit, f"fetched {fetched} bytes for one 1 MiB region"
+        # A file of several chunks up to VERIFY_BEFORE_SERVING_BYTES is fetched whole and
+        # checked before any byte is served: one fetch of each chunk, none twice.
+        assert fetched == len(body), f"fetched {fetched} bytes of a {len(body)}-byte file"
         assert mount.root_figure("errors") == 0

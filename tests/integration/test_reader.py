@@ -81,6 +81,11 @@ def make_reader(cache: ChunkCache) -> Iterator[Callable[..., Reader]]:
     def make(**options: int | float) -> Reader:
         options.setdefault("chunk_size", CHUNK)
         options.setdefault("deadline", 10.0)
+        # These tests are about chunk mechanics (read-ahead, one fetch per chunk, the
+        # background whole-file check): files of a few chunks are read chunk by chunk, as files
+        # over VERIFY_BEFORE_SERVING_BYTES are. The check before serving has its own tests in
+        # tests/unit/test_verify_before_serving.py.
+        options.setdefault("verify_before_serving_bytes", 0)
         reader = Reader(cache, **options)  # type: ignore[arg-type]
         readers.append(reader)
         return reader

@@ -25,10 +25,11 @@ been fetched anew and checked. Transient failures are retried with back-off with
 and the requests of one chunk fetch are cut off when it passes (`RequestDeadline`): a stalled
 or trickling server gives EIO after about the deadline, never later.
 
-Recently used chunks also stay in memory (a small LRU of verified bytes): the kernel asks for at
-most 1 MiB at a time, and re-reading and re-checking an 8 MiB chunk file for each of those would
-cost eight times the I/O. `prefetch()` warms the cache with whole small files a program is about
-to open (its neighbours in a directory), on a pool of its own so it never delays a demand read.
+Chunks just fetched also stay in memory (a small LRU of checked bytes), for the readers right
+behind the fetch. A read of a chunk found on disk reads and checks only the 1 MiB blocks of it
+that it returns (the kernel asks for at most 1 MiB at a time). `prefetch()` warms the cache
+with whole small files a program is about to open (its neighbours in a directory), on a pool
+of its own so it never delays a demand read.
 """
 
 from __future__ import annotations
@@ -238,11 +239,30 @@ class Reader:
         self._maybe_read_ahead(entry, offset, length, last)
         pieces = []
         for index in range(first, last + 1):
-            chunk = self._chunk(entry, index)
-            start = offset - index * self.chunk_size if index == first else 0
-            end = offset + length - index * self.chunk_size if index == last else len(chunk)
-            pieces.append(chunk[max(start, 0) : end])
+            chunk_start = index * self.chunk_size
+            start = max(offset - chunk_start, 0)
+            end = min(offset + length - chunk_start, self.chunk_size)
+            pieces.append(self._piece(entry, index, start, end))
         return b"".join(pieces)
+
+    def _piece(self, entry: ArtifactFileData, index: int, start: int, end: int) -> bytes:
+        """Bytes [start, end) of one chunk for a reader: from memory, else from only the
+        blocks of the disk cache that hold them (each checked), else from a fetch."""
+        key = self._key(entry, index)
+        with self._lock:
+            data = self._memory.get(key)
+        if data is not None:
+            self.cache.record_hit()
+            if not self.cache.touch(key):
+                # Evicted from disk while kept in memory: a read makes it recent again, on
+                # disk too, so that what was read last survives a remount.
+                self.cache.put(key, data)
+            return data[start:end]
+        if self.cache.contains(key):
+            piece = self.cache.read(key, start, end - start)
+            if piece is not None:
+                return piece
+        return self._chunk(entry, index)[start:end]
 
     def _maybe_read_ahead(
         self, entry: ArtifactFileData, offset: int, length: int, last_index: int
@@ -271,10 +291,6 @@ class Reader:
             data = self._memory.get(key)
         if data is not None:
             self.cache.record_hit()
-            if not self.cache.touch(key):
-                # Evicted from disk while kept in memory: a use makes it recent again, on disk
-                # too, so that what was read last survives a remount.
-                self.cache.put(key, data)
             return data
         data = self.cache.get(key)
         if data is not None:

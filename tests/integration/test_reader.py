@@ -17,6 +17,7 @@ import pytest
 
 import artifactfs
 from artifactfs.cache import ChunkCache, chunk_key
+from artifactfs.cache.chunks import header_size
 from artifactfs.entries import ArtifactFileData
 from artifactfs.reader import DEFAULT_READAHEAD_CHUNKS, Reader, ReadError
 from tests.conftest import S3Bucket, make_tree
@@ -401,3 +402,34 @@ def test_changed_local_file_raises(
     assert str(path) in str(raised.value)
     with pytest.raises(ReadError):
         reader.read(entry, 1000, 10)  # and again: never served once it failed
+
+
+# -- reads from the disk cache -----------------------------------------------------------------
+
+
+def test_a_read_from_the_disk_cache_checks_only_the_blocks_it_returns(
+    s3: S3Bucket, make_reader: Callable[..., Reader], cache: ChunkCache
+) -> None:
+    """A reader with nothing in memory (a remount) reads a 4 MiB chunk from disk block by
+    block: a damaged block is found by the first read that needs it, and that read still gets
+    the tracked bytes (fetched again); reads of other blocks before it never needed a fetch."""
+    MiB = 1024 * 1024
+    body = body_of(4 * MiB + 123, 31)
+    entry = track_s3(s3, "blocks.bin", body)
+    options = {"chunk_size": 4 * MiB, "readahead_chunks": 0}
+    assert make_reader(**options).read(entry, 0, len(body)) == body
+    key = key_of(entry, 0, 4 * MiB)
+    path = cache._path(key)
+    damaged = bytearray(path.read_bytes())
+    damaged[header_size(4 * MiB) + 3 * MiB + 7] ^= 0xFF  # in block 3 of chunk 0
+    path.write_bytes(bytes(damaged))
+
+    remounted = make_reader(**options)
+    fetched, errors = cache.stats.fetched_bytes, cache.stats.errors
+    assert remounted.read(entry, 10, 4096) == body[10:4106]
+    assert remounted.read(entry, 2 * MiB - 5, 10) == body[2 * MiB - 5 : 2 * MiB + 5]
+    assert cache.stats.fetched_bytes == fetched, "a read of intact blocks fetched"
+    assert remounted.read(entry, 3 * MiB, 4096) == body[3 * MiB : 3 * MiB + 4096]
+    assert cache.stats.errors == errors + 1
+    assert cache.stats.fetched_bytes == fetched + 4 * MiB  # the chunk, fetched again
+    assert remounted.read(entry, 0, len(body)) == body

@@ -102,12 +102,14 @@ class Reader:
         deadline: float = DEFAULT_DEADLINE,
         memory_bytes: int = DEFAULT_MEMORY_BYTES,
         verify_before_serving_bytes: int = VERIFY_BEFORE_SERVING_BYTES,
+        direct_reads: bool = True,
     ) -> None:
         self.cache = cache
         self.chunk_size = chunk_size
         self.readahead_chunks = readahead_chunks
         self.deadline = deadline
         self.verify_before_serving_bytes = verify_before_serving_bytes
+        self.direct_reads = direct_reads
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="artifactfs-fetch")
         self._prefetch_pool = ThreadPoolExecutor(workers, thread_name_prefix="artifactfs-prefetch")
         self._pending_prefetches = 0
@@ -234,9 +236,19 @@ class Reader:
             self._ensure_verified(entry)
         first = offset // self.chunk_size
         last = (offset + length - 1) // self.chunk_size
-        if not self.cache.contains(self._key(entry, first)):
+        key = self._key(entry, first)
+        starts_fetch = False
+        if not self._in_memory(key) and not self.cache.contains(key):
+            with self._lock:
+                starts_fetch = key not in self._inflight
             self._start_fetch(entry, first)  # the chunk asked for goes before any read-ahead
-        self._maybe_read_ahead(entry, offset, length, last)
+        streak = self._maybe_read_ahead(entry, offset, length, last)
+        # A read that had to start its chunk's fetch, and is not part of a sequential run,
+        # gets its own bytes by a small request (readers that come later wait for the chunk).
+        if starts_fetch and streak == 0 and first == last and self._may_read_directly(entry):
+            direct = self._read_directly(entry, key, offset, length)
+            if direct is not None:
+                return direct
         pieces = []
         for index in range(first, last + 1):
             chunk_start = index * self.chunk_size
@@ -264,9 +276,45 @@ class Reader:
                 return piece
         return self._chunk(entry, index)[start:end]
 
+    def _may_read_directly(self, entry: ArtifactFileData) -> bool:
+        """Whether a read may be served from its own ranged request, before its chunk: only
+        where chunks are not checked before serving anyway (a file of one chunk, or of several
+        up to `verify_before_serving_bytes`), since such a read is guarded by the same
+        conditional request and response identity as a chunk of the file would be."""
+        return (
+            self.direct_reads
+            and self._chunk_count(entry.size or 0) > 1
+            and not self._checked_before_serving(entry)
+        )
+
+    def _read_directly(
+        self, entry: ArtifactFileData, key: bytes, offset: int, length: int
+    ) -> bytes | None:
+        """The bytes a first or random read asks for, by a ranged request of just them.
+
+        Its chunk is being fetched meanwhile, for the reads that follow; the reader waiting
+        for all 8 MiB of it would wait several times longer (first byte of a large file,
+        scattered 4 KiB reads). None, to wait for the chunk after all, if this fails."""
+        self._raise_if_failed_recently(key)
+        source = source_for_entry(entry)
+        try:
+            with RequestDeadline(self.deadline, entry.source_url):
+                data = source.read_range(entry, offset, length)
+        except Exception as exc:  # the chunk's fetch retries, and decides on EIO
+            log.info("%s: direct read failed, waiting for its chunk: %s", entry.source_url, exc)
+            return None
+        self.cache.record_fetch(len(data))
+        return data if len(data) == length else None
+
+    def _in_memory(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._memory
+
     def _maybe_read_ahead(
         self, entry: ArtifactFileData, offset: int, length: int, last_index: int
-    ) -> None:
+    ) -> int:
+        """Start fetching the chunks after this read if the reader is sequential; returns
+        how many contiguous reads it made so far (0: a first or a random read)."""
         key = (entry.type, entry.file_hash)
         with self._lock:
             sequence = self._sequences.setdefault(key, _Sequence())
@@ -277,13 +325,14 @@ class Reader:
             if len(self._sequences) > 10_000:
                 self._sequences.clear()
         if offset != 0 and streak == 0:
-            return  # a random reader: no read-ahead
+            return streak  # a random reader: no read-ahead
         # A first read at 0 gets one chunk ahead; a reader that keeps going, the full window.
         window = self.readahead_chunks if streak > 0 else min(1, self.readahead_chunks)
         count = self._chunk_count(entry.size or 0)
         for index in range(last_index + 1, min(count, last_index + 1 + window)):
             if not self.cache.contains(self._key(entry, index)):
                 self._start_fetch(entry, index)
+        return streak
 
     def _cached(self, key: bytes) -> bytes | None:
         """A verified chunk from memory, else from the disk cache (then kept in memory)."""

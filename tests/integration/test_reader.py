@@ -87,6 +87,8 @@ def make_reader(cache: ChunkCache) -> Iterator[Callable[..., Reader]]:
         # over VERIFY_BEFORE_SERVING_BYTES are. The check before serving has its own tests in
         # tests/unit/test_verify_before_serving.py.
         options.setdefault("verify_before_serving_bytes", 0)
+        # Nor do they want a first or random read served by its own small request.
+        options.setdefault("direct_reads", False)
         reader = Reader(cache, **options)  # type: ignore[arg-type]
         readers.append(reader)
         return reader
@@ -433,3 +435,36 @@ def test_a_read_from_the_disk_cache_checks_only_the_blocks_it_returns(
     assert cache.stats.errors == errors + 1
     assert cache.stats.fetched_bytes == fetched + 4 * MiB  # the chunk, fetched again
     assert remounted.read(entry, 0, len(body)) == body
+
+
+# -- first and random reads of large files ------------------------------------------------------
+
+
+def test_first_and_random_reads_of_a_large_file_get_their_bytes_directly(
+    s3: S3Bucket, make_reader: Callable[..., Reader]
+) -> None:
+    """A first or random read that starts its chunk's fetch is answered by a ranged request of
+    just its bytes; the chunk still arrives for the reads after it, fetched once."""
+    body = body_of(8 * CHUNK, 32)
+    entry = track_s3(s3, "direct.bin", body)
+    reader = make_reader(direct_reads=True, readahead_chunks=0)
+    offset = 5 * CHUNK + 77
+    assert reader.read(entry, offset, 4096) == body[offset : offset + 4096]
+    assert wait_for(lambda: reader.cached_bytes(entry) == CHUNK)
+    assert reader.cache.stats.fetched_bytes == CHUNK + 4096
+    # Later reads of that chunk come from the cache: nothing more is fetched.
+    assert reader.read(entry, 5 * CHUNK, CHUNK) == body[5 * CHUNK : 6 * CHUNK]
+    assert reader.cache.stats.fetched_bytes == CHUNK + 4096
+
+
+def test_a_direct_read_of_a_changed_object_fails_like_its_chunk(
+    s3: S3Bucket, make_reader: Callable[..., Reader]
+) -> None:
+    body = body_of(8 * CHUNK, 33)
+    entry = track_s3(s3, "direct-changed.bin", body)
+    s3.put("direct-changed.bin", body_of(8 * CHUNK, 34))
+    reader = make_reader(direct_reads=True, readahead_chunks=0)
+    with pytest.raises(ReadError) as info:
+        reader.read(entry, 3 * CHUNK + 5, 4096)
+    assert s3.url("direct-changed.bin") in str(info.value)
+    assert reader.cached_bytes(entry) == 0

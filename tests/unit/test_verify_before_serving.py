@@ -82,6 +82,8 @@ def readers(cache: ChunkCache) -> Iterator[list[Reader]]:
 def new_reader(readers: list[Reader], cache: ChunkCache, **options: Any) -> Reader:
     options.setdefault("chunk_size", CHUNK)
     options.setdefault("deadline", 5.0)
+    # Whole chunks only: which fetches happen is what these tests look at.
+    options.setdefault("direct_reads", False)
     reader = Reader(cache, **options)
     readers.append(reader)
     return reader
@@ -133,6 +135,21 @@ def test_a_wrong_chunk_fails_the_first_read_and_nothing_is_served_or_kept(
         with pytest.raises(ReadError):
             reader.read(entry, offset, 10)
     assert len(source.fetched(entry)) == fetches
+
+
+@pytest.mark.parametrize("offset", [0, CHUNK + 5, 2 * CHUNK + 5])
+def test_direct_reads_never_bypass_the_check_before_serving(
+    source: LyingS3, cache: ChunkCache, readers: list[Reader], offset: int
+) -> None:
+    """A first or random read may be served by its own ranged request, but never for a file
+    that is checked whole before serving: a lie anywhere in it fails every read."""
+    entry, _ = put(source, "liar-direct.bin", 3 * CHUNK + 7)
+    source.lie_at = {2 * CHUNK}
+    reader = new_reader(readers, cache, direct_reads=True)
+    with pytest.raises(ReadError) as info:
+        reader.read(entry, offset, 100)
+    assert "whole-file check failed" in str(info.value)
+    assert sorted(source.fetched(entry)) == [i * CHUNK for i in range(4)]  # whole chunks only
 
 
 def test_a_failed_file_is_served_once_fetched_anew_and_right(

@@ -10,6 +10,7 @@ Remote reads can be bounded as a whole, headers and body, by a `RequestDeadline`
 from __future__ import annotations
 
 import contextlib
+import heapq
 import socket
 import threading
 import time
@@ -99,17 +100,14 @@ class RequestDeadline:
         self._expired = False
         self._ended = False
         self._outer: RequestDeadline | None = None
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
 
     def __enter__(self) -> RequestDeadline:
         self._outer = current_deadline()
         _scope.deadline = self
-        self._timer.start()
+        _watchdog.add(self)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._timer.cancel()
         _scope.deadline = self._outer
         with _watch_lock:
             # From here on the connections may serve other requests: never touch them again.
@@ -158,6 +156,41 @@ class RequestDeadline:
                 # request belongs to that thread's scope.
                 if getattr(connection, _OWNER, None) is self:
                     _shut_down(sock if sock is not None else getattr(connection, "sock", None))
+
+
+class _Watchdog:
+    """One thread expires every scope at its deadline. A timer thread per scope would start a
+    thread per chunk fetch: thousands a second when a program reads small files."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._pending: list[tuple[float, int, RequestDeadline]] = []  # a heap by deadline
+        self._count = 0
+        self._thread: threading.Thread | None = None
+
+    def add(self, scope: RequestDeadline) -> None:
+        with self._condition:
+            self._count += 1
+            heapq.heappush(self._pending, (scope.expires_at, self._count, scope))
+            if self._thread is None or not self._thread.is_alive():  # none yet, or forked
+                self._thread = threading.Thread(
+                    target=self._run, name="artifactfs-deadlines", daemon=True
+                )
+                self._thread.start()
+            elif self._pending[0][2] is scope:
+                self._condition.notify()  # the new scope ends first: wake up sooner
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._pending or self._pending[0][0] > time.monotonic():
+                    timeout = self._pending[0][0] - time.monotonic() if self._pending else None
+                    self._condition.wait(timeout)
+                _, _, scope = heapq.heappop(self._pending)
+            scope._expire()  # a no-op for a scope that has ended
+
+
+_watchdog = _Watchdog()
 
 
 def current_deadline() -> RequestDeadline | None:

@@ -225,3 +225,24 @@ def test_the_reader_gives_eio_within_its_deadline_and_remembers_it(
             assert reader.cached_bytes(entry) == 0
         finally:
             reader.close()
+
+
+def test_scopes_expire_on_time_without_a_thread_each() -> None:
+    """Thousands of chunk fetches a second each open a scope: one watchdog thread expires
+    them all, in deadline order, and a scope that ended is never expired."""
+    before = threading.active_count()
+    ended = []
+    for _ in range(500):
+        with RequestDeadline(0.05, "s3://b/ended") as scope:
+            ended.append(scope)
+    late = RequestDeadline(0.4, "s3://b/late").__enter__()
+    soon = RequestDeadline(0.1, "s3://b/soon").__enter__()
+    assert threading.active_count() <= before + 1
+    time.sleep(0.25)
+    assert soon.expired and soon._expired  # expired by the watchdog, not only by the clock
+    assert not late._expired
+    time.sleep(0.3)
+    assert late._expired
+    soon.__exit__(None, None, None)
+    late.__exit__(None, None, None)
+    assert not any(scope._expired for scope in ended)

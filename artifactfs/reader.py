@@ -185,6 +185,32 @@ class Reader:
             self.cache.record_error()
             raise ReadError(str(exc)) from None
 
+    def read_if_ready(self, entry: ArtifactFileData, offset: int, length: int) -> bytes | None:
+        """The bytes of `read`, if they can be answered without any I/O or wait: a read within
+        one chunk that is in memory, of a file whose bytes may be served now (not failed, and
+        checked whole if it must be). None means: call `read` (on a worker thread)."""
+        size = entry.size or 0
+        if entry.type == TYPE_LOCAL or offset >= size or length <= 0:
+            return None
+        length = min(length, size - offset)
+        index = offset // self.chunk_size
+        if (offset + length - 1) // self.chunk_size != index:
+            return None
+        key = self._key(entry, index)
+        must_be_checked = self._checked_before_serving(entry)
+        with self._lock:
+            data = self._memory.get(key)
+            if data is None or (entry.type, entry.file_hash) in self._failed_files:
+                return None
+            if must_be_checked and _file_id(entry) not in self._verified:
+                return None
+        if not self.cache.touch(key):
+            return None  # evicted from disk: `read` puts it back (disk I/O)
+        self.cache.record_hit()
+        self._maybe_read_ahead(entry, offset, length, index)  # only starts fetches
+        start = offset - index * self.chunk_size
+        return data[start : start + length]
+
     def cached_bytes(self, entry: ArtifactFileData) -> int:
         """How many of the entry's bytes are in the cache now (local files: all, in place)."""
         size = entry.size or 0

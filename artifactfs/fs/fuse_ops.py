@@ -126,7 +126,11 @@ class ArtifactOperations(pyfuse3.Operations):
         text = os.fsdecode(name)
         if text == ".":
             return self._entry_attributes(parent)
-        node = await self._call(self.tree.lookup, parent, text)
+        # Inside a listed directory the answer is a dict lookup: no round trip to a worker
+        # thread, which costs more than the lookup when fetch threads keep the GIL busy.
+        known, node = self.tree.remembered_lookup(parent, text)
+        if not known:
+            node = await self._call(self.tree.lookup, parent, text)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         self._remember(node)
@@ -195,6 +199,10 @@ class ArtifactOperations(pyfuse3.Operations):
         node = self._open_files.get(fh)
         if node is None or node.entry is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        # Bytes already checked and in memory (a prefetched small file) are answered here.
+        ready = self.reader.read_if_ready(node.entry, off, size)
+        if ready is not None:
+            return ready
         return await self._call(self.reader.read, node.entry, off, size)
 
     async def release(self, fh: int) -> None:

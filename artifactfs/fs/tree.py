@@ -190,6 +190,17 @@ class Tree:
                 return child
         return None
 
+    def remembered_lookup(self, parent: Node, name: str) -> tuple[bool, Node | None]:
+        """(True, the child or None) when the parent's listing is remembered, answered
+        without a store query or a wait; (False, None) when `lookup` must be called."""
+        if parent.kind is not Kind.ARTIFACT_DIR:
+            return False, None
+        with self._lock:
+            listed = self._listings.get(_listing_key(parent))
+        if listed is None:
+            return False, None
+        return True, listed.by_name.get(name) if _safe_name(name) else None
+
     def children(self, node: Node) -> list[Node]:
         if node.kind is Kind.ROOT:
             workspaces = sorted({p.workspace for p in self.store.list_projects()})

@@ -263,3 +263,28 @@ def test_iter_file_serves_a_checked_file_whole(
     other, _ = put(source, "download-liar.bin", 2 * CHUNK, seed=2)
     with pytest.raises(ReadError):
         b"".join(reader.iter_file(other))
+
+
+def test_read_if_ready_serves_only_what_read_would_serve(
+    source: LyingS3, cache: ChunkCache, readers: list[Reader]
+) -> None:
+    """The mount answers reads of bytes already in memory without a worker thread: never
+    bytes of a file not yet checked whole, or of one that failed its check."""
+    entry, body = put(source, "ready.bin", 3 * CHUNK + 7)
+    reader = new_reader(readers, cache)
+    assert reader.read_if_ready(entry, 0, 100) is None  # nothing in memory yet
+    assert reader.read(entry, 0, 100) == body[:100]  # checked whole, every chunk in memory
+    assert reader.read_if_ready(entry, CHUNK + 5, 100) == body[CHUNK + 5 : CHUNK + 105]
+    assert reader.read_if_ready(entry, 3 * CHUNK, 100) == body[3 * CHUNK :]  # clipped
+    assert reader.read_if_ready(entry, CHUNK - 5, 10) is None  # two chunks: `read` does it
+    liar, _ = put(source, "liar-ready.bin", 3 * CHUNK + 7, seed=2)
+    source.lie_at = {2 * CHUNK}
+    with pytest.raises(ReadError):
+        reader.read(liar, 0, 10)
+    for offset in (0, CHUNK, 2 * CHUNK, 3 * CHUNK):
+        assert reader.read_if_ready(liar, offset, 10) is None
+    # Chunks in memory of a file whose check has not run (a check under way) are not served.
+    unchecked, unchecked_body = put(source, "unchecked.bin", 3 * CHUNK + 7, seed=3)
+    reader._remember(keys_of(unchecked)[1], unchecked_body[CHUNK : 2 * CHUNK])
+    cache.put(keys_of(unchecked)[1], unchecked_body[CHUNK : 2 * CHUNK])
+    assert reader.read_if_ready(unchecked, CHUNK, 10) is None

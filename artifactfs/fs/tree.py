@@ -281,10 +281,9 @@ class Tree:
         )
 
     def _artifact_lookup(self, parent: Node, name: str) -> Node | None:
-        with self._lock:
-            listed = self._listings.get(_listing_key(parent))
-        if listed is not None:  # listed before (readdir, or a neighbour's open): no query
-            return listed.by_name.get(name)
+        known, node = self.remembered_lookup(parent, name)
+        if known:  # listed before (readdir, or a neighbour's open): no query
+            return node
         entry, dir_path = self.store.artifact_lookup(parent.artifact_id, parent.dir_path, name)
         if entry is not None and dir_path is not None:
             log.warning("hiding %r: both a file and a directory in the store", name)

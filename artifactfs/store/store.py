@@ -27,6 +27,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     text,
     update,
@@ -198,6 +199,13 @@ class Store:
                     )
                     return
                 version = int(row[0])
+                missing = _missing_column(conn) if version == SCHEMA_VERSION else None
+                if missing is not None:  # raised in the transaction: it rolls back
+                    raise ArtifactfsError(
+                        f"store {self.uri} says schema version {version} but has no column "
+                        f"{missing}: it was written by a pre-release artifactfs; move it away "
+                        "or pass another --store"
+                    )
         except OperationalError as exc:
             reason = " ".join(str(exc.orig).split())
             raise ArtifactfsError(f"cannot open store {self.uri}: {reason}") from None
@@ -636,3 +644,16 @@ def _insert_rows(conn: Connection, table: Table, rows: Sequence[tuple[Any, ...]]
         else:
             params = [tuple(row[i] for i in order) for row in batch]
         conn.exec_driver_sql(sql, params)
+
+
+def _missing_column(conn: Connection) -> str | None:
+    """`table.column` of the first column this schema needs that the database lacks, if any:
+    a store made by a development build under the same version number is refused clearly,
+    not met with SQL errors later."""
+    inspector = inspect(conn)
+    for table in schema.metadata.sorted_tables:
+        found = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in found:
+                return f"{table.name}.{column.name}"
+    return None

@@ -206,3 +206,33 @@ def test_files_listing_of_a_hostile_store_does_not_crash(cli, victim: dict[str, 
     result = cli("files", "P-1", "data", "--json")
     assert "Traceback" not in result.stderr
     assert result.returncode in (0, 2), result
+
+
+def test_a_store_of_a_pre_release_layout_is_refused_in_one_line_and_left_as_it_was(
+    cli, tmp_path: Path
+) -> None:
+    """A store that claims the current schema version but lacks its columns (written by a
+    development build) gets one clear line, exit 2, and no change, from every command."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE artifactfs_meta (key VARCHAR(64) PRIMARY KEY, value TEXT)")
+    conn.execute("INSERT INTO artifactfs_meta VALUES ('schema_version', '1')")
+    conn.execute(
+        "CREATE TABLE artifacts (hash VARCHAR(64) PRIMARY KEY, file_count INTEGER,"
+        " total_size BIGINT, created_at VARCHAR(32))"
+    )
+    conn.commit()
+    conn.close()
+    data = make_tree(tmp_path / "data", {"a.csv": b"a"})
+    for args in (("runs",), ("--project", "p", "track", "f", str(data))):
+        result = cli("--store", str(path), *args)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "no column artifacts.id" in lines[0], result.stderr
+        assert "pre-release" in lines[0]
+    check = sqlite3.connect(path)
+    tables = check.execute("SELECT name FROM sqlite_master WHERE type='table'")
+    assert sorted(row[0] for row in tables) == ["artifactfs_meta", "artifacts"]
+    assert check.execute("SELECT * FROM artifactfs_meta").fetchall() == [("schema_version", "1")]
+    assert check.execute("SELECT count(*) FROM artifacts").fetchone() == (0,)
+    check.close()

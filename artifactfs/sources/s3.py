@@ -222,7 +222,8 @@ class S3Source(Source):
         args: dict[str, Any] = {"Bucket": bucket, "Key": key, "IfMatch": f'"{entry.file_hash}"'}
         if "version_id" in entry.metadata:
             args["VersionId"] = entry.metadata["version_id"]
-        if offset or length is not None:
+        # A Range on an empty object is unsatisfiable: ask for the whole (empty) body.
+        if entry.size != 0 and (offset or length is not None):
             end = "" if length is None else str(offset + length - 1)
             args["Range"] = f"bytes={offset}-{end}"
         try:
@@ -262,11 +263,7 @@ class S3Source(Source):
     ) -> Iterator[bytes]:
         if length == 0:
             return iter(())
-        if entry.size == 0:
-            # A Range on an empty object is unsatisfiable: ask for the whole (empty) body.
-            response = self._get(entry, 0, None)
-        else:
-            response = self._get(entry, offset, length)
+        response = self._get(entry, offset, length)
         return _iter_body(response["Body"], entry.source_url)
 
     def read_range(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
@@ -275,10 +272,7 @@ class S3Source(Source):
         A stall or a trickle cannot hold the read: the request deadline cuts the connection."""
         if length == 0:
             return b""
-        # A Range on an empty object is unsatisfiable: ask for the whole (empty) body.
-        response = (
-            self._get(entry, 0, None) if entry.size == 0 else self._get(entry, offset, length)
-        )
+        response = self._get(entry, offset, length)
         return _read_body(response["Body"], entry.source_url)
 
     def check(self, entry: ArtifactFileData) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from artifactfs.cache.chunks import header_size
 from artifactfs.entries import ArtifactFileData
 from artifactfs.reader import DEFAULT_READAHEAD_CHUNKS, Reader, ReadError
 from tests.conftest import S3Bucket, make_tree
+from tests.support.concurrent import run_at_once
 
 pytestmark = pytest.mark.s3
 
@@ -214,22 +214,7 @@ def test_changed_object_after_partial_caching_serves_cached_or_fails(
 
 
 def _read_concurrently(reader: Reader, entry: ArtifactFileData, offset: int, length: int) -> list:
-    barrier = threading.Barrier(8, timeout=10)
-    results: list[bytes | BaseException] = [b""] * 8
-
-    def work(i: int) -> None:
-        try:
-            barrier.wait()
-            results[i] = reader.read(entry, offset + i, length)
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return results
+    return run_at_once(lambda i: reader.read(entry, offset + i, length))
 
 
 def test_concurrent_reads_of_one_chunk_fetch_once(

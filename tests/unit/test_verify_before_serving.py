@@ -22,6 +22,7 @@ from artifactfs.cache import ChunkCache, chunk_key
 from artifactfs.entries import ArtifactFileData
 from artifactfs.reader import Reader, ReadError
 from artifactfs.sources.base import Source
+from tests.support.concurrent import run_at_once
 
 CHUNK = 64 * 1024
 
@@ -207,22 +208,7 @@ def test_concurrent_first_reads_share_one_check_and_one_fetch_per_chunk(
 ) -> None:
     entry, body = put(source, "shared.bin", 5 * CHUNK + 3)
     reader = new_reader(readers, cache)
-    barrier = threading.Barrier(8, timeout=10)
-    results: list[bytes | BaseException] = [b""] * 8
-
-    def work(index: int) -> None:
-        try:
-            barrier.wait()
-            offset = index * CHUNK // 2
-            results[index] = reader.read(entry, offset, 1000)
-        except BaseException as exc:
-            results[index] = exc
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    results = run_at_once(lambda index: reader.read(entry, index * CHUNK // 2, 1000), timeout=30)
     for index, result in enumerate(results):
         offset = index * CHUNK // 2
         assert result == body[offset : offset + 1000]

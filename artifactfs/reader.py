@@ -133,31 +133,31 @@ class Reader:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
 
-    def prefetch(self, entry: ArtifactFileData) -> None:
-        """Start fetching a small remote file into the cache, unless busy or cached already."""
+    def prefetch(self, entry: ArtifactFileData) -> bool:
+        """Start fetching a small remote file into the cache, unless cached or under way.
+        False when too many prefetches are pending: the caller may ask again later. The
+        fetch runs on the prefetch pool itself, so a demand read never queues behind it."""
         if entry.type == TYPE_LOCAL or self._chunk_count(entry.size or 0) != 1:
-            return
+            return True
         key = self._key(entry, 0)
         with self._lock:
-            if self._pending_prefetches >= MAX_PENDING_PREFETCHES or key in self._inflight:
-                return
-            if key in self._memory:
-                return
-            self._pending_prefetches += 1
+            if key in self._inflight or key in self._memory:
+                return True
+            if self._pending_prefetches >= MAX_PENDING_PREFETCHES:
+                return False
         if self.cache.contains(key):
-            with self._lock:
-                self._pending_prefetches -= 1
-            return
-        self._prefetch_pool.submit(self._run_prefetch, entry)
+            return True
+        with self._lock:
+            self._pending_prefetches += 1
+        self._start_fetch(entry, 0, self._prefetch_pool).add_done_callback(self._prefetch_done)
+        return True
 
-    def _run_prefetch(self, entry: ArtifactFileData) -> None:
-        try:
-            self._start_fetch(entry, 0).result(timeout=self.deadline + 30)
-        except Exception as exc:  # a prefetch that fails is only a lost hint
-            log.info("prefetch of %s failed: %s", entry.source_url, exc)
-        finally:
-            with self._lock:
-                self._pending_prefetches -= 1
+    def _prefetch_done(self, done: Future[bytes]) -> None:
+        with self._lock:
+            self._pending_prefetches -= 1
+        if not done.cancelled() and done.exception() is not None:
+            # A prefetch that fails is only a lost hint; a read of that file will say why.
+            log.info("prefetch failed: %s", done.exception())
 
     def iter_file(self, entry: ArtifactFileData) -> Iterator[bytes]:
         """Every byte of the entry, chunk by chunk, through the cache (with read-ahead)."""
@@ -367,6 +367,9 @@ class Reader:
         if data is not None:
             self.cache.record_hit()
             return data
+        if not self.cache.contains(key):
+            self.cache.record_miss()  # known absent: no need to try opening its file
+            return None
         data = self.cache.get(key)
         if data is not None:
             self._remember(key, data)
@@ -405,14 +408,17 @@ class Reader:
                 self._failed_chunks[key] = message
             raise ReadError(message) from None
 
-    def _start_fetch(self, entry: ArtifactFileData, index: int) -> Future[bytes]:
-        """The in-flight fetch of this chunk, started if there is none (one fetch per chunk)."""
+    def _start_fetch(
+        self, entry: ArtifactFileData, index: int, pool: ThreadPoolExecutor | None = None
+    ) -> Future[bytes]:
+        """The in-flight fetch of this chunk, started if there is none (one fetch per chunk),
+        on `pool` (default: the demand pool)."""
         key = self._key(entry, index)
         with self._lock:
             future = self._inflight.get(key)
             started = future is None
             if future is None:
-                future = self._pool.submit(self._fetch_chunk, entry, index, key)
+                future = (pool or self._pool).submit(self._fetch_chunk, entry, index, key)
                 self._inflight[key] = future
         if started:
             # Outside the lock: a callback on a finished future runs at once, in this thread.

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -143,6 +144,9 @@ class ChunkCache:
         self.stats = CacheStats(cache_limit=limit_bytes)
         self._lock = threading.Lock()
         self._reserved = 0  # bytes of chunks being written, counted against the limit
+        self._chunks_dir = str(directory / "chunks")
+        self._tmp_dir = str(directory / "tmp")
+        self._temp_names = itertools.count()
         self._prepare_directory()
         self._index = _EvictingLRU(limit_bytes, self)
         self._rebuild_index()
@@ -168,7 +172,11 @@ class ChunkCache:
                 f"cache {self.directory} has format {found!r}, this artifactfs uses "
                 f"{FORMAT_TEXT.strip()!r}: remove that directory or pick another --cache-dir"
             )
-        (self.directory / "chunks").mkdir(exist_ok=True, mode=0o700)
+        chunks = self.directory / "chunks"
+        chunks.mkdir(exist_ok=True, mode=0o700)
+        # All 256 fan-out directories up front: a put then never needs a mkdir.
+        for prefix in range(256):
+            (chunks / f"{prefix:02x}").mkdir(exist_ok=True, mode=0o700)
         tmp = self.directory / "tmp"
         # Whatever is in tmp/ was being written when a process died: never complete.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,9 +187,10 @@ class ChunkCache:
                 out.write(FORMAT_TEXT)
             os.replace(temp, format_file)
 
-    def _path(self, key: bytes) -> Path:
+    def _path(self, key: bytes) -> str:
+        # A string, not a Path: this runs for every chunk read and written.
         name = key.hex()
-        return self.directory / "chunks" / name[:2] / name
+        return f"{self._chunks_dir}/{name[:2]}/{name}"
 
     def _iter_files(self) -> Iterator[Path]:
         chunks = self.directory / "chunks"
@@ -209,7 +218,8 @@ class ChunkCache:
         self.stats.chunks = len(self._index)
 
     def _remove_file(self, key: bytes) -> None:
-        self._path(key).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(key))
 
     # -- reading and writing ----------------------------------------------------------------
 
@@ -236,7 +246,7 @@ class ChunkCache:
             with self._lock:
                 # A put may have published it since: only forget a file that is still missing
                 # (puts publish before they index, and index under this lock).
-                if not path.exists():
+                if not os.path.exists(path):
                     self._index.pop(key, None)
                 self.stats.misses += 1
                 self._refresh_stats()
@@ -314,13 +324,15 @@ class ChunkCache:
     def _write(self, key: bytes, payload: bytes) -> bool:
         header = pack_header(key, payload)
         path = self._path(key)
+        # Unique in this process (tmp/ is emptied on start, and one process uses a cache).
+        temp = f"{self._tmp_dir}/{key.hex()}.{os.getpid()}.{next(self._temp_names)}"
         try:
-            path.parent.mkdir(exist_ok=True, mode=0o700)
-            fd, temp = tempfile.mkstemp(dir=self.directory / "tmp")
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(header)
-                    out.write(payload)
+                try:
+                    _write_all(fd, [header, payload])
+                finally:
+                    os.close(fd)
                 os.replace(temp, path)
             except BaseException:
                 os.unlink(temp)
@@ -349,6 +361,11 @@ class ChunkCache:
         """A hit served from a reader's memory copy of a chunk."""
         with self._lock:
             self.stats.hits += 1
+
+    def record_miss(self) -> None:
+        """A chunk looked for and known absent, without opening its file."""
+        with self._lock:
+            self.stats.misses += 1
 
     def record_fetch(self, nbytes: int) -> None:
         with self._lock:
@@ -412,6 +429,18 @@ class ChunkCache:
 
 class _Damaged(Exception):
     """A chunk file that must not be served; the message says why."""
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """Write every byte of `parts` in order (writev, resumed after a short write)."""
+    views = [memoryview(part) for part in parts if part]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
 
 
 def _pread_full(fd: int, size: int, offset: int) -> bytes:

@@ -358,6 +358,11 @@ class Tree:
         )
         return self._artifact_listing(parent)
 
+    def remembered_siblings(self, node: Node) -> Listing | None:
+        """`siblings` if that listing is remembered (no store query, no wait), else None."""
+        with self._lock:
+            return self._listings.get((node.path.rpartition("/")[0], node.artifact_id))
+
     # -- attributes -------------------------------------------------------------------------
 
     def attributes(self, node: Node) -> Attributes:

@@ -406,7 +406,7 @@ def test_a_read_from_the_disk_cache_checks_only_the_blocks_it_returns(
     options = {"chunk_size": 4 * MiB, "readahead_chunks": 0}
     assert make_reader(**options).read(entry, 0, len(body)) == body
     key = key_of(entry, 0, 4 * MiB)
-    path = cache._path(key)
+    path = Path(cache._path(key))
     damaged = bytearray(path.read_bytes())
     damaged[header_size(4 * MiB) + 3 * MiB + 7] ^= 0xFF  # in block 3 of chunk 0
     path.write_bytes(bytes(damaged))

@@ -665,7 +665,7 @@ def test_format_1_chunk_file_in_a_format_2_cache_is_dropped(
 ) -> None:
     body = payload(1)
     path = chunk_path(cache_dir, key(1))
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(
         struct.pack(">8sIQ32s32s", MAGIC, 1, len(body), hashlib.sha256(body).digest(), key(1))
         + body

@@ -185,10 +185,11 @@ class Reader:
             self.cache.record_error()
             raise ReadError(str(exc)) from None
 
-    def read_if_ready(self, entry: ArtifactFileData, offset: int, length: int) -> bytes | None:
+    def read_if_ready(self, entry: ArtifactFileData, offset: int, length: int) -> memoryview | None:
         """The bytes of `read`, if they can be answered without any I/O or wait: a read within
         one chunk that is in memory, of a file whose bytes may be served now (not failed, and
-        checked whole if it must be). None means: call `read` (on a worker thread)."""
+        checked whole if it must be). None means: call `read` (on a worker thread). The bytes
+        are a view of the chunk in memory: no copy of up to 1 MiB per read."""
         size = entry.size or 0
         if entry.type == TYPE_LOCAL or offset >= size or length <= 0:
             return None
@@ -209,7 +210,7 @@ class Reader:
         self.cache.record_hit()
         self._maybe_read_ahead(entry, offset, length, index)  # only starts fetches
         start = offset - index * self.chunk_size
-        return data[start : start + length]
+        return memoryview(data)[start : start + length]
 
     def cached_bytes(self, entry: ArtifactFileData) -> int:
         """How many of the entry's bytes are in the cache now (local files: all, in place)."""
@@ -280,12 +281,16 @@ class Reader:
             chunk_start = index * self.chunk_size
             start = max(offset - chunk_start, 0)
             end = min(offset + length - chunk_start, self.chunk_size)
-            pieces.append(self._piece(entry, index, start, end))
+            pieces.append(self._piece(entry, index, start, end, sequential=streak > 0))
         return b"".join(pieces)
 
-    def _piece(self, entry: ArtifactFileData, index: int, start: int, end: int) -> bytes:
-        """Bytes [start, end) of one chunk for a reader: from memory, else from only the
-        blocks of the disk cache that hold them (each checked), else from a fetch."""
+    def _piece(
+        self, entry: ArtifactFileData, index: int, start: int, end: int, *, sequential: bool
+    ) -> bytes:
+        """Bytes [start, end) of one chunk for a reader: from memory, else from the disk cache
+        (a random reader: only the blocks that hold them, each checked; a sequential one: the
+        whole chunk, kept in memory, so that its next reads need no disk read or worker
+        thread), else from a fetch."""
         key = self._key(entry, index)
         with self._lock:
             data = self._memory.get(key)
@@ -296,7 +301,7 @@ class Reader:
                 # disk too, so that what was read last survives a remount.
                 self.cache.put(key, data)
             return data[start:end]
-        if self.cache.contains(key):
+        if self.cache.contains(key) and not sequential:
             piece = self.cache.read(key, start, end - start)
             if piece is not None:
                 return piece
@@ -356,7 +361,8 @@ class Reader:
         window = self.readahead_chunks if streak > 0 else min(1, self.readahead_chunks)
         count = self._chunk_count(entry.size or 0)
         for index in range(last_index + 1, min(count, last_index + 1 + window)):
-            if not self.cache.contains(self._key(entry, index)):
+            # A chunk in the disk cache is loaded into memory ahead too (the fetch finds it).
+            if not self._in_memory(self._key(entry, index)):
                 self._start_fetch(entry, index)
         return streak
 

@@ -195,7 +195,8 @@ class ArtifactOperations(pyfuse3.Operations):
         # The bytes behind an inode never change: keep the page cache across opens.
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    # pyfuse3 replies with any buffer (its stub says bytes): a view saves a copy per read.
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         node = self._open_files.get(fh)
         if node is None or node.entry is None:
             raise pyfuse3.FUSEError(errno.EBADF)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from artifactfs.errors import ArtifactfsError
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0
+S3_WARM_WAIT = 1.0  # seconds the mount waits for its S3 client before it says ready
 
 
 @dataclass
@@ -183,6 +185,12 @@ def _serve(options: MountOptions, ready_fd: int | None) -> None:
     from artifactfs.reader import Reader
     from artifactfs.store import Store
 
+    # Importing boto3 and building its client takes ~0.3 s of CPU: done while the store and
+    # cache open, and over before the mount says it is ready, so that it never competes with
+    # the first reads (waited for at most S3_WARM_WAIT: a slow credentials chain, such as an
+    # instance-metadata lookup off EC2, must not hold the mount).
+    warming = threading.Thread(target=_warm_s3_client, name="artifactfs-s3-warm", daemon=True)
+    warming.start()
     store = Store(options.store_uri)
     tree = Tree(store, options.run_id, options.field_path)
     cache = ChunkCache(chunk_directory(options.resolved_cache_dir), options.cache_size)
@@ -194,6 +202,7 @@ def _serve(options: MountOptions, ready_fd: int | None) -> None:
     if options.allow_other:
         fuse_options.add("allow_other")
     pyfuse3.init(operations, options.mountpoint, fuse_options)
+    warming.join(S3_WARM_WAIT)
     log.info(
         "mounted %s (store %s, run %s, field %s, cache %s, limit %d bytes)",
         options.mountpoint,
@@ -221,7 +230,6 @@ async def _main_loop(mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
         nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, mountpoint)
-        nursery.start_soon(trio.to_thread.run_sync, _warm_s3_client)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -238,7 +246,7 @@ async def _stop_on_signal() -> None:
 
 
 def _warm_s3_client() -> None:
-    """Importing boto3 and building its client takes ~0.3 s: not on the first read's clock."""
+    """Importing boto3 and building its client: not on the first read's clock."""
     from artifactfs.sources.s3 import s3_client
 
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import calendar
+import contextlib
 import errno
 import os
 import random
@@ -100,7 +101,12 @@ def chunk_files(cache_dir: Path) -> list[Path]:
 
 
 def chunk_bytes(cache_dir: Path) -> int:
-    return sum(p.stat().st_size for p in chunk_files(cache_dir))
+    """Bytes of chunk files on disk now; a file evicted between listing and stat is gone."""
+    total = 0
+    for path in chunk_files(cache_dir):
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_size
+    return total
 
 
 def pread_all(path: Path, offset: int, length: int, flags: int = 0) -> bytes:

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Table,
+    bindparam,
     create_engine,
     event,
     func,
@@ -47,6 +48,22 @@ from artifactfs.store import schema
 from artifactfs.store.schema import SCHEMA_VERSION
 
 _INSERT_BATCH = 5000
+
+# The mount's per-name lookup, built once: building the expression per call cost SQLAlchemy
+# more than SQLite's indexed query (a stat of an uncached name in a 1M-entry artifact).
+_e, _d = schema.artifact_entries, schema.artifact_dirs
+_LOOKUP_ENTRY = select(
+    _e.c.file_path, _e.c.file_hash, _e.c.type, _e.c.size, _e.c.metadata_json
+).where(
+    _e.c.artifact_id == bindparam("artifact_id"),
+    _e.c.parent == bindparam("parent"),
+    _e.c.name == bindparam("name"),
+)
+_LOOKUP_DIR = select(_d.c.path).where(
+    _d.c.artifact_id == bindparam("artifact_id"),
+    _d.c.parent == bindparam("parent"),
+    _d.c.name == bindparam("name"),
+)
 _METADATA_JSON = json.JSONEncoder(sort_keys=True)  # one encoder: json.dumps makes one per call
 
 
@@ -559,19 +576,11 @@ class Store:
         """The file entry and the directory path named `name` in directory `parent`.
 
         Tracking never stores both; a store written by hand may, and callers must not guess."""
-        e, d = schema.artifact_entries, schema.artifact_dirs
+        names = {"artifact_id": artifact_id, "parent": parent, "name": name}
         with self._read() as conn:
-            row = conn.execute(
-                select(e.c.file_path, e.c.file_hash, e.c.type, e.c.size, e.c.metadata_json).where(
-                    e.c.artifact_id == artifact_id, e.c.parent == parent, e.c.name == name
-                )
-            ).first()
+            row = conn.execute(_LOOKUP_ENTRY, names).first()
             entry = _entry_from_row(row) if row is not None else None
-            found = conn.execute(
-                select(d.c.path).where(
-                    d.c.artifact_id == artifact_id, d.c.parent == parent, d.c.name == name
-                )
-            ).scalar()
+            found = conn.execute(_LOOKUP_DIR, names).scalar()
         return entry, str(found) if found is not None else None
 
     def artifact_children(

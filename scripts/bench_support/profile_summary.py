@@ -22,8 +22,8 @@ IDLE_LEAVES = ("WorkerThread._work", "_worker", "EpollIOManager.get_events", "Co
 PARTS = [
     ("S3 client creation (first use)", "s3_client"),
     ("S3 GET (botocore)", "S3Source._get"),
-    ("cache: put (write + SHA-256)", "ChunkCache.put"),
-    ("cache: get (read + SHA-256 of a whole chunk)", "ChunkCache.get"),
+    ("cache: put (write + CRC32C per block)", "ChunkCache.put"),
+    ("cache: read (blocks + their CRC32C)", "ChunkCache._read"),
     ("whole-file hash check", "_check_whole_file"),
     ("content hash of a fetched chunk", "ContentCheck"),
     ("store: lookup", "Tree.lookup"),

@@ -71,8 +71,8 @@ class Source(ABC):
 # before it is sent. A read cut off this way ends in an error, or in an answer that looks
 # short or even whole (http.client takes the end of the stream for the end of the headers):
 # the sources trust no answer that ends after the deadline (`check_deadline`). The S3 and GCS
-# sources make their clients' connections report to the scope (`watched_pool_classes`); the
-# reader opens one scope per chunk fetch.
+# sources make their clients' connections report to the scope (`watched_pool_classes`,
+# `watched_connection_class`); the reader opens one scope per chunk fetch.
 
 _scope = threading.local()
 _OWNER = "_artifactfs_deadline"  # on a connection: the scope whose request uses it now
@@ -250,14 +250,18 @@ def _watched_pool(pool: type[Any]) -> type[Any]:
                 f"Watched{pool.__name__}",
                 (pool,),
                 {
-                    "ConnectionCls": _watched_connection(pool.ConnectionCls),
+                    "ConnectionCls": watched_connection_class(pool.ConnectionCls),
                     "_artifactfs_watched": True,
                 },
             )
         return _watched_pools[pool]
 
 
-def _watched_connection(base: type[Any]) -> type[Any]:
+def watched_connection_class(base: type[Any]) -> type[Any]:
+    """A subclass of an `http.client.HTTPConnection` class (urllib3's derive from it) whose
+    requests report to this thread's `RequestDeadline`: when it passes, the connection's socket
+    is shut down, waking a read blocked on it. Make it once per class: it is a new type."""
+
     def request(self: Any, *args: Any, **kwargs: Any) -> Any:
         deadline = current_deadline()
         if deadline is not None:

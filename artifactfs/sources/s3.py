@@ -5,6 +5,11 @@ The client honours the standard AWS variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_K
 compared with the tracked one as well. In a versioned bucket the entry records the `version_id`
 it saw, and reads fetch exactly that version. Inside a `RequestDeadline` (the reader's chunk
 fetches), the client's connections are cut off when the deadline passes.
+
+The reader's chunk fetches (`read_range`) do not go through boto3: its per-request CPU bounds
+small-file reads, so they are signed and sent by `s3_get` on the client's credentials and
+routes; everything else (listing, HEAD, `check`, `open_stream`) is boto3's, and so is a read
+of any bucket `s3_get` cannot route (`ARTIFACTFS_S3_LEAN_GET=0`: every read).
 """
 
 from __future__ import annotations
@@ -32,23 +37,26 @@ from artifactfs.sources.base import (
     parse_bucket_url,
     watched_pool_classes,
 )
+from artifactfs.sources.s3_get import LeanGetter, clean_etag, error_for_code, lean_get_enabled
 
 log = logging.getLogger(__name__)
 
 _client_lock = threading.Lock()
 _client: Any = None
+_lean: LeanGetter | None = None  # the reader's GETs, on the client's credentials and routes
 
 
 def s3_client() -> Any:
     """One boto3 client per process (clients are thread-safe; creating them is not)."""
-    global _client
+    global _client, _lean
     with _client_lock:
         if _client is None:
             import boto3
             from botocore.config import Config
 
             session = boto3.session.Session()
-            if session.get_credentials() is None:
+            credentials = session.get_credentials()  # the client gets this very object
+            if credentials is None:
                 raise CredentialsError(
                     "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                     "or AWS_PROFILE with ~/.aws/credentials"
@@ -65,7 +73,14 @@ def s3_client() -> Any:
             )
             _client = session.client("s3", config=config)
             _watch_connections(_client)
+            _lean = LeanGetter(_client, credentials) if lean_get_enabled() else None
         return _client
+
+
+def lean_getter() -> LeanGetter | None:
+    """The process's signed-GET path for reads (None when switched off)."""
+    s3_client()
+    return _lean
 
 
 def _watch_connections(client: Any) -> None:
@@ -83,9 +98,10 @@ def _watch_connections(client: Any) -> None:
 
 def reset_client() -> None:
     """Forget the process's client (tests that change the environment call this)."""
-    global _client
+    global _client, _lean
     with _client_lock:
         _client = None
+        _lean = None  # its routes and credentials came from the client's environment
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -99,10 +115,6 @@ def _error_code(exc: Exception) -> str:
 
 def _format_time(value: datetime) -> str:
     return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _clean_etag(etag: str) -> str:
-    return etag.strip().strip('"')
 
 
 class S3Source(Source):
@@ -211,7 +223,7 @@ class S3Source(Source):
         version_id = obj.get("VersionId")
         if versioned and version_id and version_id != "null":
             metadata["version_id"] = version_id
-        return ArtifactFileData(file_path, _clean_etag(obj["ETag"]), TYPE_S3, obj["Size"], metadata)
+        return ArtifactFileData(file_path, clean_etag(obj["ETag"]), TYPE_S3, obj["Size"], metadata)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -237,7 +249,7 @@ class S3Source(Source):
             # the stream for the end of the headers): nothing in it can be trusted.
             response["Body"].close()
             check_deadline()
-        etag = _clean_etag(response.get("ETag", ""))
+        etag = clean_etag(response.get("ETag", ""))
         if etag != entry.file_hash:
             response["Body"].close()
             raise SourceChangedError(
@@ -247,16 +259,7 @@ class S3Source(Source):
 
     @staticmethod
     def _changed(entry: ArtifactFileData, exc: Exception) -> ArtifactfsError:
-        code = _error_code(exc)
-        if code in ("PreconditionFailed", "412"):
-            return SourceChangedError(entry.source_url, "object changed since it was tracked")
-        if code in ("NoSuchKey", "404", "NoSuchVersion", "NotFound"):
-            return SourceChangedError(entry.source_url, "object no longer exists")
-        if code == "InvalidRange":
-            return SourceChangedError(entry.source_url, "object is shorter than tracked")
-        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return SourceChangedError(entry.source_url, f"access denied: {code}")
-        return TransientSourceError(f"{entry.source_url}: cannot read: {exc}")
+        return error_for_code(entry.source_url, _error_code(exc), str(exc))
 
     def open_stream(
         self, entry: ArtifactFileData, offset: int = 0, length: int | None = None
@@ -269,9 +272,16 @@ class S3Source(Source):
     def read_range(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
         """One ranged GET, its body read in one call: measured against `rclone serve s3`, an
         8 MiB body read whole comes at 750 MB/s on one thread, read in 1 MiB pieces at 420.
-        A stall or a trickle cannot hold the read: the request deadline cuts the connection."""
+        A stall or a trickle cannot hold the read: the request deadline cuts the connection.
+        The GET is `s3_get`'s (about 3x boto3's rate for small reads); boto3's for a bucket or
+        an answer it leaves to botocore."""
         if length == 0:
             return b""
+        lean = lean_getter()
+        if lean is not None:
+            data = lean.read_range(entry, offset, length)
+            if data is not None:
+                return data
         response = self._get(entry, offset, length)
         return _read_body(response["Body"], entry.source_url)
 
@@ -288,7 +298,7 @@ class S3Source(Source):
             raise self._changed(entry, exc) from None
         except BotoCoreError as exc:
             raise TransientSourceError(f"{entry.source_url}: cannot read: {exc}") from None
-        etag = _clean_etag(head.get("ETag", ""))
+        etag = clean_etag(head.get("ETag", ""))
         if etag != entry.file_hash:
             raise SourceChangedError(entry.source_url, f"ETag is {etag}, tracked {entry.file_hash}")
         if entry.size is not None and head["ContentLength"] != entry.size:

@@ -16,7 +16,7 @@ import pytest
 
 from artifactfs.sources import reset_sources
 from tests.support.postgres import PostgresServer, postgres_server
-from tests.support.servers import gcs_emulator, moto_server
+from tests.support.servers import gcs_emulator, moto_server, rclone_s3
 
 _CLEARED = (
     "ARTIFACTFS_STORE",
@@ -146,6 +146,27 @@ def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
     name = f"test-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=name)
     return S3Bucket(client, name)
+
+
+@dataclass
+class SigningS3Server:
+    """`rclone serve s3` on 127.0.0.1: unlike moto, it checks every request's SigV4 signature.
+    Buckets are the top-level directories of `root`; `log` has a line for every request."""
+
+    url: str
+    root: Path
+    log: Path
+    access_key: str
+    secret_key: str
+
+
+@pytest.fixture(scope="session")
+def rclone_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningS3Server]:
+    root = tmp_path_factory.mktemp("rclone-data")
+    log = tmp_path_factory.mktemp("rclone") / "rclone_s3.log"
+    access_key, secret_key = "artifactfstest", "artifactfs-test-secret"
+    with rclone_s3(log, root, access_key, secret_key) as url:
+        yield SigningS3Server(url, root, log, access_key, secret_key)
 
 
 # -- GCS ------------------------------------------------------------------------------------

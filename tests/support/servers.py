@@ -1,4 +1,5 @@
-"""Real servers on 127.0.0.1 for tests: moto_server (S3) and gcp-storage-emulator (GCS).
+"""Real servers on 127.0.0.1 for tests: moto_server (S3), `rclone serve s3` (S3 that checks
+SigV4 signatures, which moto does not) and gcp-storage-emulator (GCS).
 
 Each is started as a subprocess on a free port, polled until it answers, and stopped by its PID
 (terminate, then kill) whatever happens to the tests that used it.
@@ -43,6 +44,21 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0
     raise RuntimeError(f"server at {url} not ready after {timeout}s")
 
 
+def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Until something listens on the port (an HTTPS server's certificate is the test's own,
+    which urllib would refuse)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server on port {port} exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server on port {port} not ready after {timeout}s")
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -78,6 +94,45 @@ def moto_server(log_dir: Path) -> Iterator[str]:
     finally:
         _stop(process)
         log.close()
+
+
+@contextmanager
+def rclone_s3(
+    log: Path,
+    root: Path,
+    access_key: str,
+    secret_key: str,
+    tls: tuple[Path, Path] | None = None,
+) -> Iterator[str]:
+    """An S3 endpoint URL served by `rclone serve s3` from the directory `root` (each
+    top-level directory a bucket). It accepts only requests signed with the given key pair.
+    `tls`: (certificate, key) PEM files, to serve HTTPS. Every request it answers is logged
+    to `log` (`GET OBJECT Bucket: b Object: k`)."""
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    command = [
+        _command("rclone"),
+        "serve",
+        "s3",
+        "--auth-key",
+        f"{access_key},{secret_key}",
+        "--addr",
+        f"127.0.0.1:{port}",
+        "--config",
+        "/dev/null",  # no rclone.conf of the user's
+        "-vv",
+    ]
+    if tls is not None:
+        command += ["--cert", str(tls[0]), "--key", str(tls[1])]
+    log_file = open(log, "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen([*command, str(root)], stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    try:
+        _wait_port(port, process)
+        yield url
+    finally:
+        _stop(process)
+        log_file.close()
 
 
 @contextmanager

@@ -492,18 +492,20 @@ def _read_checked(
         return b""
     first, last = start // BLOCK, (stop - 1) // BLOCK
     crcs = struct.unpack_from(f">{last - first + 1}I", head, _PREFIX.size + _CRC.size * first)
-    parts = []
+    # One read of every block the range touches, each block then checked on a slice: a read
+    # per block joined afterwards ran ~7x slower for a whole 8 MiB chunk (in the page cache),
+    # the join's fresh allocation costing more than the copies (google_crc32c takes bytes
+    # only, not views, so each check copies its block).
+    begin, stop_block = first * BLOCK, min(length, (last + 1) * BLOCK)
+    whole = pread(stop_block - begin, size + begin)
+    if len(whole) != stop_block - begin:
+        raise _Damaged(f"block {first + len(whole) // BLOCK} cut short")
     for index, crc in enumerate(crcs, first):
-        # One pread per block: google_crc32c takes bytes only (no memoryview), so slicing one
-        # big read would copy every block once more.
-        offset = index * BLOCK
-        want = min(BLOCK, length - offset)
-        data = pread(want, size + offset)
-        if len(data) != want or google_crc32c.value(data) != crc:
+        at = (index - first) * BLOCK
+        block = whole if len(whole) <= BLOCK else whole[at : at + BLOCK]
+        if google_crc32c.value(block) != crc:
             raise _Damaged(f"block {index} checksum mismatch")
-        parts.append(data)
-    whole = parts[0] if len(parts) == 1 else b"".join(parts)
-    low, high = start - first * BLOCK, stop - first * BLOCK
+    low, high = start - begin, stop - begin
     return whole if low == 0 and high == len(whole) else whole[low:high]
 
 

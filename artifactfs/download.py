@@ -64,23 +64,29 @@ def download_entries(
     os.makedirs(root, exist_ok=True)
     report = DownloadReport()
     reader = _default_reader() if any(e.type != TYPE_LOCAL for e in entries) else None
-    total = sum(e.size or 0 for e in entries)
-    with (
-        progress_bar(total, "downloading", unit="B", unit_scale=True, enabled=show_progress) as bar,
-        ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool,
-    ):
-        for entry, outcome in zip(
-            entries,
-            pool.map(lambda e: _download_one(e, root, symlink_local, reader), entries),
-            strict=True,
+    try:
+        total = sum(e.size or 0 for e in entries)
+        with (
+            progress_bar(
+                total, "downloading", unit="B", unit_scale=True, enabled=show_progress
+            ) as bar,
+            ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool,
         ):
-            bar.update(entry.size or 0)
-            if outcome is None:
-                report.written.append(entry.file_path)
-            elif outcome == "unchanged":
-                report.unchanged.append(entry.file_path)
-            else:
-                report.failed[entry.file_path] = outcome
+            for entry, outcome in zip(
+                entries,
+                pool.map(lambda e: _download_one(e, root, symlink_local, reader), entries),
+                strict=True,
+            ):
+                bar.update(entry.size or 0)
+                if outcome is None:
+                    report.written.append(entry.file_path)
+                elif outcome == "unchanged":
+                    report.unchanged.append(entry.file_path)
+                else:
+                    report.failed[entry.file_path] = outcome
+    finally:
+        if reader is not None:
+            reader.close()  # its fetch threads end with the download
     if report.failed:
         details = "; ".join(f"{path}: {why}" for path, why in sorted(report.failed.items()))
         raise CheckFailedError(f"download failed for {len(report.failed)} file(s): {details}")

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 from artifactfs.entries import ArtifactFileData
@@ -40,6 +40,8 @@ def parse_bucket_url(url: str, scheme: str) -> tuple[str, str]:
 
 class Source(ABC):
     type_name: ClassVar[str]
+    # Whether `read_many` reads several entries together (else it reads none).
+    reads_many: ClassVar[bool] = False
 
     @abstractmethod
     def list_location(
@@ -59,6 +61,12 @@ class Source(ABC):
 
     def read_range(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
         return b"".join(self.open_stream(entry, offset, length))
+
+    def read_many(self, entries: Sequence[ArtifactFileData]) -> list[bytes | None]:
+        """Each entry whole, where the source reads several together cheaper than one by one;
+        None for an entry not read so (failed, or not for that path): the caller reads it
+        with `read_range`, which retries and says what went wrong. By default: none."""
+        return [None] * len(entries)
 
 
 # -- an overall deadline for the HTTP requests of one read --------------------------------------

@@ -438,3 +438,28 @@ def test_an_answer_left_to_botocore_makes_the_bucket_boto3s(
             assert sent[0] == 2  # and the bucket's next reads too
         texts = [seen.text for seen in proxy.seen]
     assert len([t for t in texts if re.match(rf"GET /{s3.name}/r.bin\b", t)]) == 3
+
+
+def test_many_objects_read_together_come_back_whole_and_a_rewritten_one_does_not(
+    rclone: RcloneBucket,
+) -> None:
+    """`read_many` (the prefetcher's batches) sends the GETs of a batch together, each on a
+    connection of its own, then reads the answers: every object comes back whole; one
+    rewritten after tracking comes back None (its reader then reads it alone, and fails)."""
+    bodies = {f"batch/{i:02d}.bin": body_of(1000 + 37 * i, 100 + i) for i in range(12)}
+    for key, body in bodies.items():
+        rclone.put(key, body)
+    entries = track(rclone.url("batch"))
+    rclone.put("batch/05.bin", body_of(1000 + 37 * 5, 999))  # same size, other bytes
+    keys = sorted(bodies)
+    source = source_for_type("S3")
+    with boto3_gets() as sent:
+        first = source.read_many([entries[key] for key in keys])
+        again = source.read_many([entries[key] for key in keys])  # on the kept connections
+    assert sent[0] == 0, "boto3 sent GetObjects: the signed path was not used"
+    for key, one, two in zip(keys, first, again, strict=True):
+        expected = None if key == "batch/05.bin" else bodies[key]
+        assert one == expected, key
+        assert two == expected, key
+    for key in keys:
+        assert rclone.gets(key) == 2, key  # one GET per object and batch, none resent

@@ -39,7 +39,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NoReturn
@@ -62,6 +62,10 @@ DEFAULT_WORKERS = 8
 DEFAULT_DEADLINE = 30.0  # seconds one read may spend on retries before it fails
 DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024
 MAX_PENDING_PREFETCHES = 64
+PREFETCH_BATCH = 8  # small files one prefetch thread fetches together (`Source.read_many`)
+BATCH_THREADS = 2  # threads of batches: two keep a server busy, more only contend
+BATCH_FILE_BYTES = 1024 * 1024  # files up to this size are prefetched in batches
+BATCH_DEADLINE = 5.0  # seconds a batch may take; what it did not bring is fetched alone
 FAILURE_MEMORY = 5.0  # seconds a failed chunk fetch answers EIO without trying again
 RETRY_BASE_DELAY = 0.2
 # A fetch ends within the deadline (its requests are cut off then): a reader waiting for one
@@ -84,6 +88,13 @@ def _file_id(entry: ArtifactFileData) -> FileId:
 
 class ReadError(CheckFailedError):
     """The tracked bytes cannot be served; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class _Prefetch:
+    entry: ArtifactFileData
+    key: bytes
+    future: Future[bytes]  # in `_inflight` until done
 
 
 @dataclass
@@ -112,6 +123,7 @@ class Reader:
         self.direct_reads = direct_reads
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="artifactfs-fetch")
         self._prefetch_pool = ThreadPoolExecutor(workers, thread_name_prefix="artifactfs-prefetch")
+        self._batch_pool = ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="artifactfs-batch")
         self._pending_prefetches = 0
         self._lock = threading.Lock()
         self._memory: LRUCache[bytes, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
@@ -132,25 +144,56 @@ class Reader:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
+        self._batch_pool.shutdown(wait=False, cancel_futures=True)
 
-    def prefetch(self, entry: ArtifactFileData) -> bool:
-        """Start fetching a small remote file into the cache, unless cached or under way.
-        False when too many prefetches are pending: the caller may ask again later. The
-        fetch runs on the prefetch pool itself, so a demand read never queues behind it."""
-        if entry.type == TYPE_LOCAL or self._chunk_count(entry.size or 0) != 1:
-            return True
-        key = self._key(entry, 0)
-        with self._lock:
-            if key in self._inflight or key in self._memory:
-                return True
-            if self._pending_prefetches >= MAX_PENDING_PREFETCHES:
-                return False
-        if self.cache.contains(key):
-            return True
-        with self._lock:
-            self._pending_prefetches += 1
-        self._start_fetch(entry, 0, self._prefetch_pool).add_done_callback(self._prefetch_done)
-        return True
+    def prefetch(self, entries: Sequence[ArtifactFileData]) -> int:
+        """Start fetching these small remote files (one chunk each) into the cache, unless
+        cached or under way, on pools of their own, so that a demand read never queues behind
+        them. Files up to BATCH_FILE_BYTES of a source that reads several at once
+        (`Source.reads_many`) go PREFETCH_BATCH at a time, each batch read together by one
+        thread; the others one by one. Returns how many of `entries` were dealt with, in
+        order: fewer when too many prefetches are pending (ask again later for the rest)."""
+        wanted: list[_Prefetch] = []
+        taken = 0
+        for entry in entries:
+            if entry.type != TYPE_LOCAL and self._chunk_count(entry.size or 0) == 1:
+                key = self._key(entry, 0)
+                if not self.cache.contains(key):
+                    with self._lock:
+                        if key not in self._inflight and key not in self._memory:
+                            if self._pending_prefetches >= MAX_PENDING_PREFETCHES:
+                                break
+                            self._pending_prefetches += 1
+                            future: Future[bytes] = Future()
+                            self._inflight[key] = future  # a demand read waits for it
+                            wanted.append(_Prefetch(entry, key, future))
+            taken += 1
+        batches: dict[str, list[_Prefetch]] = {}
+        for item in wanted:
+            item.future.add_done_callback(self._forget_inflight)
+            item.future.add_done_callback(self._prefetch_done)
+            if (item.entry.size or 0) <= BATCH_FILE_BYTES and source_for_entry(
+                item.entry
+            ).reads_many:
+                batches.setdefault(item.entry.type, []).append(item)
+            else:
+                self._submit(self._prefetch_pool, self._fetch_single, [item])
+        for items in batches.values():
+            for start in range(0, len(items), PREFETCH_BATCH):
+                self._submit(
+                    self._batch_pool, self._fetch_batch, items[start : start + PREFETCH_BATCH]
+                )
+        return taken
+
+    @staticmethod
+    def _submit(
+        pool: ThreadPoolExecutor, job: Callable[[list[_Prefetch]], None], items: list[_Prefetch]
+    ) -> None:
+        try:
+            pool.submit(job, items)
+        except RuntimeError:  # the reader is closed: nobody will fetch them
+            for item in items:
+                item.future.set_exception(ReadError("the reader is closed"))
 
     def _prefetch_done(self, done: Future[bytes]) -> None:
         with self._lock:
@@ -158,6 +201,38 @@ class Reader:
         if not done.cancelled() and done.exception() is not None:
             # A prefetch that fails is only a lost hint; a read of that file will say why.
             log.info("prefetch failed: %s", done.exception())
+
+    def _fetch_single(self, items: list[_Prefetch]) -> None:
+        for item in items:
+            try:
+                result = self._fetch_chunk(item.entry, 0, item.key)
+            except BaseException as exc:
+                item.future.set_exception(exc)
+            else:
+                item.future.set_result(result)
+
+    def _fetch_batch(self, batch: list[_Prefetch]) -> None:
+        """Fetch small files together (`Source.read_many`), within BATCH_DEADLINE: their
+        answers are read in order, so one that stalls must not hold the others long. Any the
+        batch did not bring is fetched on its own, as a demand read would be (retries,
+        errors told, failures remembered)."""
+        entries = [item.entry for item in batch]
+        try:
+            with RequestDeadline(min(self.deadline, BATCH_DEADLINE), entries[0].source_url):
+                bodies = source_for_entry(entries[0]).read_many(entries)
+        except Exception as exc:  # each file is then fetched on its own, which says why
+            log.info("%s: prefetch batch failed: %s", entries[0].source_url, exc)
+            bodies = [None] * len(batch)
+        for item, data in zip(batch, bodies, strict=True):
+            if data is None:
+                self._submit(self._prefetch_pool, self._fetch_single, [item])
+                continue
+            try:
+                result = self._fetch_chunk(item.entry, 0, item.key, data)
+            except BaseException as exc:
+                item.future.set_exception(exc)
+            else:
+                item.future.set_result(result)
 
     def iter_file(self, entry: ArtifactFileData) -> Iterator[bytes]:
         """Every byte of the entry, chunk by chunk, through the cache (with read-ahead)."""
@@ -211,6 +286,34 @@ class Reader:
         self._maybe_read_ahead(entry, offset, length, index)  # only starts fetches
         start = offset - index * self.chunk_size
         return memoryview(data)[start : start + length]
+
+    def fetch_under_way(
+        self, entry: ArtifactFileData, offset: int, length: int
+    ) -> Future[bytes] | None:
+        """The fetch in flight of the one chunk a read of [offset, offset+length) needs, if
+        there is one: the caller may wait for it without a thread of its own, then try
+        `read_if_ready` again (and `read` if that still says None)."""
+        size = entry.size or 0
+        if entry.type == TYPE_LOCAL or offset >= size or length <= 0:
+            return None
+        index = offset // self.chunk_size
+        if (min(offset + length, size) - 1) // self.chunk_size != index:
+            return None
+        key = self._key(entry, index)
+        with self._lock:
+            if key in self._failed_chunks:
+                return None  # `read` answers at once with the failure
+            return self._inflight.get(key)
+
+    def give_up_waiting(self, entry: ArtifactFileData, offset: int) -> NoReturn:
+        """For a caller whose wait for `fetch_under_way` timed out: fail as a read that waited
+        that long for its fetch does (and its retries at once, for a while)."""
+        key = self._key(entry, offset // self.chunk_size)
+        message = f"{entry.source_url}: fetch timed out"
+        with self._lock:
+            self._failed_chunks[key] = message
+        self.cache.record_error()
+        raise ReadError(message)
 
     def cached_bytes(self, entry: ArtifactFileData) -> int:
         """How many of the entry's bytes are in the cache now (local files: all, in place)."""
@@ -361,9 +464,14 @@ class Reader:
         window = self.readahead_chunks if streak > 0 else min(1, self.readahead_chunks)
         count = self._chunk_count(entry.size or 0)
         for index in range(last_index + 1, min(count, last_index + 1 + window)):
-            # A chunk in the disk cache is loaded into memory ahead too (the fetch finds it).
-            if not self._in_memory(self._key(entry, index)):
-                self._start_fetch(entry, index)
+            ahead = self._key(entry, index)
+            if self._in_memory(ahead):
+                continue
+            # A chunk in the disk cache is loaded into memory ahead too (the fetch finds it),
+            # if memory can keep it.
+            if self.chunk_size > self._memory.maxsize and self.cache.contains(ahead):
+                continue
+            self._start_fetch(entry, index)
         return streak
 
     def _cached(self, key: bytes) -> bytes | None:
@@ -437,9 +545,11 @@ class Reader:
                 if future is done:
                     del self._inflight[key]
 
-    def _fetch_chunk(self, entry: ArtifactFileData, index: int, key: bytes) -> bytes:
+    def _fetch_chunk(
+        self, entry: ArtifactFileData, index: int, key: bytes, fetched: bytes | None = None
+    ) -> bytes:
         try:
-            return self._fetch_and_cache(entry, index, key)
+            return self._fetch_and_cache(entry, index, key, fetched)
         except ArtifactfsError as exc:
             # Remembered here, where every fetch ends (read-ahead too, which nobody waits
             # for): the kernel retries a failed read at once, and the retry gets EIO at once.
@@ -447,17 +557,24 @@ class Reader:
                 self._failed_chunks[key] = str(exc)
             raise
 
-    def _fetch_and_cache(self, entry: ArtifactFileData, index: int, key: bytes) -> bytes:
-        cached = self._cached(key)  # another reader may have fetched it meanwhile
-        if cached is not None:
-            return cached
+    def _fetch_and_cache(
+        self, entry: ArtifactFileData, index: int, key: bytes, fetched: bytes | None = None
+    ) -> bytes:
+        """The chunk, fetched (unless `fetched` brings its bytes already), checked as far as
+        it can be, cached and kept in memory."""
         size = entry.size or 0
         offset = index * self.chunk_size
         length = min(self.chunk_size, size - offset)
-        source = source_for_entry(entry)
-        data = _with_retries(
-            lambda: source.read_range(entry, offset, length), self.deadline, entry.source_url
-        )
+        if fetched is not None:
+            data = fetched
+        else:
+            cached = self._cached(key)  # another reader may have fetched it meanwhile
+            if cached is not None:
+                return cached
+            source = source_for_entry(entry)
+            data = _with_retries(
+                lambda: source.read_range(entry, offset, length), self.deadline, entry.source_url
+            )
         self.cache.record_fetch(len(data))
         if len(data) != length:
             raise ReadError(

@@ -8,10 +8,12 @@ store that cannot be reached is EIO too, and every path that would write is EROF
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -20,7 +22,7 @@ from cachetools import LRUCache
 
 from artifactfs.fs.prefetch import NeighbourPrefetcher
 from artifactfs.fs.tree import ROOT_INODE, XATTR_PREFIX, Kind, Node, Tree
-from artifactfs.reader import Reader, ReadError
+from artifactfs.reader import FETCH_WAIT_MARGIN, Reader, ReadError
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +202,20 @@ class ArtifactOperations(pyfuse3.Operations):
         node = self._open_files.get(fh)
         if node is None or node.entry is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        # Bytes already checked and in memory (a prefetched small file) are answered here.
+        # Bytes already checked and in memory (a prefetched small file) are answered here;
+        # so are those of a fetch under way (a prefetch, a read-ahead), once it ends: waited
+        # for on the trio loop, which costs no worker thread and no thread hand-off.
         ready = self.reader.read_if_ready(node.entry, off, size)
         if ready is not None:
             return ready
+        under_way = self.reader.fetch_under_way(node.entry, off, size)
+        if under_way is not None:
+            if not await _finished(under_way, self.reader.deadline + FETCH_WAIT_MARGIN):
+                await self._call(self.reader.give_up_waiting, node.entry, off)
+            ready = self.reader.read_if_ready(node.entry, off, size)
+            if ready is not None:
+                return ready
+        # Anything else (disk reads, failures to tell) on a worker thread.
         return await self._call(self.reader.read, node.entry, off, size)
 
     async def release(self, fh: int) -> None:
@@ -278,3 +290,20 @@ class ArtifactOperations(pyfuse3.Operations):
 
     async def write(self, *args: Any) -> int:
         raise pyfuse3.FUSEError(errno.EROFS)
+
+
+async def _finished(future: Future[Any], timeout: float) -> bool:
+    """Wait until `future` is done (it runs on some pool): True, or False after `timeout`."""
+    if future.done():
+        return True
+    done = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def wake(_: Future[Any]) -> None:
+        with contextlib.suppress(trio.RunFinishedError):  # the mount is going away
+            token.run_sync_soon(done.set)
+
+    future.add_done_callback(wake)
+    with trio.move_on_after(timeout):
+        await done.wait()
+    return future.done()

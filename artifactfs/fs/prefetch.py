@@ -9,8 +9,9 @@ lookups in that directory are then answered without a store query.
 
 Each open costs little: where the listing is remembered (every open but a directory's first),
 the neighbours are queued right away, on the caller's thread (the trio loop: queueing starts
-fetches, it never waits), and only those past the ones already queued for that directory, so
-a program opening files in order adds one neighbour per open, not `neighbours`.
+fetches, it never waits), and only once half of those queued for that directory were opened:
+a program opening files in order then gets its neighbours fetched in batches (the reader
+fetches each batch together), not one request per open.
 """
 
 from __future__ import annotations
@@ -69,15 +70,21 @@ class NeighbourPrefetcher:
         directory = (node.path.rpartition("/")[0], node.artifact_id)
         with self._lock:
             queued = self._queued_up_to.get(directory, 0)
-        # Within the window, go on from where the last open stopped; a jump (a second pass
-        # over the directory, another order) starts again from the opened file.
-        start = queued if position <= queued <= end else position
-        for index in range(start, end):
-            sibling = listing.nodes[index]
-            if sibling.kind is not Kind.FILE or sibling.entry is None:
-                continue
-            if not self.reader.prefetch(sibling.entry):
-                end = index  # the reader is busy: the next open asks again from here
-                break
+        if position <= queued <= end:
+            # Within the window: top it up once half of it was read, so that the reader
+            # fetches them in batches rather than one per open.
+            if queued == end or queued - position > self.neighbours // 2:
+                return
+            start = queued
+        else:
+            start = position  # a jump (a second pass, another order): from the opened file
+        files = [
+            (index, sibling.entry)
+            for index, sibling in enumerate(listing.nodes[start:end], start)
+            if sibling.kind is Kind.FILE and sibling.entry is not None
+        ]
+        taken = self.reader.prefetch([entry for _, entry in files])
+        if taken < len(files):
+            end = files[taken][0]  # the reader is busy: the next open asks again from here
         with self._lock:
             self._queued_up_to[directory] = end

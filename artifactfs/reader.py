@@ -26,10 +26,13 @@ and the requests of one chunk fetch are cut off when it passes (`RequestDeadline
 or trickling server gives EIO after about the deadline, never later.
 
 Chunks just fetched also stay in memory (a small LRU of checked bytes), for the readers right
-behind the fetch. A read of a chunk found on disk reads and checks only the 1 MiB blocks of it
-that it returns (the kernel asks for at most 1 MiB at a time). `prefetch()` warms the cache
-with whole small files a program is about to open (its neighbours in a directory), on a pool
-of its own so it never delays a demand read.
+behind the fetch. A random read of a chunk found on disk reads and checks only the 1 MiB
+blocks of it that it returns (the kernel asks for at most 1 MiB at a time); a sequential
+reader gets whole chunks loaded into memory, ahead of it. `prefetch()` warms the cache with
+whole small files a program is about to open (its neighbours in a directory), on pools of
+their own so they never delay a demand read: files up to 1 MiB of a source that can read
+several at once in batches (`Source.read_many`, one thread per batch), the others one by one.
+A read may wait for a fetch under way without a thread (`fetch_under_way`).
 """
 
 from __future__ import annotations
@@ -204,12 +207,17 @@ class Reader:
 
     def _fetch_single(self, items: list[_Prefetch]) -> None:
         for item in items:
-            try:
-                result = self._fetch_chunk(item.entry, 0, item.key)
-            except BaseException as exc:
-                item.future.set_exception(exc)
-            else:
-                item.future.set_result(result)
+            self._settle(item)
+
+    def _settle(self, item: _Prefetch, fetched: bytes | None = None) -> None:
+        """Fetch (unless `fetched` brings the bytes), check and cache one prefetched file, and
+        tell its waiters the outcome."""
+        try:
+            result = self._fetch_chunk(item.entry, 0, item.key, fetched)
+        except BaseException as exc:
+            item.future.set_exception(exc)
+        else:
+            item.future.set_result(result)
 
     def _fetch_batch(self, batch: list[_Prefetch]) -> None:
         """Fetch small files together (`Source.read_many`), within BATCH_DEADLINE: their
@@ -226,13 +234,8 @@ class Reader:
         for item, data in zip(batch, bodies, strict=True):
             if data is None:
                 self._submit(self._prefetch_pool, self._fetch_single, [item])
-                continue
-            try:
-                result = self._fetch_chunk(item.entry, 0, item.key, data)
-            except BaseException as exc:
-                item.future.set_exception(exc)
             else:
-                item.future.set_result(result)
+                self._settle(item, data)
 
     def iter_file(self, entry: ArtifactFileData) -> Iterator[bytes]:
         """Every byte of the entry, chunk by chunk, through the cache (with read-ahead)."""
@@ -522,17 +525,14 @@ class Reader:
                 self._failed_chunks[key] = message
             raise ReadError(message) from None
 
-    def _start_fetch(
-        self, entry: ArtifactFileData, index: int, pool: ThreadPoolExecutor | None = None
-    ) -> Future[bytes]:
-        """The in-flight fetch of this chunk, started if there is none (one fetch per chunk),
-        on `pool` (default: the demand pool)."""
+    def _start_fetch(self, entry: ArtifactFileData, index: int) -> Future[bytes]:
+        """The in-flight fetch of this chunk, started if there is none (one fetch per chunk)."""
         key = self._key(entry, index)
         with self._lock:
             future = self._inflight.get(key)
             started = future is None
             if future is None:
-                future = (pool or self._pool).submit(self._fetch_chunk, entry, index, key)
+                future = self._pool.submit(self._fetch_chunk, entry, index, key)
                 self._inflight[key] = future
         if started:
             # Outside the lock: a callback on a finished future runs at once, in this thread.

@@ -30,12 +30,12 @@ Host, x-amz-date, x-amz-content-sha256 (of the empty body) and x-amz-security-to
 If-Match and User-Agent are sent unsigned (SigV4 allows it). Some S3-compatible servers ignore
 If-Match, so the answer's ETag (and version) are compared with the tracked ones as well.
 
-Connections: one per thread per host, reused; each reports to the thread's `RequestDeadline`
-(`watched_connection_class`), so a stalled or trickling server is cut off at the deadline as
-botocore's connections are. A connection that failed is closed and dropped. A request on a
-reused connection that the server had closed while idle fails before any answer byte: it is
-sent once more on a new connection. Other failures are `TransientSourceError`s (the reader
-retries them within its deadline).
+Connections: one per thread per host and lane (`read_many` sends on several at once), reused;
+each reports to the thread's `RequestDeadline` (`watched_connection_class`), so a stalled or
+trickling server is cut off at the deadline as botocore's connections are. A connection that
+failed is closed and dropped. A request on a reused connection that the server had closed
+while idle fails before any answer byte: it is sent once more on a new connection. Other
+failures are `TransientSourceError`s (the reader retries them within its deadline).
 
 `ARTIFACTFS_S3_LEAN_GET=0` turns this path off (every read through boto3), for debugging.
 """
@@ -268,7 +268,7 @@ class LeanGetter:
         self._lock = threading.Lock()
         self._routes: dict[str, Route | None] = {}  # bucket -> route, None: boto3's
         self._keys: dict[tuple[str, str, str], bytes] = {}  # (secret, day, region) -> key
-        self._local = threading.local()  # .connections: (scheme, host) -> connection
+        self._local = threading.local()  # .connections: (scheme, host, lane) -> connection
         self._tls: ssl.SSLContext | None = None
         self._probing = threading.local()  # .active: this thread's GetObject is a probe
         # Registered before the client is shared: a no-op for every GetObject but a probe.

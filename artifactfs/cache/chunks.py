@@ -360,9 +360,11 @@ class ChunkCache:
     def _write_file(self, temp: str, header: bytes, payload: bytes) -> None:
         """Create `temp` holding header and payload: a large payload with O_DIRECT where the
         file system allows it and a buffer is free, anything else buffered."""
+        size = len(header) + len(payload)
         direct = len(payload) >= DIRECT_WRITE_BYTES and self._direct_ok
-        lend = self._direct_buffers.borrow(len(header) + len(payload))
-        with lend if direct else contextlib.nullcontext(None) as buffer:
+        with (
+            self._direct_buffers.borrow(size) if direct else contextlib.nullcontext(None)
+        ) as buffer:
             fd, direct = self._create(temp, buffer is not None)
             try:
                 if direct:
@@ -486,7 +488,7 @@ class _DirectBuffers:
 
     @contextlib.contextmanager
     def borrow(self, size: int) -> Iterator[mmap.mmap | None]:
-        size = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+        size = _aligned(size)
         with self._lock:
             buffer = self._free.pop() if self._free else None
             make = buffer is None and self._left > 0
@@ -504,11 +506,16 @@ class _DirectBuffers:
                     self._free.append(buffer)
 
 
+def _aligned(size: int) -> int:
+    """`size` rounded up to a multiple of DIRECT_ALIGN."""
+    return -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
 def _write_direct(fd: int, buffer: mmap.mmap, header: bytes, payload: bytes) -> None:
     """Header and payload in one O_DIRECT write from `buffer` (aligned, its length a multiple
     of DIRECT_ALIGN: the file is written padded, then cut to its length)."""
     total = len(header) + len(payload)
-    padded = -(-total // DIRECT_ALIGN) * DIRECT_ALIGN
+    padded = _aligned(total)
     buffer[: len(header)] = header
     buffer[len(header) : total] = payload
     with memoryview(buffer) as whole, whole[:padded] as view:

@@ -211,7 +211,7 @@ class ArtifactOperations(pyfuse3.Operations):
         under_way = self.reader.fetch_under_way(node.entry, off, size)
         if under_way is not None:
             if not await _finished(under_way, self.reader.deadline + FETCH_WAIT_MARGIN):
-                await self._call(self.reader.give_up_waiting, node.entry, off)
+                await self._call(self.reader.give_up_waiting, node.entry, off)  # EIO
             ready = self.reader.read_if_ready(node.entry, off, size)
             if ready is not None:
                 return ready

@@ -295,8 +295,9 @@ class ClosesIdleConnections:
             upstream.close()
         status = f"HTTP/1.1 {response.status} {response.reason}"
         answer = "\r\n".join([status, *headers, f"Content-Length: {len(body)}", "", ""])
-        client.sendall(answer.encode("latin-1") + body)
+        # Counted before sending: the client may check the count as soon as it has the answer.
         self.answered += 1
+        client.sendall(answer.encode("latin-1") + body)
 
     def close(self) -> None:
         self._stop.set()

@@ -140,7 +140,7 @@ class RequestDeadline:
     def watch(self, connection: Any) -> None:
         """Called by a watched connection as a request on it starts, in the requesting thread."""
         with _watch_lock:
-            if self._expired:
+            if self.expired:  # by the clock too: the watchdog may not have come round yet
                 raise DeadlinePassedError(self.message())
             setattr(connection, _OWNER, self)
             self._watched.append((connection, None))

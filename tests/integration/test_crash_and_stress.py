@@ -40,7 +40,15 @@ from tests.integration.test_faults import (
     read_file,
     track_field,
 )
-from tests.support.mounts import force_unmount, mounted, pid_alive, start_mount, wait_gone
+from tests.support.cache_files import chunk_bytes
+from tests.support.mounts import (
+    force_unmount,
+    mounted,
+    pid_alive,
+    settled_figure,
+    start_mount,
+    wait_gone,
+)
 
 pytestmark = pytest.mark.s3
 
@@ -64,11 +72,6 @@ def fsck_dropped(cache: Path) -> int:
     match = re.search(r"dropped (\d+)", result.stdout)
     assert match, result.stdout
     return int(match.group(1))
-
-
-def chunk_bytes(cache: Path) -> int:
-    chunks = cache / "data" / "chunks"
-    return sum(p.stat().st_size for p in chunks.glob("*/*") if p.is_file())
 
 
 def pread_exact(fd: int, offset: int, length: int) -> bytes:
@@ -480,10 +483,16 @@ def test_stress_sixteen_readers_over_twenty_files(s3: Any, tmp_path: Path) -> No
         watcher.join(10)
         hung = [t.name for t in threads if t.is_alive()]
 
-        time.sleep(2.0)  # read-ahead settles; descriptors of finished fetches close
+        # Read-ahead queued by the last reads settles, then the descriptors of its fetches close.
+        settled_figure(mount, "fetched_bytes", quiet=2.0, timeout=60.0)
+        give_up = time.monotonic() + 30
+        while True:
+            after = daemon_fds(mount.pid)
+            cache_fds = [p for p in after["file"] if p.startswith(str(cache / "data"))]
+            if not cache_fds or time.monotonic() > give_up:
+                break
+            time.sleep(0.2)
         status = daemon_status(mount.pid)
-        after = daemon_fds(mount.pid)
-        cache_fds = [p for p in after["file"] if p.startswith(str(cache / "data"))]
         errors = mount.root_figure("errors")
         fetched = mount.root_figure("fetched_bytes")
         alive = pid_alive(mount.pid)

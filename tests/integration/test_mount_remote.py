@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import calendar
-import contextlib
 import errno
 import os
 import random
@@ -30,7 +29,8 @@ import pytest
 
 import artifactfs
 from artifactfs.fs.daemon import is_mounted
-from tests.support.mounts import Mount, mounted, wait_gone
+from tests.support.cache_files import chunk_bytes, chunk_files
+from tests.support.mounts import Mount, mounted, settled_figure, wait_gone
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -93,22 +93,6 @@ def mount_artifact(mountpoint: Path, run_id: str, cache_dir: Path, *extra: str) 
         yield mount
 
 
-def chunk_files(cache_dir: Path) -> list[Path]:
-    chunks = cache_dir / "data" / "chunks"
-    if not chunks.is_dir():
-        return []
-    return [p for p in chunks.glob("*/*") if p.is_file()]
-
-
-def chunk_bytes(cache_dir: Path) -> int:
-    """Bytes of chunk files on disk now; a file evicted between listing and stat is gone."""
-    total = 0
-    for path in chunk_files(cache_dir):
-        with contextlib.suppress(FileNotFoundError):
-            total += path.stat().st_size
-    return total
-
-
 def pread_all(path: Path, offset: int, length: int, flags: int = 0) -> bytes:
     fd = os.open(path, os.O_RDONLY | flags)
     try:
@@ -141,21 +125,6 @@ def describe(data: bytes | None, old: bytes, new: bytes) -> str:
     if old.startswith(data):
         return f"{len(data)} bytes of the old object"
     return f"{len(data)} other bytes"
-
-
-def settled_figure(mount: Mount, name: str, quiet: float = 1.0, timeout: float = 15.0) -> int:
-    """A root figure once it has stopped changing for `quiet` seconds (read-ahead finished)."""
-    deadline = time.monotonic() + timeout
-    value = mount.root_figure(name)
-    stable_since = time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = mount.root_figure(name)
-        if now != value:
-            value, stable_since = now, time.monotonic()
-        elif time.monotonic() - stable_since >= quiet:
-            break
-    return value
 
 
 def flip_byte(path: Path, position: int) -> None:
@@ -298,6 +267,7 @@ def test_cache_directory_never_exceeds_cache_size(s3: Any, tmp_path: Path) -> No
             assert on_disk <= limit, f"after {name}: {on_disk} bytes of chunks on disk"
             assert mount.root_figure("cache_bytes") <= mount.root_figure("cache_limit") == limit
         last = list(files)[-1]
+        settled_figure(mount, "fetched_bytes")  # no neighbour prefetch still under way
         assert int(mount.xattr(last, "cached")) == len(files[last])
         before = mount.root_figure("fetched_bytes")
         assert (mount.path / last).read_bytes() == files[last]

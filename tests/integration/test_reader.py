@@ -317,10 +317,16 @@ def test_tampered_chunk_dropped_by_whole_file_check(
         assert last == body[3 * CHUNK :]
         reported += caplog.text
 
-    assert wait_for(lambda: reader.cached_bytes(entry) == 0)
-    reported += caplog.text  # the check runs in the background: its log line comes later
-    assert reader.cache.stats.errors > errors_before
-    assert "whole-file check failed" in reported
+    # The check runs in the background and drops the chunks before it counts the error and
+    # logs it: wait for the last of these.
+    assert wait_for(
+        lambda: (
+            reader.cached_bytes(entry) == 0
+            and reader.cache.stats.errors > errors_before
+            and "whole-file check failed" in caplog.text
+        )
+    )
+    reported += caplog.text
     assert s3.url("tampered.bin") in reported
     # Read again, everything comes from the server, is checked and stays cached.
     assert reader.read(entry, 0, size) == body

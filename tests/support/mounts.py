@@ -96,6 +96,21 @@ def start_mount(mountpoint: Path, *args: str) -> Mount:
     return Mount(mountpoint, int(match.group(1)), Path(match.group(2)))
 
 
+def settled_figure(mount: Mount, name: str, quiet: float = 1.0, timeout: float = 15.0) -> int:
+    """A root figure once it has stopped changing for `quiet` seconds (read-ahead finished)."""
+    deadline = time.monotonic() + timeout
+    value = mount.root_figure(name)
+    stable_since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = mount.root_figure(name)
+        if now != value:
+            value, stable_since = now, time.monotonic()
+        elif time.monotonic() - stable_since >= quiet:
+            break
+    return value
+
+
 @contextmanager
 def mounted(mountpoint: Path, *args: str) -> Iterator[Mount]:
     """`artifactfs mount MOUNTPOINT ARGS...`, unmounted whatever happens in the block."""

@@ -153,8 +153,9 @@ def test_an_s3_read_is_cut_off_at_the_deadline(
             error, seconds = timed_failure(lambda: source.read_range(entry, 0, len(BODY)))
         assert isinstance(error, TransientSourceError), repr(error)
         assert "s3://bucket/f.bin" in str(error)
-        # botocore may make its second attempt (which fails before it is sent) after up to 1 s.
-        assert 0.9 < seconds < 3.0, seconds
+        # Cut off near the 1 s deadline, not left to trickle on: botocore may make its second
+        # attempt (which fails before it is sent) after up to 1 s; a loaded machine adds more.
+        assert 0.9 < seconds < 8.0, seconds
         # The connection was shut down, not left to trickle on: the server notices at its
         # next byte or two.
         assert wait_for(lambda: len(server.ended) > 0, 2.0), "the server still trickles"
@@ -177,7 +178,7 @@ def test_a_gcs_read_is_cut_off_at_the_deadline(monkeypatch: pytest.MonkeyPatch, 
             reset_sources()
         assert isinstance(error, TransientSourceError), repr(error)
         assert "gs://bucket/f.bin" in str(error)
-        assert 0.9 < seconds < 3.0, seconds
+        assert 0.9 < seconds < 8.0, seconds
         assert wait_for(lambda: len(server.ended) > 0, 2.0), "the server still trickles"
 
 
@@ -219,7 +220,7 @@ def test_the_reader_gives_eio_within_its_deadline_and_remembers_it(
             error, seconds = timed_failure(lambda: reader.read(entry, 0, 100))
             assert isinstance(error, ReadError), repr(error)
             assert "s3://bucket/slow.bin" in str(error) and "deadline" in str(error)
-            assert 1.4 < seconds < 4.0, seconds
+            assert 1.4 < seconds < 8.0, seconds
             retry, again = timed_failure(lambda: reader.read(entry, 0, 100))
             assert isinstance(retry, ReadError) and again < 0.5
             assert reader.cached_bytes(entry) == 0
@@ -235,14 +236,13 @@ def test_scopes_expire_on_time_without_a_thread_each() -> None:
     for _ in range(500):
         with RequestDeadline(0.05, "s3://b/ended") as scope:
             ended.append(scope)
-    late = RequestDeadline(0.4, "s3://b/late").__enter__()
+    late = RequestDeadline(3.0, "s3://b/late").__enter__()
     soon = RequestDeadline(0.1, "s3://b/soon").__enter__()
     assert threading.active_count() <= before + 1
-    time.sleep(0.25)
-    assert soon.expired and soon._expired  # expired by the watchdog, not only by the clock
+    # Expired by the watchdog, not only by the clock; the margins allow a loaded machine.
+    assert wait_for(lambda: soon._expired, 2.5)
     assert not late._expired
-    time.sleep(0.3)
-    assert late._expired
+    assert wait_for(lambda: late._expired, 10.0)
     soon.__exit__(None, None, None)
     late.__exit__(None, None, None)
     assert not any(scope._expired for scope in ended)

@@ -13,7 +13,7 @@ echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"
 set +e
-.venv/bin/python -m pytest -ra "$@"
+.venv/bin/python -m pytest -ra --durations=20 "$@"  # the slowest show where CI time goes
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

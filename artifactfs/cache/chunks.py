@@ -386,16 +386,23 @@ class ChunkCache:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._direct_ok = False
+                # Some file systems (ramfs) create the file before refusing O_DIRECT.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
         return os.open(temp, flags, 0o600), False
 
     def _room_on_disk(self, size: int) -> bool:
-        """Keep `free_floor` bytes free on the cache's filesystem, evicting to get there."""
+        """Keep `free_floor` bytes free on the cache's filesystem, evicting to get there. A
+        file system that reports no size at all (ramfs, some network and FUSE ones) has no
+        floor to keep: the byte limit and a failed write (ENOSPC) still bound the cache."""
         while True:
             try:
-                free = shutil.disk_usage(self.directory).free
+                usage = os.statvfs(self.directory)
             except OSError:
                 return False
-            if free - size >= self.free_floor:
+            if usage.f_blocks == 0:
+                return True
+            if usage.f_bavail * usage.f_frsize - size >= self.free_floor:
                 return True
             with self._lock:
                 if not self._index:

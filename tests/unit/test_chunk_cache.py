@@ -6,11 +6,13 @@ damaged by hand the way a crash, a full disk or a stray `dd` would.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import random
 import struct
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -943,16 +945,36 @@ def test_any_operation_sequence_keeps_limit_and_bytes(
             assert got is None or (n in present and got == bodies[n])
 
 
-@pytest.fixture(params=["disk", "tmpfs"])
+@pytest.fixture(params=["disk", "tmpfs", "ramfs"])
 def any_directory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
-    """A cache directory on the test's disk or on tmpfs (which has O_DIRECT since Linux 6.6)."""
+    """A cache directory on the test's disk, on tmpfs (which has O_DIRECT since Linux 6.6) or
+    on a ramfs the test mounts (which refuses O_DIRECT: the buffered path)."""
     if request.param == "disk":
         yield tmp_path / "cache"
-        return
-    if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm here")
-    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
-        yield Path(shm) / "cache"
+    elif request.param == "tmpfs":
+        if not os.path.isdir("/dev/shm"):
+            pytest.skip("no /dev/shm here")
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+            yield Path(shm) / "cache"
+    else:
+        yield from _ramfs(tmp_path / "ramfs")
+
+
+def _ramfs(target: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a ramfs")
+    target.mkdir()
+    mounted = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(target)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a ramfs: {mounted.stderr.decode().strip()}")
+    try:
+        with pytest.raises(OSError) as refused:  # what makes this the buffered path
+            os.open(target / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+        assert refused.value.errno == errno.EINVAL
+        yield target / "cache"
+    finally:
+        if subprocess.run(["umount", str(target)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
 def test_large_chunks_written_at_once_read_back_exactly(any_directory: Path) -> None:
@@ -960,7 +982,8 @@ def test_large_chunks_written_at_once_read_back_exactly(any_directory: Path) -> 
     (padded, then cut to length) and buffered where it does not; more writers at once than
     there are direct buffers write buffered. Every chunk reads back whole and in ranges, and
     its file is exactly as long as its header says."""
-    cache = ChunkCache(any_directory, 512 * 1024 * 1024)
+    # No free-space floor: a ramfs says it has no free space, whatever it holds.
+    cache = ChunkCache(any_directory, 512 * 1024 * 1024, free_floor_bytes=0)
     sizes = [1024 * 1024, 3 * 1024 * 1024 + 123, 8 * 1024 * 1024 - 1, 2 * 1024 * 1024 + 4096]
     bodies = {key(n): payload(n, sizes[n % len(sizes)]) for n in range(12)}
     writers = [
@@ -974,6 +997,7 @@ def test_large_chunks_written_at_once_read_back_exactly(any_directory: Path) -> 
         assert os.path.getsize(chunk_path(any_directory, chunk)) == stored(len(body))
         assert cache.get(chunk) == body
         assert cache.read(chunk, len(body) - 5000, 4096) == body[-5000:-904]
-    reopened = ChunkCache(any_directory, 512 * 1024 * 1024)  # a restart finds them whole
+    # A restart finds them whole.
+    reopened = ChunkCache(any_directory, 512 * 1024 * 1024, free_floor_bytes=0)
     assert all(reopened.get(chunk) == body for chunk, body in bodies.items())
     assert reopened.fsck() == (len(bodies), 0)

@@ -121,6 +121,7 @@ class RequestDeadline:
             # From here on the connections may serve other requests: never touch them again.
             self._ended = True
             self._watched.clear()
+        _watchdog.ended()
 
     @property
     def expired(self) -> bool:
@@ -166,6 +167,9 @@ class RequestDeadline:
                     _shut_down(sock if sock is not None else getattr(connection, "sock", None))
 
 
+COMPACT_AFTER_ENDED = 1024
+
+
 class _Watchdog:
     """One thread expires every scope at its deadline. A timer thread per scope would start a
     thread per chunk fetch: thousands a second when a program reads small files."""
@@ -174,6 +178,9 @@ class _Watchdog:
         self._condition = threading.Condition()
         self._pending: list[tuple[float, int, RequestDeadline]] = []  # a heap by deadline
         self._count = 0
+        # About how many scopes in the heap have ended (one that ended after the watchdog
+        # expired it is counted too, which only makes a compaction come sooner).
+        self._ended = 0
         self._thread: threading.Thread | None = None
 
     def add(self, scope: RequestDeadline) -> None:
@@ -188,6 +195,17 @@ class _Watchdog:
             elif self._pending[0][2] is scope:
                 self._condition.notify()  # the new scope ends first: wake up sooner
 
+    def ended(self) -> None:
+        """A scope ended (most do long before their deadlines). Ended scopes are dropped from
+        the heap in bulk once they are most of it: thousands of fetches a second, each with a
+        30 s deadline, would otherwise keep some 100,000 of them until their deadlines."""
+        with self._condition:
+            self._ended += 1
+            if self._ended >= COMPACT_AFTER_ENDED and 2 * self._ended >= len(self._pending):
+                self._pending = [item for item in self._pending if not item[2]._ended]
+                heapq.heapify(self._pending)
+                self._ended = 0
+
     def _run(self) -> None:
         while True:
             with self._condition:
@@ -195,6 +213,8 @@ class _Watchdog:
                     timeout = self._pending[0][0] - time.monotonic() if self._pending else None
                     self._condition.wait(timeout)
                 _, _, scope = heapq.heappop(self._pending)
+                if scope._ended:
+                    self._ended -= 1
             scope._expire()  # a no-op for a scope that has ended
 
 

@@ -21,6 +21,7 @@ from artifactfs.cache import ChunkCache
 from artifactfs.entries import ArtifactFileData
 from artifactfs.errors import TransientSourceError
 from artifactfs.reader import Reader, ReadError
+from artifactfs.sources import base as base_module
 from artifactfs.sources import gcs as gcs_module
 from artifactfs.sources import reset_sources
 from artifactfs.sources import s3 as s3_module
@@ -246,3 +247,16 @@ def test_scopes_expire_on_time_without_a_thread_each() -> None:
     soon.__exit__(None, None, None)
     late.__exit__(None, None, None)
     assert not any(scope._expired for scope in ended)
+
+
+def test_ended_scopes_do_not_pile_up_until_their_deadlines() -> None:
+    """Each chunk fetch opens a scope with a 30 s deadline and ends it within milliseconds:
+    at thousands of fetches a second the watchdog must not keep them all for 30 s."""
+    live = RequestDeadline(30.0, "s3://b/live").__enter__()
+    for _ in range(20_000):
+        with RequestDeadline(30.0, "s3://b/quick"):
+            pass
+    pending = base_module._watchdog._pending
+    assert len(pending) <= 2 * base_module.COMPACT_AFTER_ENDED + 100, len(pending)
+    assert any(item[2] is live for item in pending)  # a scope still open is kept
+    live.__exit__(None, None, None)

@@ -27,6 +27,7 @@ from artifactfs.fs import daemon
 from artifactfs.fs.daemon import MountOptions
 from artifactfs.naming import parse_project, validate_field_path
 from artifactfs.neptune_import import Rebase, import_export
+from artifactfs.reader import DEFAULT_DEADLINE
 from artifactfs.store import RunRecord, Store
 from artifactfs.tracking import PendingTrack
 
@@ -205,6 +206,14 @@ def diff(ctx: Context, run_a: str, run_b: str, field_path: str) -> None:
 )
 @click.option("--cache-size", default=DEFAULT_CACHE_SIZE, show_default=True, help="Byte limit.")
 @click.option("--chunk-size", default="8M", show_default=True, help="Remote fetch unit.")
+@click.option(
+    "--read-deadline",
+    default=f"{DEFAULT_DEADLINE:g}",
+    show_default=True,
+    metavar="SECONDS",
+    help="A remote read still failing or unanswered after this long (retries included) "
+    "fails with EIO.",
+)
 @click.option("--foreground", is_flag=True, help="Stay in the foreground and log to stderr too.")
 @click.option("-o", "mount_options", multiple=True, metavar="OPT", help="Only: allow_other.")
 @click.option("--log-file", metavar="F", help="Daemon log [default: in the cache directory].")
@@ -217,6 +226,7 @@ def mount(
     cache_dir: str | None,
     cache_size: str,
     chunk_size: str,
+    read_deadline: str,
     foreground: bool,
     mount_options: tuple[str, ...],
     log_file: str | None,
@@ -236,6 +246,7 @@ def mount(
         cache_dir=cache_dir,
         cache_size=parse_size(cache_size),
         chunk_size=parse_size(chunk_size),
+        read_deadline=daemon.parse_read_deadline(read_deadline),
         allow_other="allow_other" in extra,
         log_file=log_file,
     )

@@ -27,11 +27,29 @@ from artifactfs.cache.location import (
     parse_size,
 )
 from artifactfs.errors import ArtifactfsError
+from artifactfs.reader import DEFAULT_DEADLINE
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0
 S3_WARM_WAIT = 1.0  # seconds the mount waits for its S3 client before it says ready
+
+# A remote read's deadline (retries included) may be set from 1 s to an hour.
+READ_DEADLINE_RANGE = (1.0, 3600.0)
+
+
+def parse_read_deadline(text: str) -> float:
+    """Seconds, such as `30` or `2.5`, within READ_DEADLINE_RANGE."""
+    low, high = READ_DEADLINE_RANGE
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not low <= seconds <= high:  # also false for NaN
+        raise ArtifactfsError(
+            f"invalid read deadline {text!r}: seconds from {low:g} to {high:g}, such as 30"
+        )
+    return seconds
 
 
 @dataclass
@@ -43,6 +61,7 @@ class MountOptions:
     cache_dir: str | None = None
     cache_size: int = parse_size(DEFAULT_CACHE_SIZE)
     chunk_size: int = 8 * 1024 * 1024
+    read_deadline: float = DEFAULT_DEADLINE
     allow_other: bool = False
     log_file: str | None = None
 
@@ -194,7 +213,7 @@ def _serve(options: MountOptions, ready_fd: int | None) -> None:
     store = Store(options.store_uri)
     tree = Tree(store, options.run_id, options.field_path)
     cache = ChunkCache(chunk_directory(options.resolved_cache_dir), options.cache_size)
-    reader = Reader(cache, chunk_size=options.chunk_size)
+    reader = Reader(cache, chunk_size=options.chunk_size, deadline=options.read_deadline)
     operations = ArtifactOperations(tree, reader)
 
     fuse_options = set(pyfuse3.default_options)

@@ -3,9 +3,9 @@
     postgresql://mount@db/artifacts  /mnt/runs  artifactfs  _netdev,cache_size=50G  0 0
 
 mount(8) runs `mount.artifactfs SPEC DIR -o OPTIONS`; SPEC is the store (a URI, a path, or
-`default`). Options of our own: run, field, cache_dir, cache_size, chunk_size, log_file,
-allow_other; mount(8)'s own (defaults, _netdev, nofail, noauto, ro, x-systemd.*, ...) are
-ignored here.
+`default`). Options of our own: run, field, cache_dir, cache_size, chunk_size,
+read_deadline, log_file, allow_other; mount(8)'s own (defaults, _netdev, nofail, noauto, ro,
+x-systemd.*, ...) are ignored here.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def options_from(spec: str, mountpoint: str, option_text: str) -> daemon.MountOp
             setattr(options, {"run": "run_id", "field": "field_path"}.get(name, name), value)
         elif name in ("cache_size", "chunk_size") and value:
             setattr(options, name, parse_size(value))
+        elif name == "read_deadline" and value:
+            options.read_deadline = daemon.parse_read_deadline(value)
         else:
             raise ArtifactfsError(f"unknown mount option {item!r}")
     if options.field_path and not options.run_id:

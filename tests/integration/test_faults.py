@@ -490,6 +490,44 @@ def _check_persistent_faults(
         assert not present & plan.faulty_keys, f"{plan.label}: a failing file was cached"
 
 
+@pytest.mark.s3
+def test_read_deadline_option_bounds_a_stalled_read(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mount --read-deadline 3`: a read the server never answers fails with EIO after about
+    3 s rather than the default 30 s, and the kernel's retry right after fails at once."""
+    with backend("s3", request) as s3:
+        body = body_of(FAULTY_SIZE, 7)
+        s3.put("deadline/stalled.bin", body)
+        run = artifactfs.init_run(project="faults/deadline")
+        track_field(run, "data", s3.url("deadline"))
+        run.stop()
+        s3.proxy.add("stall", s3.request_match("deadline/stalled.bin"), seconds=240.0)
+        with mount_through_proxy(
+            monkeypatch,
+            [s3],
+            tmp_path / "mnt",
+            "--run",
+            run.id,
+            "--field",
+            "data",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--read-deadline",
+            "3",
+        ) as mount:
+            try:
+                first = timed(lambda: read_file(mount.path / "stalled.bin"))
+                again = timed(lambda: read_file(mount.path / "stalled.bin"))
+            finally:
+                s3.proxy.stop()  # ends the stall, so that the daemon can exit
+            assert first.errno == errno.EIO, first.describe(body)
+            assert 2.5 < first.seconds < DEFAULT_DEADLINE / 2, first.describe(body)
+            assert again.errno == errno.EIO and again.seconds < 1.0, again.describe(body)
+            assert int(mount.xattr("stalled.bin", "cached")) == 0
+            assert "stalled.bin" in mount.log() and "deadline" in mount.log()
+
+
 # -- wrong bytes from the backend ---------------------------------------------------------------
 
 

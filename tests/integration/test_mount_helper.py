@@ -54,7 +54,7 @@ def test_options_are_translated() -> None:
     options = options_from(
         "postgresql://u@h/db",
         "/mnt/x",
-        "run=CLS-1,field=data,cache_size=2G,allow_other,x-systemd.after=network-online.target",
+        "run=CLS-1,field=data,cache_size=2G,read_deadline=7.5,allow_other,x-systemd.after=x",
     )
     assert (options.store_uri, options.run_id, options.field_path) == (
         "postgresql://u@h/db",
@@ -62,7 +62,11 @@ def test_options_are_translated() -> None:
         "data",
     )
     assert options.cache_size == 2 * 1024**3
+    assert options.read_deadline == 7.5
     assert options.allow_other
     assert options_from("default", "/mnt/x", "").store_uri is None
     with pytest.raises(ArtifactfsError, match="needs the run option"):
         options_from("default", "/mnt/x", "field=data")
+    for bad in ("0", "-3", "nan", "soon", "7200"):
+        with pytest.raises(ArtifactfsError, match="invalid read deadline"):
+            options_from("default", "/mnt/x", f"read_deadline={bad}")

@@ -588,6 +588,12 @@ def test_mount_and_unmount_errors_are_one_line_and_mount_nothing(cli: Any, tmp_p
     assert_one_line_error(result)
     assert_not_mounted(field_only)
 
+    for bad in ("0", "forever"):
+        result = cli("mount", str(field_only), "--run", run_id, "--read-deadline", bad)
+        assert_one_line_error(result)
+        assert "invalid read deadline" in result.stderr
+        assert_not_mounted(field_only)
+
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_bytes(b"mine")

@@ -220,10 +220,10 @@ class Reader:
             item.future.set_result(result)
 
     def _fetch_batch(self, batch: list[_Prefetch]) -> None:
-        """Fetch small files together (`Source.read_many`), within BATCH_DEADLINE: their
-        answers are read in order, so one that stalls must not hold the others long. Any the
-        batch did not bring is fetched on its own, as a demand read would be (retries,
-        errors told, failures remembered)."""
+        """Fetch small files together (`Source.read_many`), within BATCH_DEADLINE: a file
+        whose answer stalls is given up then, not waited for as long as a demand read would
+        be. Any the batch did not bring is fetched on its own, as a demand read would be
+        (retries, errors told, failures remembered)."""
         entries = [item.entry for item in batch]
         try:
             with RequestDeadline(min(self.deadline, BATCH_DEADLINE), entries[0].source_url):

@@ -16,6 +16,7 @@ import random
 import re
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -28,7 +29,8 @@ import pytest
 from artifactfs.entries import ArtifactFileData
 from artifactfs.errors import SourceChangedError
 from artifactfs.sources import reset_sources, source_for_type
-from artifactfs.sources.s3 import s3_client
+from artifactfs.sources.base import RequestDeadline
+from artifactfs.sources.s3 import lean_getter, s3_client
 from tests.conftest import S3Bucket, SigningS3Server
 from tests.support.faultproxy import fault_proxy
 from tests.support.servers import rclone_s3
@@ -403,6 +405,42 @@ def test_keys_with_empty_segments_are_sent_as_they_are(s3: S3Bucket) -> None:
                 continue
             assert read(entries[key]) == body, key
     assert sent[0] == 0
+
+
+def test_a_stalled_answer_in_a_batch_holds_up_no_other(
+    s3: S3Bucket, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answers of a batch are read as they arrive: the first object's server never
+    answers, the other seven come back whole at once, and the silent one is given up at the
+    deadline (None: its reader then reads it alone)."""
+    bodies = {f"stall/{i}.bin": body_of(2000 + i, 300 + i) for i in range(8)}
+    for key, body in bodies.items():
+        s3.put(key, body)
+    entries = track(s3.url("stall"))
+    keys = sorted(bodies)
+    with fault_proxy(s3_endpoint) as proxy:
+        proxy.add("stall", f"GET /{s3.name}/{keys[0]} ", seconds=60.0)
+        _env(monkeypatch, proxy.url, "testing", "testing")
+        source = source_for_type("S3")
+        lean = lean_getter()
+        assert lean is not None
+        answered: dict[str, float] = {}  # when each answer was read, by URL
+        real_finish = lean._finish
+
+        def finish(request: Any, connection: Any, response: Any) -> bytes | None:
+            answered[request.url] = time.monotonic() - start
+            return real_finish(request, connection, response)
+
+        monkeypatch.setattr(lean, "_finish", finish)
+        start = time.monotonic()
+        with RequestDeadline(4.0, "s3://batch"):
+            got = source.read_many([entries[key] for key in keys])
+        took = time.monotonic() - start
+    assert got[0] is None
+    assert got[1:] == [bodies[key] for key in keys[1:]]
+    # The seven were read before the stalled one was given up, not after it.
+    assert len(answered) == 7 and max(answered.values()) < 2.0, answered
+    assert 3.5 < took < 8.0, took
 
 
 def test_a_pinned_version_is_read_by_its_version_id(s3: S3Bucket) -> None:

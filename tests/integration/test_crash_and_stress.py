@@ -42,6 +42,7 @@ from tests.integration.test_faults import (
 )
 from tests.support.cache_files import chunk_bytes
 from tests.support.mounts import (
+    artifact_args,
     force_unmount,
     mounted,
     pid_alive,
@@ -183,12 +184,7 @@ def test_cache_on_a_tiny_file_system(
     try:
         with mounted(
             tmp_path / "mnt",
-            "--run",
-            run_id,
-            "--field",
-            "data",
-            "--cache-dir",
-            str(cache),
+            *artifact_args(run_id, "data", cache),
             "--cache-size",
             cache_size,
             "--chunk-size",
@@ -254,12 +250,7 @@ def _kill_loop(remote: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     cache = tmp_path / "cache"
     mountpoint = tmp_path / "mnt"
     args = (
-        "--run",
-        run_id,
-        "--field",
-        "data",
-        "--cache-dir",
-        str(cache),
+        *artifact_args(run_id, "data", cache),
         "--cache-size",
         "8M",  # evictions all the time, as well as writes
         "--chunk-size",
@@ -399,12 +390,7 @@ def test_stress_sixteen_readers_over_twenty_files(s3: Any, tmp_path: Path) -> No
     cache = tmp_path / "cache"
     with mounted(
         tmp_path / "mnt",
-        "--run",
-        run_id,
-        "--field",
-        "data",
-        "--cache-dir",
-        str(cache),
+        *artifact_args(run_id, "data", cache),
         "--cache-size",
         "24M",  # less than the files: evictions and fetches go on all the time
         "--chunk-size",

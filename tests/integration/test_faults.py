@@ -29,7 +29,7 @@ from artifactfs.cache.chunks import unpack_chunk
 from artifactfs.entries import ArtifactFileData
 from artifactfs.reader import DEFAULT_DEADLINE
 from tests.support.faultproxy import FaultProxy, fault_proxy
-from tests.support.mounts import Mount, pid_alive, start_mount, supervised
+from tests.support.mounts import Mount, artifact_args, pid_alive, start_mount, supervised
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -280,12 +280,7 @@ def test_transient_faults_are_retried_to_the_right_bytes(
         monkeypatch,
         [remote],
         tmp_path / "mnt",
-        "--run",
-        run.id,
-        "--field",
-        "data",
-        "--cache-dir",
-        str(cache),
+        *artifact_args(run.id, "data", cache),
         "--chunk-size",
         "1M",
     ) as mount:
@@ -405,12 +400,7 @@ def _check_persistent_faults(
                     monkeypatch,
                     [plan.remote],
                     tmp_path / f"mnt-{plan.label}",
-                    "--run",
-                    run.id,
-                    "--field",
-                    plan.label,
-                    "--cache-dir",
-                    str(tmp_path / f"cache-{plan.label}"),
+                    *artifact_args(run.id, plan.label, str(tmp_path / f"cache-{plan.label}")),
                     "--chunk-size",
                     "1M",
                 )
@@ -507,12 +497,7 @@ def test_read_deadline_option_bounds_a_stalled_read(
             monkeypatch,
             [s3],
             tmp_path / "mnt",
-            "--run",
-            run.id,
-            "--field",
-            "data",
-            "--cache-dir",
-            str(tmp_path / "cache"),
+            *artifact_args(run.id, "data", str(tmp_path / "cache")),
             "--read-deadline",
             "3",
         ) as mount:
@@ -561,12 +546,7 @@ def test_bytes_that_do_not_match_the_tracked_hash_are_never_served_or_cached(
         monkeypatch,
         [remote],
         tmp_path / "mnt",
-        "--run",
-        run.id,
-        "--field",
-        "data",
-        "--cache-dir",
-        str(cache),
+        *artifact_args(run.id, "data", cache),
         "--chunk-size",
         "1M",
     ) as mount:

@@ -33,7 +33,7 @@ from tests.integration.test_faults import (
     read_file,
     track_field,
 )
-from tests.support.mounts import mounted
+from tests.support.mounts import artifact_args, mounted
 
 SECRET = "hygieneSECRETkey/" + uuid.uuid4().hex
 KEY_ID = "AKIAHYGIENE" + uuid.uuid4().hex[:9].upper()
@@ -158,12 +158,7 @@ def _check_no_secrets(remote: Backend, tmp_path: Path, monkeypatch: pytest.Monke
         monkeypatch,
         [remote],
         tmp_path / "mnt",
-        "--run",
-        run.id,
-        "--field",
-        "data",
-        "--cache-dir",
-        str(cache),
+        *artifact_args(run.id, "data", cache),
     ) as mount:
         assert read_file(mount.path / "retried.bin") == bodies["retried.bin"]
         try:

@@ -96,6 +96,11 @@ def start_mount(mountpoint: Path, *args: str) -> Mount:
     return Mount(mountpoint, int(match.group(1)), Path(match.group(2)))
 
 
+def artifact_args(run_id: str, field: str, cache: Path | str) -> tuple[str, ...]:
+    """`mount` arguments for one artifact as the root, with its own cache directory."""
+    return ("--run", run_id, "--field", field, "--cache-dir", str(cache))
+
+
 def settled_figure(mount: Mount, name: str, quiet: float = 1.0, timeout: float = 15.0) -> int:
     """A root figure once it has stopped changing for `quiet` seconds (read-ahead finished)."""
     deadline = time.monotonic() + timeout

@@ -33,6 +33,11 @@ IMMUTABLE_TIMEOUT = 3600.0
 LISTING_TIMEOUT = 1.0
 WORKER_THREADS = 16
 ATTRIBUTE_CACHE_NODES = 200_000
+# Entries of artifact directories kept ready to list again (name bytes, attributes, node).
+PREPARED_LISTING_ENTRIES = 200_000
+
+# One listing entry as readdir replies it.
+Prepared = tuple[bytes, pyfuse3.EntryAttributes, Node]
 
 
 class ArtifactOperations(pyfuse3.Operations):
@@ -45,7 +50,12 @@ class ArtifactOperations(pyfuse3.Operations):
         self._nodes: dict[int, Node] = {ROOT_INODE: tree.root()}
         self._lookups: dict[int, int] = {}
         self._open_files: dict[int, Node] = {}
-        self._listings: dict[int, list[Node]] = {}
+        self._listings: dict[int, list[Prepared]] = {}
+        # A warm `find -ls` lists every directory again: inside an artifact nothing changes,
+        # so each listing is prepared once (bounded by entries, not directories).
+        self._prepared_listings: LRUCache[int, list[Prepared]] = LRUCache(
+            maxsize=PREPARED_LISTING_ENTRIES, getsizeof=len
+        )
         self._attribute_cache: LRUCache[int, pyfuse3.EntryAttributes] = LRUCache(
             maxsize=ATTRIBUTE_CACHE_NODES
         )
@@ -157,19 +167,25 @@ class ArtifactOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         handle = self._new_handle()
         # One listing per open: paging through it stays consistent while runs are added.
-        # A remembered listing is served here, without the round trip to a worker thread.
-        listing = self.tree.remembered_children(node)
-        if listing is None:
-            listing = await self._call(self.tree.children, node)
-        self._listings[handle] = listing
+        prepared = self._prepared_listings.get(inode) if node.immutable else None
+        if prepared is None:
+            # A remembered listing is served here, without the round trip to a worker thread.
+            listing = self.tree.remembered_children(node)
+            if listing is None:
+                listing = await self._call(self.tree.children, node)
+            prepared = [
+                (os.fsencode(child.name), self._entry_attributes(child), child) for child in listing
+            ]
+            if node.immutable and len(prepared) <= PREPARED_LISTING_ENTRIES:
+                self._prepared_listings[inode] = prepared
+        self._listings[handle] = prepared
         return handle
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         listing = self._listings.get(fh, [])
         for index in range(start_id, len(listing)):
-            child = listing[index]
-            attributes = self._entry_attributes(child)
-            if not pyfuse3.readdir_reply(token, os.fsencode(child.name), attributes, index + 1):
+            name, attributes, child = listing[index]
+            if not pyfuse3.readdir_reply(token, name, attributes, index + 1):
                 return
             self._remember(child)
 

@@ -25,6 +25,7 @@ CHILD = textwrap.dedent(
     import os, sys, time
     store, go = sys.argv[1], sys.argv[2]
     import artifactfs
+    open(go + "." + str(os.getpid()), "w").close()  # this interpreter is up
     deadline = time.monotonic() + 60
     while not os.path.exists(go):  # start together, once every interpreter is up
         if time.monotonic() > deadline:
@@ -51,7 +52,12 @@ def test_concurrent_processes_get_distinct_gap_free_ids(tmp_path: Path) -> None:
         )
         for _ in range(PROCESSES)
     ]
-    time.sleep(1.0)  # let the interpreters import artifactfs and reach the starting line
+    # Every interpreter imports artifactfs and reaches the starting line, then all go at once.
+    give_up = time.monotonic() + 60
+    while len(list(tmp_path.glob("go.*"))) < PROCESSES and time.monotonic() < give_up:
+        if any(child.poll() is not None for child in children):
+            break  # one failed: its output says why, below
+        time.sleep(0.01)
     go.touch()
     outputs = []
     try:

@@ -189,7 +189,8 @@ def _check_no_secrets(remote: Backend, tmp_path: Path, monkeypatch: pytest.Monke
 
 # -- another user and allow_other -----------------------------------------------------------------
 
-OTHER_USER = "afs-hygiene"
+# One name per test process: two sessions on one machine must not delete each other's user.
+OTHER_USER = f"afs-hygiene-{os.getpid()}"
 
 
 @pytest.fixture

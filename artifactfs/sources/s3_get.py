@@ -332,7 +332,7 @@ class LeanGetter:
         """The sent requests, each once its answer has started to arrive (or its connection
         failed), until this thread's deadline (else READ_TIMEOUT) passes: those still silent
         then are closed and dropped, not waited for once more on a read."""
-        waiting = {}
+        waiting: dict[Any, tuple[int, _Request, _Connection]] = {}
         for item in sent:
             sock = item[2].sock
             if sock is None:  # not connected: its getresponse fails at once
@@ -341,19 +341,21 @@ class LeanGetter:
                 waiting[sock] = item
         deadline = current_deadline()
         give_up = time.monotonic() + (deadline.remaining() if deadline else READ_TIMEOUT)
-        while waiting:
-            timeout = max(0.0, give_up - time.monotonic())
-            try:
-                ready, _, _ = select.select(list(waiting), [], [], timeout)
-            except (OSError, ValueError):  # a socket closed under us: read the rest in order
-                ready = list(waiting)
-            if not ready:
-                break
-            for sock in ready:
-                yield waiting.pop(sock)
-        for _, request, connection in waiting.values():
-            log.debug("%s: no answer with others in time", request.url)
-            self._drop(connection)
+        try:
+            while waiting:
+                timeout = max(0.0, give_up - time.monotonic())
+                try:
+                    ready, _, _ = select.select(list(waiting), [], [], timeout)
+                except (OSError, ValueError):  # a socket closed under us: read the rest in order
+                    ready = list(waiting)
+                if not ready:
+                    break
+                for sock in ready:
+                    yield waiting.pop(sock)
+        finally:  # also when the caller stops early: never keep a connection owing an answer
+            for _, request, connection in waiting.values():
+                log.debug("%s: no answer with others in time", request.url)
+                self._drop(connection)
 
     def _request(self, entry: ArtifactFileData, offset: int, length: int) -> _Request | None:
         """The signed GET of a range of the entry; None when its bucket is boto3's."""

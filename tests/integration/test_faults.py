@@ -400,7 +400,7 @@ def _check_persistent_faults(
                     monkeypatch,
                     [plan.remote],
                     tmp_path / f"mnt-{plan.label}",
-                    *artifact_args(run.id, plan.label, str(tmp_path / f"cache-{plan.label}")),
+                    *artifact_args(run.id, plan.label, tmp_path / f"cache-{plan.label}"),
                     "--chunk-size",
                     "1M",
                 )
@@ -497,7 +497,7 @@ def test_read_deadline_option_bounds_a_stalled_read(
             monkeypatch,
             [s3],
             tmp_path / "mnt",
-            *artifact_args(run.id, "data", str(tmp_path / "cache")),
+            *artifact_args(run.id, "data", tmp_path / "cache"),
             "--read-deadline",
             "3",
         ) as mount:

@@ -443,7 +443,7 @@ async def _check(
             return
         handle = await ops.opendir(inode, None)
         try:
-            listed = [node.name for node in ops._listings[handle]]  # what readdir replies
+            listed = [os.fsdecode(name) for name, _, _ in ops._listings[handle]]  # readdir's
         finally:
             await ops.releasedir(handle)
         assert listed == sorted(model.dirs[path])

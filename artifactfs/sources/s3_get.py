@@ -379,14 +379,18 @@ class LeanGetter:
         self, request: _Request, connection: _Connection, response: http.client.HTTPResponse
     ) -> bytes | None:
         """The answer's bytes (`_answer`); a connection whose answer was not read whole, or
-        that failed, is closed and dropped."""
+        that failed, is closed and dropped, and so is the answer: after `Connection: close`
+        the socket is the answer's, and one left to the garbage collector (an exception's
+        traceback keeps it) would leave the server sending into it."""
         try:
             data = self._answer(request.entry, request.bucket, request.version, response)
         except BaseException:
+            response.close()
             self._drop(connection)
             raise
-        if data is None:
-            self._drop(connection)  # its answer was not read
+        if data is None:  # its answer was not read
+            response.close()
+            self._drop(connection)
         return data
 
     def _sign(self, route: Route, path: str, query: str) -> dict[str, str]:

@@ -25,6 +25,7 @@ from artifactfs.sources import base as base_module
 from artifactfs.sources import gcs as gcs_module
 from artifactfs.sources import reset_sources
 from artifactfs.sources import s3 as s3_module
+from artifactfs.sources import s3_get as s3_get_module
 from artifactfs.sources.base import DeadlinePassedError, RequestDeadline
 
 BODY = b"x" * 1000
@@ -159,6 +160,24 @@ def test_an_s3_read_is_cut_off_at_the_deadline(
         assert 0.9 < seconds < 8.0, seconds
         # The connection was shut down, not left to trickle on: the server notices at its
         # next byte or two.
+        assert wait_for(lambda: len(server.ended) > 0, 2.0), "the server still trickles"
+
+
+def test_an_s3_read_that_times_out_closes_its_socket_at_once(
+    s3_endpoint: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that fails on its own (here a socket timeout shorter than the trickle's pauses,
+    before any deadline) closes the socket there and then: after `Connection: close` the
+    socket belongs to the answer, which the error's traceback keeps alive."""
+    with trickle_server("body") as server:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
+        monkeypatch.setattr(s3_get_module, "READ_TIMEOUT", INTERVAL / 4)
+        source = s3_module.S3Source()
+        entry = entry_for("s3://bucket/f.bin", "S3")
+        error, seconds = timed_failure(lambda: source.read_range(entry, 0, len(BODY)))
+        assert isinstance(error, TransientSourceError), repr(error)
+        assert "timed out" in str(error) and seconds < 5.0, (error, seconds)
+        # `error` is still held: the server notices at its next byte or two all the same.
         assert wait_for(lambda: len(server.ended) > 0, 2.0), "the server still trickles"
 
 

@@ -268,13 +268,10 @@ class Reader:
         one chunk that is in memory, of a file whose bytes may be served now (not failed, and
         checked whole if it must be). None means: call `read` (on a worker thread). The bytes
         are a view of the chunk in memory: no copy of up to 1 MiB per read."""
-        size = entry.size or 0
-        if entry.type == TYPE_LOCAL or offset >= size or length <= 0:
+        index = self._single_chunk(entry, offset, length)
+        if index is None:
             return None
-        length = min(length, size - offset)
-        index = offset // self.chunk_size
-        if (offset + length - 1) // self.chunk_size != index:
-            return None
+        length = min(length, (entry.size or 0) - offset)
         key = self._key(entry, index)
         must_be_checked = self._checked_before_serving(entry)
         with self._lock:
@@ -296,17 +293,26 @@ class Reader:
         """The fetch in flight of the one chunk a read of [offset, offset+length) needs, if
         there is one: the caller may wait for it without a thread of its own, then try
         `read_if_ready` again (and `read` if that still says None)."""
-        size = entry.size or 0
-        if entry.type == TYPE_LOCAL or offset >= size or length <= 0:
-            return None
-        index = offset // self.chunk_size
-        if (min(offset + length, size) - 1) // self.chunk_size != index:
+        index = self._single_chunk(entry, offset, length)
+        if index is None:
             return None
         key = self._key(entry, index)
         with self._lock:
             if key in self._failed_chunks:
                 return None  # `read` answers at once with the failure
             return self._inflight.get(key)
+
+    def _single_chunk(self, entry: ArtifactFileData, offset: int, length: int) -> int | None:
+        """The index of the one chunk a read of [offset, offset+length) of a remote entry
+        needs (clipped at the end of the file); None for a local entry, a read at or past
+        the end or of nothing, and one that spans chunks."""
+        size = entry.size or 0
+        if entry.type == TYPE_LOCAL or offset >= size or length <= 0:
+            return None
+        index = offset // self.chunk_size
+        if (min(offset + length, size) - 1) // self.chunk_size != index:
+            return None
+        return index
 
     def give_up_waiting(self, entry: ArtifactFileData, offset: int) -> NoReturn:
         """For a caller whose wait for `fetch_under_way` timed out: fail as a read that waited

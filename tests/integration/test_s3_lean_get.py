@@ -33,7 +33,7 @@ from artifactfs.sources.base import RequestDeadline
 from artifactfs.sources.s3 import lean_getter, s3_client
 from tests.conftest import S3Bucket, SigningS3Server
 from tests.support.faultproxy import fault_proxy
-from tests.support.servers import rclone_s3
+from tests.support.servers import accepted, rclone_s3
 
 pytestmark = pytest.mark.s3
 
@@ -260,11 +260,7 @@ class ClosesIdleConnections:
         self._thread.start()
 
     def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
+        for client in accepted(self._listener, self._stop):
             with client:
                 client.settimeout(10)
                 with suppress(OSError):

@@ -27,6 +27,7 @@ from artifactfs.sources import reset_sources
 from artifactfs.sources import s3 as s3_module
 from artifactfs.sources import s3_get as s3_get_module
 from artifactfs.sources.base import DeadlinePassedError, RequestDeadline
+from tests.support.servers import accepted
 
 BODY = b"x" * 1000
 ETAG = hashlib.md5(BODY).hexdigest()
@@ -64,11 +65,7 @@ class TrickleServer:
         self._listener.close()
 
     def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
+        for client in accepted(self._listener, self._stop):
             thread = threading.Thread(target=self._serve, args=(client,), daemon=True)
             self._threads.append(thread)
             thread.start()

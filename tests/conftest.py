@@ -16,6 +16,7 @@ import pytest
 
 from artifactfs.sources import reset_sources
 from tests.support.postgres import PostgresServer, postgres_server
+from tests.support.s3_helpers import RcloneBucket, new_rclone_bucket
 from tests.support.servers import gcs_emulator, moto_server, rclone_s3
 
 _CLEARED = (
@@ -167,6 +168,12 @@ def rclone_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signi
     access_key, secret_key = "artifactfstest", "artifactfs-test-secret"
     with rclone_s3(log, root, access_key, secret_key) as url:
         yield SigningS3Server(url, root, log, access_key, secret_key)
+
+
+@pytest.fixture
+def rclone(rclone_s3_server: SigningS3Server, monkeypatch: pytest.MonkeyPatch) -> RcloneBucket:
+    """A fresh bucket on `rclone serve s3`, with the environment pointed at it."""
+    return new_rclone_bucket(rclone_s3_server, monkeypatch)
 
 
 # -- GCS ------------------------------------------------------------------------------------

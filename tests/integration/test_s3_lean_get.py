@@ -10,132 +10,36 @@ took over would fail them.
 
 from __future__ import annotations
 
-import datetime
-import http.client
 import random
 import re
-import socket
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from artifactfs.entries import ArtifactFileData
 from artifactfs.errors import SourceChangedError
 from artifactfs.sources import reset_sources, source_for_type
 from artifactfs.sources.base import RequestDeadline
-from artifactfs.sources.s3 import lean_getter, s3_client
-from tests.conftest import S3Bucket, SigningS3Server
+from artifactfs.sources.s3 import lean_getter
+from tests.conftest import S3Bucket
 from tests.support.faultproxy import fault_proxy
-from tests.support.servers import accepted, rclone_s3
+from tests.support.s3_helpers import (
+    AWKWARD_KEYS,
+    ClosesIdleConnections,
+    RcloneBucket,
+    body_of,
+    boto3_gets,
+    client_for,
+    point_at,
+    read,
+    self_signed,
+    track,
+)
+from tests.support.servers import rclone_s3
 
 pytestmark = pytest.mark.s3
-
-AWKWARD_KEYS = [
-    "sp ace/with space.bin",
-    "plus+eq=amp&.bin",
-    "tilde~x.bin",
-    "pct%41%2Fz.bin",
-    "ünï/文字 ✓.bin",
-    "ends.",
-    "q?x#y;z,@!$'()*.bin",
-    "deep/er/key.bin",
-]
-
-
-def _env(monkeypatch: pytest.MonkeyPatch, url: str, key: str, secret: str) -> None:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    reset_sources()
-
-
-def _client(url: str, key: str, secret: str, **options: Any) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    config = Config(
-        response_checksum_validation="when_required", request_checksum_calculation="when_required"
-    )
-    return boto3.client(
-        "s3",
-        endpoint_url=url,
-        aws_access_key_id=key,
-        aws_secret_access_key=secret,
-        region_name="us-east-1",
-        config=config,
-        **options,
-    )
-
-
-@dataclass
-class RcloneBucket:
-    server: SigningS3Server
-    client: Any
-    name: str
-
-    def put(self, key: str, body: bytes) -> None:
-        self.client.put_object(Bucket=self.name, Key=key, Body=body)
-
-    def url(self, key: str = "") -> str:
-        return f"s3://{self.name}/{key}"
-
-    def gets(self, key: str) -> int:
-        """GETs of the key that the server answered (its log has a line for each)."""
-        line = f"GET OBJECT Bucket: {self.name} Object: {key}\n"
-        return self.server.log.read_text(encoding="utf-8", errors="replace").count(line)
-
-
-@pytest.fixture
-def rclone(rclone_s3_server: SigningS3Server, monkeypatch: pytest.MonkeyPatch) -> RcloneBucket:
-    """A fresh bucket on `rclone serve s3`, with the environment pointed at it."""
-    server = rclone_s3_server
-    _env(monkeypatch, server.url, server.access_key, server.secret_key)
-    client = _client(server.url, server.access_key, server.secret_key)
-    name = f"lean-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=name)
-    return RcloneBucket(server, client, name)
-
-
-def track(url: str) -> dict[str, ArtifactFileData]:
-    """Entries of every object under the location, by key."""
-    source = source_for_type("S3")
-    return {e.metadata["file_path"].split("/", 3)[3]: e for e in source.list_location(url)}
-
-
-def read(entry: ArtifactFileData, offset: int = 0, length: int | None = None) -> bytes:
-    size = entry.size or 0
-    return source_for_type("S3").read_range(entry, offset, size if length is None else length)
-
-
-@contextmanager
-def boto3_gets() -> Iterator[list[int]]:
-    """How many GetObject requests boto3 sends meanwhile ([count]). The signed path learns a
-    bucket's route from a GetObject that botocore prepares but never sends (stopped at
-    `before-send` by a handler registered when the client was made): that handler comes first,
-    so this one, registered later, counts only the requests that are sent."""
-    sent = [0]
-
-    def count(**kwargs: Any) -> None:
-        sent[0] += 1
-
-    events = s3_client().meta.events
-    events.register("before-send.s3.GetObject", count, unique_id="test-count-gets")
-    try:
-        yield sent
-    finally:
-        events.unregister("before-send.s3.GetObject", unique_id="test-count-gets")
-
-
-def body_of(size: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(size)
 
 
 # -- rclone: signatures checked ---------------------------------------------------------------
@@ -244,65 +148,6 @@ def test_reads_from_many_threads_each_get_their_bytes(rclone: RcloneBucket) -> N
     assert sent[0] == 0
 
 
-class ClosesIdleConnections:
-    """A proxy to a real server that answers one request per connection and then closes it
-    without saying so (no `Connection: close`): what a server does to a kept-alive connection
-    it found idle too long, just before the client sends its next request on it."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.answered = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.port = int(self._listener.getsockname()[1])
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        for client in accepted(self._listener, self._stop):
-            with client:
-                client.settimeout(10)
-                with suppress(OSError):
-                    self._answer(client)
-
-    def _answer(self, client: socket.socket) -> None:
-        head = b""
-        while b"\r\n\r\n" not in head and len(head) < 65536:
-            piece = client.recv(4096)
-            if not piece:
-                return
-            head += piece
-        request_line, *lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-        method, target, _ = request_line.split(" ", 2)
-        upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=10)
-        try:
-            upstream.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-            for line in lines:
-                name, _, value = line.partition(":")
-                upstream.putheader(name, value.strip())
-            upstream.endheaders()
-            response = upstream.getresponse()
-            body = response.read()
-            headers = [
-                f"{name}: {value}"
-                for name, value in response.getheaders()
-                if name.lower() not in ("connection", "content-length", "transfer-encoding")
-            ]
-        finally:
-            upstream.close()
-        status = f"HTTP/1.1 {response.status} {response.reason}"
-        answer = "\r\n".join([status, *headers, f"Content-Length: {len(body)}", "", ""])
-        # Counted before sending: the client may check the count as soon as it has the answer.
-        self.answered += 1
-        client.sendall(answer.encode("latin-1") + body)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self._listener.close()
-
-
 def test_a_kept_alive_connection_closed_by_the_server_is_replaced_not_an_error(
     rclone: RcloneBucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -311,7 +156,7 @@ def test_a_kept_alive_connection_closed_by_the_server_is_replaced_not_an_error(
     port = int(rclone.server.url.rsplit(":", 1)[1])
     proxy = ClosesIdleConnections(port)
     try:
-        _env(monkeypatch, f"http://127.0.0.1:{proxy.port}", rclone.server.access_key,
+        point_at(monkeypatch, f"http://127.0.0.1:{proxy.port}", rclone.server.access_key,
              rclone.server.secret_key)  # fmt: skip
         with boto3_gets() as sent:
             for _ in range(6):  # each read after the first finds its connection closed
@@ -322,54 +167,15 @@ def test_a_kept_alive_connection_closed_by_the_server_is_replaced_not_an_error(
         proxy.close()
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, as PEM files."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_https_is_verified_against_the_clients_ca_bundle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     access, secret = "artifactfstls", "artifactfs-tls-secret"
     with rclone_s3(tmp_path / "rclone.log", tmp_path / "data", access, secret, (cert, key)) as url:
         monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
-        _env(monkeypatch, url, access, secret)
-        client = _client(url, access, secret, verify=str(cert))
+        point_at(monkeypatch, url, access, secret)
+        client = client_for(url, access, secret, verify=str(cert))
         client.create_bucket(Bucket="tls")
         client.put_object(Bucket="tls", Key="x y.bin", Body=body_of(9000, 5))
         entry = track("s3://tls/x y.bin")["x y.bin"]
@@ -416,7 +222,7 @@ def test_a_stalled_answer_in_a_batch_holds_up_no_other(
     keys = sorted(bodies)
     with fault_proxy(s3_endpoint) as proxy:
         proxy.add("stall", f"GET /{s3.name}/{keys[0]} ", seconds=60.0)
-        _env(monkeypatch, proxy.url, "testing", "testing")
+        point_at(monkeypatch, proxy.url, "testing", "testing")
         source = source_for_type("S3")
         lean = lean_getter()
         assert lean is not None
@@ -465,7 +271,7 @@ def test_an_answer_left_to_botocore_makes_the_bucket_boto3s(
             "status", f"GET /{s3.name}/r.bin", times=1, status=400,
             code="AuthorizationHeaderMalformed",
         )  # fmt: skip
-        _env(monkeypatch, proxy.url, "testing", "testing")
+        point_at(monkeypatch, proxy.url, "testing", "testing")
         with boto3_gets() as sent:
             assert read(entry) == b"redirected " * 100  # the same read, by boto3
             assert sent[0] == 1

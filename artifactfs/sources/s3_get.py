@@ -89,6 +89,19 @@ def clean_etag(etag: str) -> str:
     return etag.strip().strip('"')
 
 
+def identity_problem(
+    entry: ArtifactFileData, version: str | None, etag: str, served_version: str | None
+) -> str | None:
+    """What says an answer is not of the tracked object (another ETag, another version; some
+    servers ignore If-Match), or None when it is."""
+    etag = clean_etag(etag)
+    if etag != entry.file_hash:
+        return f"object changed since it was tracked (ETag {etag})"
+    if version is not None and served_version != version:
+        return f"served version {served_version}, tracked {version}"
+    return None
+
+
 def error_for_code(url: str, code: str, detail: str) -> ArtifactfsError:
     """What an S3 error code (or an HTTP status as a code) means for a read of tracked bytes:
     the one mapping for botocore's errors and for the answers read here."""
@@ -168,7 +181,8 @@ class Route:
 
 @dataclass(frozen=True)
 class _Request:
-    """A signed GET of one entry's range, ready to send."""
+    """A signed GET of one entry's range, ready to send (`headers` without those any HTTP
+    client adds: Accept-Encoding)."""
 
     entry: ArtifactFileData
     url: str
@@ -281,7 +295,7 @@ class LeanGetter:
     def read_range(self, entry: ArtifactFileData, offset: int, length: int) -> bytes | None:
         """The tracked bytes [offset, offset+length), or None when this request is for boto3.
         Raises SourceChangedError / TransientSourceError as `S3Source._get` does."""
-        request = self._request(entry, offset, length)
+        request = self.prepare(entry, offset, length)
         if request is None:
             return None
         connection, response = self._send(
@@ -302,7 +316,7 @@ class LeanGetter:
         results: list[bytes | None] = [None] * len(entries)
         sent: list[tuple[int, _Request, _Connection]] = []
         for index, entry in enumerate(entries):
-            request = self._request(entry, 0, entry.size or 0)
+            request = self.prepare(entry, 0, entry.size or 0)
             if request is None:
                 continue
             connection, _ = self._connection(request.route, lane=index)
@@ -357,11 +371,13 @@ class LeanGetter:
                 log.debug("%s: no answer with others in time", request.url)
                 self._drop(connection)
 
-    def _request(self, entry: ArtifactFileData, offset: int, length: int) -> _Request | None:
-        """The signed GET of a range of the entry; None when its bucket is boto3's."""
+    def prepare(self, entry: ArtifactFileData, offset: int, length: int) -> _Request | None:
+        """The signed GET of a range of the entry; None when its bucket is boto3's. May block
+        the first time for a bucket (`route`) and when the credentials must be refreshed
+        (`credentials_need_refresh`)."""
         url = entry.source_url
         bucket, key = parse_bucket_url(url, "s3")
-        route = self._route(bucket)
+        route = self.route(bucket)
         if route is None:
             return None
         version = entry.metadata.get("version_id")
@@ -453,13 +469,14 @@ class LeanGetter:
         # stream for the end of the headers): nothing in it can be trusted.
         check_deadline()
         if status in (200, 206):
-            etag = clean_etag(response.getheader("ETag", ""))
-            if etag != entry.file_hash:
-                raise SourceChangedError(url, f"object changed since it was tracked (ETag {etag})")
-            if version is not None:
-                served = response.getheader("x-amz-version-id")
-                if served != version:
-                    raise SourceChangedError(url, f"served version {served}, tracked {version}")
+            problem = identity_problem(
+                entry,
+                version,
+                response.getheader("ETag", ""),
+                response.getheader("x-amz-version-id"),
+            )
+            if problem is not None:
+                raise SourceChangedError(url, problem)
             try:
                 data = response.read()  # http.client raises IncompleteRead on a short body
             except _NETWORK_ERRORS as exc:  # reset, cut short or cut off mid-body
@@ -487,6 +504,15 @@ class LeanGetter:
             self._routes[bucket] = None
         return None
 
+    def credentials_need_refresh(self) -> bool:
+        """Whether signing would first refresh the credentials (a blocking call: an STS or
+        instance-metadata request). Static credentials never need it."""
+        refresh_needed = getattr(self._credentials, "refresh_needed", None)
+        return bool(refresh_needed()) if callable(refresh_needed) else False
+
+    def refresh_credentials(self) -> None:
+        self._credentials.get_frozen_credentials()
+
     # -- connections ---------------------------------------------------------------------------
 
     def _connection(self, route: Route, lane: int = 0) -> tuple[_Connection, bool]:
@@ -504,7 +530,7 @@ class LeanGetter:
         if connection is None:
             if route.scheme == "https":
                 connection = _HTTPSConnection(
-                    route.hostname, route.port, timeout=connect_timeout, context=self._tls_context()
+                    route.hostname, route.port, timeout=connect_timeout, context=self.tls_context()
                 )
             else:
                 connection = _HTTPConnection(route.hostname, route.port, timeout=connect_timeout)
@@ -523,8 +549,9 @@ class LeanGetter:
             if kept is connection:
                 del connections[slot]
 
-    def _tls_context(self) -> ssl.SSLContext:
-        """Verification as the client's HTTP session does it (`AWS_CA_BUNDLE`, `verify=`)."""
+    def tls_context(self) -> ssl.SSLContext:
+        """Verification as the client's HTTP session does it (`AWS_CA_BUNDLE`, `verify=`).
+        Loads the CA bundle the first time (file I/O), then returns the same context."""
         with self._lock:
             if self._tls is None:
                 from botocore.httpsession import get_cert_path
@@ -545,7 +572,13 @@ class LeanGetter:
 
     # -- routes --------------------------------------------------------------------------------
 
-    def _route(self, bucket: str) -> Route | None:
+    def knows_route(self, bucket: str) -> bool:
+        """Whether `route(bucket)` answers without asking botocore (which may block)."""
+        with self._lock:
+            return bucket in self._routes
+
+    def route(self, bucket: str) -> Route | None:
+        """Where the bucket's GETs go, learnt from botocore the first time; None: boto3's."""
         with self._lock:
             if bucket in self._routes:
                 return self._routes[bucket]

@@ -31,8 +31,9 @@ blocks of it that it returns (the kernel asks for at most 1 MiB at a time); a se
 reader gets whole chunks loaded into memory, ahead of it. `prefetch()` warms the cache with
 whole small files a program is about to open (its neighbours in a directory), on pools of
 their own so they never delay a demand read: files up to 1 MiB of a source that can read
-several at once in batches (`Source.read_many`, one thread per batch), the others one by one.
-A read may wait for a fetch under way without a thread (`fetch_under_way`).
+several at once in batches (`Source.read_many`, one thread per batch, or wherever
+`batch_starter` says: the mount reads them on its trio loop), the others one by one. A read
+may wait for a fetch under way without a thread (`fetch_under_way`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ VERIFIED_CHUNK_DIGESTS = 65_536
 
 # (type, file_hash, size): what a whole-file check vouches for.
 FileId = tuple[str, str, int]
+# The bodies of a batch's entries (None: not read), or None: the batch was not read at all.
+BatchBodies = list[bytes | None] | None
+# Reads a batch of small files elsewhere (the mount's trio loop) within the seconds given,
+# then calls back with what it read; False when it does not take the batch.
+BatchStarter = Callable[[list[ArtifactFileData], float, Callable[[BatchBodies], None]], bool]
 
 
 def _file_id(entry: ArtifactFileData) -> FileId:
@@ -128,6 +134,7 @@ class Reader:
         self._prefetch_pool = ThreadPoolExecutor(workers, thread_name_prefix="artifactfs-prefetch")
         self._batch_pool = ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="artifactfs-batch")
         self._pending_prefetches = 0
+        self.batch_starter: BatchStarter | None = None
         self._lock = threading.Lock()
         self._memory: LRUCache[bytes, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
         # Files whose whole-file check failed, and chunks that just failed to fetch: the kernel
@@ -183,10 +190,25 @@ class Reader:
                 self._submit(self._prefetch_pool, self._fetch_single, [item])
         for items in batches.values():
             for start in range(0, len(items), PREFETCH_BATCH):
-                self._submit(
-                    self._batch_pool, self._fetch_batch, items[start : start + PREFETCH_BATCH]
-                )
+                self._start_batch(items[start : start + PREFETCH_BATCH])
         return taken
+
+    def _start_batch(self, batch: list[_Prefetch]) -> None:
+        """Have `batch_starter` read the batch (the mount: on its trio loop), else a thread."""
+        starter = self.batch_starter
+        entries = [item.entry for item in batch]
+        seconds = min(self.deadline, BATCH_DEADLINE)
+        if starter is None or not starter(
+            entries, seconds, lambda bodies: self._batch_read(batch, bodies)
+        ):
+            self._submit(self._batch_pool, self._fetch_batch, batch)
+
+    def _batch_read(self, batch: list[_Prefetch], bodies: BatchBodies) -> None:
+        """What `batch_starter` read of a batch: checked and cached here, on its thread."""
+        if bodies is None:  # not read there after all
+            self._submit(self._batch_pool, self._fetch_batch, batch)
+        else:
+            self._settle_batch(batch, bodies)
 
     @staticmethod
     def _submit(
@@ -231,6 +253,10 @@ class Reader:
         except Exception as exc:  # each file is then fetched on its own, which says why
             log.info("%s: prefetch batch failed: %s", entries[0].source_url, exc)
             bodies = [None] * len(batch)
+        self._settle_batch(batch, bodies)
+
+    def _settle_batch(self, batch: list[_Prefetch], bodies: list[bytes | None]) -> None:
+        """Check and cache what a batch brought; fetch the rest one by one on a thread."""
         for item, data in zip(batch, bodies, strict=True):
             if data is None:
                 self._submit(self._prefetch_pool, self._fetch_single, [item])

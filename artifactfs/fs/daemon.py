@@ -27,7 +27,7 @@ from artifactfs.cache.location import (
     parse_size,
 )
 from artifactfs.errors import ArtifactfsError
-from artifactfs.reader import DEFAULT_DEADLINE
+from artifactfs.reader import DEFAULT_DEADLINE, Reader
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,6 @@ def _serve(options: MountOptions, ready_fd: int | None) -> None:
     from artifactfs.cache import ChunkCache
     from artifactfs.fs.fuse_ops import ArtifactOperations
     from artifactfs.fs.tree import Tree
-    from artifactfs.reader import Reader
     from artifactfs.store import Store
 
     # Importing boto3 and building its client takes ~0.3 s of CPU: done while the store and
@@ -233,7 +232,7 @@ def _serve(options: MountOptions, ready_fd: int | None) -> None:
     )
     _tell(ready_fd, "ready")
     try:
-        trio.run(_main_loop, options.mountpoint)
+        trio.run(_main_loop, options.mountpoint, reader)
     finally:
         pyfuse3.close(unmount=True)
         operations.prefetcher.close()
@@ -242,15 +241,24 @@ def _serve(options: MountOptions, ready_fd: int | None) -> None:
         log.info("unmounted %s", options.mountpoint)
 
 
-async def _main_loop(mountpoint: str) -> None:
+async def _main_loop(mountpoint: str, reader: Reader) -> None:
     import pyfuse3
     import trio
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal)
-        nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, mountpoint)
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
+    from artifactfs.fs.loop_batches import LoopBatches
+
+    # Prefetch batches are read on this loop, in a nursery of their own that the unmount
+    # does not cancel: each ends within its time limit and tells its readers.
+    async with trio.open_nursery() as batches:
+        reader.batch_starter = LoopBatches(batches, trio.lowlevel.current_trio_token())
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal)
+                nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, mountpoint)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            reader.batch_starter = None
 
 
 async def _stop_on_signal() -> None:

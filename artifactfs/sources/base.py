@@ -68,6 +68,14 @@ class Source(ABC):
         with `read_range`, which retries and says what went wrong. By default: none."""
         return [None] * len(entries)
 
+    async def read_many_on_loop(
+        self, entries: Sequence[ArtifactFileData], seconds: float
+    ) -> list[bytes | None] | None:
+        """`read_many` by tasks of the calling trio loop, within `seconds`, blocking neither
+        the loop nor on a thread hand-off per request (the mount's prefetches); None when it
+        cannot now: the caller then uses `read_many` on a thread. By default: None."""
+        return None
+
 
 # -- an overall deadline for the HTTP requests of one read --------------------------------------
 #

@@ -291,6 +291,22 @@ class S3Source(Source):
         lean = lean_getter()
         return lean.read_many(entries) if lean is not None else super().read_many(entries)
 
+    async def read_many_on_loop(
+        self, entries: Sequence[ArtifactFileData], seconds: float
+    ) -> list[bytes | None] | None:
+        """Small objects whole, by tasks of the calling trio loop (`s3_loop`); None when
+        reads go through boto3 (`ARTIFACTFS_S3_LEAN_GET=0`)."""
+        import trio
+
+        from artifactfs.sources import s3_loop
+
+        if _client is None:  # importing boto3 and building the client blocks: not on the loop
+            await trio.to_thread.run_sync(s3_client)
+        lean = _lean
+        if lean is None:
+            return None
+        return await s3_loop.read_many(lean, entries, seconds)
+
     def check(self, entry: ArtifactFileData) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 

@@ -91,6 +91,8 @@ async def _read_into(
 ) -> None:
     url = entry.source_url
     try:
+        if not getter.knows_route(parse_bucket_url(url, "s3")[0]):
+            return  # learning it failed just now: the reader's thread tries again, not the loop
         request = getter.prepare(entry, 0, entry.size or 0)
         if request is None:  # the bucket is boto3's
             return

@@ -13,6 +13,7 @@ left out (and logged), so a hostile store cannot show anything outside the tree.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import functools
 import hashlib
@@ -344,8 +345,26 @@ class Tree:
     def siblings(self, node: Node) -> Listing:
         """The listing of the artifact directory that holds `node`; remembered, so that the
         lookups of a program opening its files one by one need no query."""
+        return self._artifact_listing(self._directory_of(node))
+
+    def next_directory(self, node: Node) -> Listing | None:
+        """The listing of the directory after the one holding `node`, in its parent's name
+        order (where a program walking the artifact in order goes next); None when the
+        parent has no directory after it, or `node` is at the artifact's root."""
+        directory = self._directory_of(node)
+        if directory.dir_path == "":
+            return None
+        around = self.siblings(directory)
+        for candidate in around.nodes[bisect.bisect_right(around.names, directory.name) :]:
+            if candidate.kind is Kind.ARTIFACT_DIR:
+                return self._artifact_listing(candidate)
+        return None
+
+    @staticmethod
+    def _directory_of(node: Node) -> Node:
+        """The artifact directory holding `node`."""
         path = node.path.rpartition("/")[0]
-        parent = Node(
+        return Node(
             Kind.ARTIFACT_DIR,
             path,
             ROOT_INODE if path == "" else inode_for(f"{path}\0{node.artifact_id}"),
@@ -356,7 +375,6 @@ class Tree:
             node.artifact_id,
             node.dir_path.rpartition("/")[0],
         )
-        return self._artifact_listing(parent)
 
     def remembered_siblings(self, node: Node) -> Listing | None:
         """`siblings` if that listing is remembered (no store query, no wait), else None."""

@@ -260,6 +260,45 @@ def test_siblings_are_remembered_for_the_next_lookups(
     assert tree.lookup(parent, "missing.csv") is None
 
 
+def test_next_directory_is_the_following_one_in_name_order(
+    tmp_path: Path, store_path: str, store: Store
+) -> None:
+    """Where a program walking an artifact in order goes after a directory: the next
+    directory of the same parent (files between are skipped), none after the last one, and
+    none for a file at the artifact's root."""
+    files = {
+        "top.bin": b"t",
+        "d/a/1.bin": b"1",
+        "d/a/2.bin": b"2",
+        "d/between.bin": b"x",
+        "d/b/3.bin": b"3",
+        "d/b/sub/4.bin": b"4",
+        "d/c/5.bin": b"5",
+    }
+    run = artifactfs.init_run(project="walk", store=store_path)
+    run["data"].track_files(str(make_tree(tmp_path / "walk", files)))
+    tree = Tree(store, run_id=run.id, field_path="data")
+
+    def following(path: str) -> list[str] | None:
+        node = resolve(tree, path)
+        assert node is not None
+        listing = tree.next_directory(node)
+        return None if listing is None else listing.names
+
+    assert following("d/a/1.bin") == ["3.bin", "sub"]
+    assert following("d/b/3.bin") == ["5.bin"]
+    assert following("d/b/sub/4.bin") is None  # the last directory of d/b
+    assert following("d/c/5.bin") is None
+    assert following("d/between.bin") is None  # d is the last directory at the root
+    assert following("top.bin") is None
+    # The listing is remembered: the program's lookups there need no query.
+    node = resolve(tree, "d/a/1.bin")
+    assert node is not None
+    listing = tree.next_directory(node)
+    assert listing is not None
+    assert tree.remembered_siblings(listing.nodes[0]) is listing
+
+
 def test_bad_roots_are_refused(store: Store, populated: dict[str, str]) -> None:
     with pytest.raises(ArtifactfsError):
         Tree(store, field_path="datasets/train")

@@ -11,7 +11,11 @@ Each open costs little: where the listing is remembered (every open but a direct
 the neighbours are queued right away, on the caller's thread (the trio loop: queueing starts
 fetches, it never waits), and only once half of those queued for that directory were opened:
 a program opening files in order then gets its neighbours fetched in batches (the reader
-fetches each batch together), not one request per open.
+fetches each batch together), not one request per open. Near a directory's end the window
+runs on into the next directory of the same parent, in name order (where a program walking
+the tree goes next: an image folder's next class), once per directory: without it, the
+first files of every directory were read before their fetch had started (measured: 60 of
+3,000 reads with one reader, ~180 with eight, each a full round trip; 2 and ~10 with it).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class NeighbourPrefetcher:
         self._lock = threading.Lock()
         # (directory path, artifact id) -> index in its listing up to which files are queued.
         self._queued_up_to: LRUCache[tuple[str, str], int] = LRUCache(REMEMBERED_DIRECTORIES)
+        # Directories whose window already ran on into the next directory.
+        self._continued: LRUCache[tuple[str, str], bool] = LRUCache(REMEMBERED_DIRECTORIES)
 
     def opened(self, node: Node) -> None:
         """Called when a file is opened; returns at once."""
@@ -64,12 +70,45 @@ class NeighbourPrefetcher:
         except Exception as exc:  # a hint that failed costs nothing but the hint
             log.info("prefetch after %s failed: %s", node.path, exc)
 
+    def _queue_next_directory(self, node: Node, count: int) -> None:
+        try:
+            listing = self.tree.next_directory(node)
+        except Exception as exc:  # a hint that failed costs nothing but the hint
+            log.info("prefetch after %s failed: %s", node.path, exc)
+            return
+        if listing is None or not listing.nodes:
+            return
+        first = listing.nodes[0]
+        directory = (first.path.rpartition("/")[0], first.artifact_id)
+        with self._lock:
+            if directory in self._queued_up_to:
+                return  # the program is there already
+        files = [
+            (index, sibling.entry)
+            for index, sibling in enumerate(listing.nodes[:count])
+            if sibling.kind is Kind.FILE and sibling.entry is not None
+        ]
+        if not files:
+            return
+        taken = self.reader.prefetch([entry for _, entry in files])
+        end = files[taken][0] if taken < len(files) else min(count, len(listing.nodes))
+        with self._lock:
+            self._queued_up_to.setdefault(directory, end)
+
     def _queue_after(self, node: Node, listing: Listing) -> None:
         position = bisect.bisect_right(listing.names, node.name)
         end = min(position + self.neighbours, len(listing.nodes))
         directory = (node.path.rpartition("/")[0], node.artifact_id)
+        spill = position + self.neighbours - len(listing.nodes)
         with self._lock:
             queued = self._queued_up_to.get(directory, 0)
+            continuing = spill > 0 and directory not in self._continued
+            if continuing:
+                self._continued[directory] = True
+        if continuing:
+            # Near a directory's end, the window runs on into the next directory: a program
+            # walking the tree in order opens its first files next, and would wait for them.
+            self._worker.submit(self._queue_next_directory, node, spill)
         if position <= queued <= end:
             # Within the window: top it up once half of it was read, so that the reader
             # fetches them in batches rather than one per open.

@@ -39,6 +39,38 @@ def test_opening_a_file_prefetches_its_neighbours(s3: S3Bucket, tmp_path: Path) 
         assert mount.root_figure("errors") == 0
 
 
+def test_near_a_directorys_end_the_next_directorys_first_files_are_fetched(
+    s3: S3Bucket, tmp_path: Path
+) -> None:
+    """A program walking a tree in order opens the next directory's first files next: the
+    window of 32 neighbours runs on into that directory (and no further)."""
+    bodies = {f"walk/a/{n:03d}.bin": bytes([n]) * (1500 + n) for n in range(10)}
+    bodies |= {f"walk/b/{n:03d}.bin": bytes([n]) * (1700 + n) for n in range(40)}
+    bodies |= {f"walk/c/{n:03d}.bin": bytes([n]) * (1900 + n) for n in range(5)}
+    for key, body in bodies.items():
+        s3.put(key, body)
+    run = artifactfs.init_run(project="t/prefetch")
+    run["data"].track_files(s3.url("walk"))
+    with mounted(
+        tmp_path / "mnt", "--run", run.id, "--field", "data", "--cache-dir", str(tmp_path / "c")
+    ) as mount:
+        assert (mount.path / "a/005.bin").read_bytes() == bodies["walk/a/005.bin"]
+        # a/006..a/009 and b/000..b/027: 32 neighbours in all.
+        wanted = [f"a/{n:03d}.bin" for n in range(6, 10)] + [f"b/{n:03d}.bin" for n in range(28)]
+        deadline = time.monotonic() + 30
+        for name in wanted:
+            while int(mount.xattr(name, "cached")) != len(bodies[f"walk/{name}"]):
+                assert time.monotonic() < deadline, f"{name} was not prefetched"
+                time.sleep(0.05)
+        assert int(mount.xattr("b/030.bin", "cached")) == 0
+        assert int(mount.xattr("c/000.bin", "cached")) == 0
+        expected = sum(len(bodies[f"walk/{name}"]) for name in ["a/005.bin", *wanted])
+        assert mount.root_figure("fetched_bytes") == expected
+        for name in wanted:
+            assert (mount.path / name).read_bytes() == bodies[f"walk/{name}"]
+        assert mount.root_figure("errors") == 0
+
+
 def test_a_neighbour_rewritten_after_tracking_fails_alone(s3: S3Bucket, tmp_path: Path) -> None:
     """Neighbours are fetched in batches; one whose object changed since tracking fails with
     EIO when read (and is never cached), and the rest of its batch is served right."""

@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 import artifactfs
 from tests.conftest import S3Bucket
-from tests.support.mounts import mounted
+from tests.support.mounts import Mount, mounted
+
+
+@contextmanager
+def mounted_objects(
+    s3: S3Bucket, tmp_path: Path, bodies: dict[str, bytes], location: str
+) -> Iterator[Mount]:
+    """Put the objects (key -> bytes), track `location` in a new run, mount that artifact."""
+    for key, body in bodies.items():
+        s3.put(key, body)
+    run = artifactfs.init_run(project="t/prefetch")
+    run["data"].track_files(s3.url(location))
+    with mounted(
+        tmp_path / "mnt", "--run", run.id, "--field", "data", "--cache-dir", str(tmp_path / "c")
+    ) as mount:
+        yield mount
 
 
 def test_opening_a_file_prefetches_its_neighbours(s3: S3Bucket, tmp_path: Path) -> None:
     bodies = {f"imgs/{n:03d}.bin": bytes([n]) * (1000 + n) for n in range(60)}
-    for key, body in bodies.items():
-        s3.put(key, body)
-    run = artifactfs.init_run(project="t/prefetch")
-    run["data"].track_files(s3.url("imgs"))
-    with mounted(
-        tmp_path / "mnt", "--run", run.id, "--field", "data", "--cache-dir", str(tmp_path / "c")
-    ) as mount:
+    with mounted_objects(s3, tmp_path, bodies, "imgs") as mount:
         assert (mount.path / "000.bin").read_bytes() == bodies["imgs/000.bin"]
         # The next 32 files are fetched without being opened; the ones after are not.
         # They come in batches on two threads, so wait for every one, not only the last.
@@ -47,13 +58,7 @@ def test_near_a_directorys_end_the_next_directorys_first_files_are_fetched(
     bodies = {f"walk/a/{n:03d}.bin": bytes([n]) * (1500 + n) for n in range(10)}
     bodies |= {f"walk/b/{n:03d}.bin": bytes([n]) * (1700 + n) for n in range(40)}
     bodies |= {f"walk/c/{n:03d}.bin": bytes([n]) * (1900 + n) for n in range(5)}
-    for key, body in bodies.items():
-        s3.put(key, body)
-    run = artifactfs.init_run(project="t/prefetch")
-    run["data"].track_files(s3.url("walk"))
-    with mounted(
-        tmp_path / "mnt", "--run", run.id, "--field", "data", "--cache-dir", str(tmp_path / "c")
-    ) as mount:
+    with mounted_objects(s3, tmp_path, bodies, "walk") as mount:
         assert (mount.path / "a/005.bin").read_bytes() == bodies["walk/a/005.bin"]
         # a/006..a/009 and b/000..b/027: 32 neighbours in all.
         wanted = [f"a/{n:03d}.bin" for n in range(6, 10)] + [f"b/{n:03d}.bin" for n in range(28)]
@@ -75,14 +80,8 @@ def test_a_neighbour_rewritten_after_tracking_fails_alone(s3: S3Bucket, tmp_path
     """Neighbours are fetched in batches; one whose object changed since tracking fails with
     EIO when read (and is never cached), and the rest of its batch is served right."""
     bodies = {f"set/{n:03d}.bin": bytes([n]) * (2000 + n) for n in range(20)}
-    for key, body in bodies.items():
-        s3.put(key, body)
-    run = artifactfs.init_run(project="t/prefetch")
-    run["data"].track_files(s3.url("set"))
-    s3.put("set/007.bin", bytes([200]) * (2000 + 7))  # same size, other bytes
-    with mounted(
-        tmp_path / "mnt", "--run", run.id, "--field", "data", "--cache-dir", str(tmp_path / "c")
-    ) as mount:
+    with mounted_objects(s3, tmp_path, bodies, "set") as mount:
+        s3.put("set/007.bin", bytes([200]) * (2000 + 7))  # same size, other bytes: after tracking
         assert (mount.path / "000.bin").read_bytes() == bodies["set/000.bin"]
         deadline = time.monotonic() + 10
         while int(mount.xattr("019.bin", "cached")) != len(bodies["set/019.bin"]):

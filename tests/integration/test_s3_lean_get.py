@@ -27,17 +27,16 @@ from tests.conftest import S3Bucket
 from tests.support.faultproxy import fault_proxy
 from tests.support.s3_helpers import (
     AWKWARD_KEYS,
-    ClosesIdleConnections,
+    TLS_BODY,
     RcloneBucket,
+    behind_a_closing_proxy,
     body_of,
     boto3_gets,
-    client_for,
     point_at,
     read,
-    self_signed,
+    tls_server_with_one_object,
     track,
 )
-from tests.support.servers import rclone_s3
 
 pytestmark = pytest.mark.s3
 
@@ -153,37 +152,21 @@ def test_a_kept_alive_connection_closed_by_the_server_is_replaced_not_an_error(
 ) -> None:
     rclone.put("kept.bin", body_of(10_000, 4))
     entry = track(rclone.url("kept.bin"))["kept.bin"]
-    port = int(rclone.server.url.rsplit(":", 1)[1])
-    proxy = ClosesIdleConnections(port)
-    try:
-        point_at(monkeypatch, f"http://127.0.0.1:{proxy.port}", rclone.server.access_key,
-             rclone.server.secret_key)  # fmt: skip
-        with boto3_gets() as sent:
-            for _ in range(6):  # each read after the first finds its connection closed
-                assert read(entry) == body_of(10_000, 4)
+    with behind_a_closing_proxy(rclone, monkeypatch) as proxy, boto3_gets() as sent:
+        for _ in range(6):  # each read after the first finds its connection closed
+            assert read(entry) == body_of(10_000, 4)
         assert sent[0] == 0
         assert proxy.answered == 6
-    finally:
-        proxy.close()
 
 
 def test_https_is_verified_against_the_clients_ca_bundle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cert, key = self_signed(tmp_path)
-    access, secret = "artifactfstls", "artifactfs-tls-secret"
-    with rclone_s3(tmp_path / "rclone.log", tmp_path / "data", access, secret, (cert, key)) as url:
-        monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
-        point_at(monkeypatch, url, access, secret)
-        client = client_for(url, access, secret, verify=str(cert))
-        client.create_bucket(Bucket="tls")
-        client.put_object(Bucket="tls", Key="x y.bin", Body=body_of(9000, 5))
-        entry = track("s3://tls/x y.bin")["x y.bin"]
+    with tls_server_with_one_object(tmp_path, monkeypatch) as (entry, log):
         with boto3_gets() as sent:
-            assert read(entry, 10, 8000) == body_of(9000, 5)[10:8010]
+            assert read(entry, 10, 8000) == TLS_BODY[10:8010]
         assert sent[0] == 0
-        log = (tmp_path / "rclone.log").read_text()
-        assert log.count("GET OBJECT Bucket: tls Object: x y.bin") == 1
+        assert log.read_text().count("GET OBJECT Bucket: tls Object: x y.bin") == 1
 
         # Without the bundle the certificate is not trusted: no bytes, by either path.
         monkeypatch.delenv("AWS_CA_BUNDLE")

@@ -19,7 +19,7 @@ import pytest
 from artifactfs.entries import ArtifactFileData
 from artifactfs.sources import reset_sources, source_for_type
 from artifactfs.sources.s3 import s3_client
-from tests.support.servers import accepted
+from tests.support.servers import accepted, rclone_s3
 
 if TYPE_CHECKING:
     from tests.conftest import SigningS3Server
@@ -220,3 +220,40 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+@contextmanager
+def behind_a_closing_proxy(
+    rclone: RcloneBucket, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ClosesIdleConnections]:
+    """The environment pointed at `rclone` through a `ClosesIdleConnections` proxy."""
+    proxy = ClosesIdleConnections(int(rclone.server.url.rsplit(":", 1)[1]))
+    try:
+        server = rclone.server
+        point_at(
+            monkeypatch, f"http://127.0.0.1:{proxy.port}", server.access_key, server.secret_key
+        )
+        yield proxy
+    finally:
+        proxy.close()
+
+
+TLS_BODY = random.Random(5).randbytes(9000)
+
+
+@contextmanager
+def tls_server_with_one_object(
+    directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[ArtifactFileData, Path]]:
+    """`rclone serve s3` over HTTPS with a self-signed certificate, trusted through
+    AWS_CA_BUNDLE, holding `s3://tls/x y.bin` (TLS_BODY): its entry, and the server's log."""
+    cert, key = self_signed(directory)
+    access, secret = "artifactfstls", "artifactfs-tls-secret"
+    log = directory / "rclone.log"
+    with rclone_s3(log, directory / "data", access, secret, (cert, key)) as url:
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
+        point_at(monkeypatch, url, access, secret)
+        client = client_for(url, access, secret, verify=str(cert))
+        client.create_bucket(Bucket="tls")
+        client.put_object(Bucket="tls", Key="x y.bin", Body=TLS_BODY)
+        yield track("s3://tls/x y.bin")["x y.bin"], log

@@ -3,8 +3,9 @@
 Why: a batch of prefetches read on a thread (`LeanGetter.read_many`) contends for the GIL
 with the trio loop that serves FUSE, and every hand-off is a context switch. Measured on 2
 cores, one program reading 3,000 files of 16 KiB through the mount: ~17.5 switches per file
-and ~1,000 files/s with batches on threads; the same GETs sent and read by tasks of the loop,
-~2.5 switches per file and ~1,500 files/s (8 programs at once: ~900 -> ~1,450).
+and 920-1,140 files/s with batches on threads; the same GETs sent and read by tasks of the
+loop, ~2.5 switches per file and 1,280-1,620 files/s (8 programs at once: 660-940 ->
+920-1,460; runs interleaved, the ranges are this machine's noise).
 
 What it shares with `s3_get`: the signed request (`LeanGetter.prepare`), the bucket's route
 and the credentials (learnt or refreshed on a worker thread when that would block: botocore

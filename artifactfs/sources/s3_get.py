@@ -180,7 +180,7 @@ class Route:
 
 
 @dataclass(frozen=True)
-class _Request:
+class SignedGet:
     """A signed GET of one entry's range, ready to send (`headers` without those any HTTP
     client adds: Accept-Encoding)."""
 
@@ -314,7 +314,7 @@ class LeanGetter:
         objects: ~4,400 GET/s from one thread in groups of 8, against ~2,600 from 8 threads
         of one GET each."""
         results: list[bytes | None] = [None] * len(entries)
-        sent: list[tuple[int, _Request, _Connection]] = []
+        sent: list[tuple[int, SignedGet, _Connection]] = []
         for index, entry in enumerate(entries):
             request = self.prepare(entry, 0, entry.size or 0)
             if request is None:
@@ -341,12 +341,12 @@ class LeanGetter:
         return results
 
     def _as_answers_arrive(
-        self, sent: list[tuple[int, _Request, _Connection]]
-    ) -> Iterator[tuple[int, _Request, _Connection]]:
+        self, sent: list[tuple[int, SignedGet, _Connection]]
+    ) -> Iterator[tuple[int, SignedGet, _Connection]]:
         """The sent requests, each once its answer has started to arrive (or its connection
         failed), until this thread's deadline (else READ_TIMEOUT) passes: those still silent
         then are closed and dropped, not waited for once more on a read."""
-        waiting: dict[Any, tuple[int, _Request, _Connection]] = {}
+        waiting: dict[Any, tuple[int, SignedGet, _Connection]] = {}
         for item in sent:
             sock = item[2].sock
             if sock is None:  # not connected: its getresponse fails at once
@@ -371,7 +371,7 @@ class LeanGetter:
                 log.debug("%s: no answer with others in time", request.url)
                 self._drop(connection)
 
-    def prepare(self, entry: ArtifactFileData, offset: int, length: int) -> _Request | None:
+    def prepare(self, entry: ArtifactFileData, offset: int, length: int) -> SignedGet | None:
         """The signed GET of a range of the entry; None when its bucket is boto3's. May block
         the first time for a bucket (`route`) and when the credentials must be refreshed
         (`credentials_need_refresh`)."""
@@ -389,10 +389,10 @@ class LeanGetter:
             headers["Range"] = f"bytes={offset}-{offset + length - 1}"
         headers["User-Agent"] = self._user_agent
         target = f"{path}?{query}" if query else path
-        return _Request(entry, url, bucket, version, route, target, headers)
+        return SignedGet(entry, url, bucket, version, route, target, headers)
 
     def _finish(
-        self, request: _Request, connection: _Connection, response: http.client.HTTPResponse
+        self, request: SignedGet, connection: _Connection, response: http.client.HTTPResponse
     ) -> bytes | None:
         """The answer's bytes (`_answer`); a connection whose answer was not read whole, or
         that failed, is closed and dropped, and so is the answer: after `Connection: close`

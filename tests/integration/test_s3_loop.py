@@ -115,7 +115,7 @@ def test_building_the_client_and_learning_the_route_run_off_the_loop(
     monkeypatch.setattr(s3_module, "s3_client", client)
     monkeypatch.setattr(LeanGetter, "route", route)
 
-    loop_threads = set()
+    loop_threads: set[int] = set()
     # A bucket whose route cannot be learnt (botocore refuses its name): asked again by the
     # reader's thread, never on the loop.
     unroutable = ArtifactFileData("x", "0" * 32, TYPE_S3, 10, {"file_path": "s3://bad_name!/x"})

@@ -83,15 +83,9 @@ class NeighbourPrefetcher:
         with self._lock:
             if directory in self._queued_up_to:
                 return  # the program is there already
-        files = [
-            (index, sibling.entry)
-            for index, sibling in enumerate(listing.nodes[:count])
-            if sibling.kind is Kind.FILE and sibling.entry is not None
-        ]
-        if not files:
+        end = self._hand_to_reader(listing.nodes, 0, min(count, len(listing.nodes)))
+        if end is None:
             return
-        taken = self.reader.prefetch([entry for _, entry in files])
-        end = files[taken][0] if taken < len(files) else min(count, len(listing.nodes))
         with self._lock:
             self._queued_up_to.setdefault(directory, end)
 
@@ -117,13 +111,20 @@ class NeighbourPrefetcher:
             start = queued
         else:
             start = position  # a jump (a second pass, another order): from the opened file
+        taken_to = self._hand_to_reader(listing.nodes, start, end)
+        with self._lock:
+            self._queued_up_to[directory] = end if taken_to is None else taken_to
+
+    def _hand_to_reader(self, nodes: list[Node], start: int, end: int) -> int | None:
+        """Prefetch the files among nodes[start:end]: the index up to which the reader took
+        them (`end`, or less when it is busy: the next open asks again from there); None when
+        there are no files there."""
         files = [
             (index, sibling.entry)
-            for index, sibling in enumerate(listing.nodes[start:end], start)
+            for index, sibling in enumerate(nodes[start:end], start)
             if sibling.kind is Kind.FILE and sibling.entry is not None
         ]
+        if not files:
+            return None
         taken = self.reader.prefetch([entry for _, entry in files])
-        if taken < len(files):
-            end = files[taken][0]  # the reader is busy: the next open asks again from here
-        with self._lock:
-            self._queued_up_to[directory] = end
+        return files[taken][0] if taken < len(files) else end

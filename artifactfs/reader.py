@@ -197,9 +197,8 @@ class Reader:
         """Have `batch_starter` read the batch (the mount: on its trio loop), else a thread."""
         starter = self.batch_starter
         entries = [item.entry for item in batch]
-        seconds = min(self.deadline, BATCH_DEADLINE)
         if starter is None or not starter(
-            entries, seconds, lambda bodies: self._batch_read(batch, bodies)
+            entries, self._batch_seconds(), lambda bodies: self._batch_read(batch, bodies)
         ):
             self._submit(self._batch_pool, self._fetch_batch, batch)
 
@@ -248,12 +247,16 @@ class Reader:
         (retries, errors told, failures remembered)."""
         entries = [item.entry for item in batch]
         try:
-            with RequestDeadline(min(self.deadline, BATCH_DEADLINE), entries[0].source_url):
+            with RequestDeadline(self._batch_seconds(), entries[0].source_url):
                 bodies = source_for_entry(entries[0]).read_many(entries)
         except Exception as exc:  # each file is then fetched on its own, which says why
             log.info("%s: prefetch batch failed: %s", entries[0].source_url, exc)
             bodies = [None] * len(batch)
         self._settle_batch(batch, bodies)
+
+    def _batch_seconds(self) -> float:
+        """How long a batch may take, wherever it is read."""
+        return min(self.deadline, BATCH_DEADLINE)
 
     def _settle_batch(self, batch: list[_Prefetch], bodies: list[bytes | None]) -> None:
         """Check and cache what a batch brought; fetch the rest one by one on a thread."""

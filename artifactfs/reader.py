@@ -16,9 +16,10 @@ No byte is served before the whole-file hash vouched for it, wherever a file is 
   CernVM-FS does for whole files. A file that passed is remembered with the SHA-256 of each of
   its chunks, so a chunk fetched again later (after eviction) is checked against that; after a
   restart the check runs again, over the chunks in the disk cache;
-- a larger file is checked once all its chunks are in the cache, and dropped from it if the
-  hash does not match; until then its chunks are guarded by the conditional requests and the
-  identity in each response only.
+- a larger file is checked as its chunks come in, in order, in the background
+  (`ordered_check`), and dropped from the cache if the hash does not match; until the check
+  has seen all of it, its chunks are guarded by the conditional requests and the identity in
+  each response only.
 
 A file that fails its check is dropped from the cache and served again only once all of it has
 been fetched anew and checked. Transient failures are retried with back-off within a deadline,
@@ -53,6 +54,7 @@ from cachetools import LRUCache, TTLCache
 from artifactfs.cache import ChunkCache, chunk_key
 from artifactfs.entries import TYPE_LOCAL, ArtifactFileData
 from artifactfs.errors import ArtifactfsError, CheckFailedError, TransientSourceError
+from artifactfs.ordered_check import OrderedChecks
 from artifactfs.sources import source_for_entry
 from artifactfs.sources.base import RequestDeadline
 from artifactfs.sources.local import LocalSource, local_path_of
@@ -149,12 +151,18 @@ class Reader:
         )
         self._verifying: dict[FileId, Future[None]] = {}
         self._sequences: dict[tuple[str, str], _Sequence] = {}
+        self._ordered_checks = OrderedChecks(
+            lambda entry: self._chunk_count(entry.size or 0),
+            self._chunk_for_check,
+            self._reject_checked_file,
+        )
         self._verified_local: set[tuple[str, int, int, int, str]] = set()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
         self._batch_pool.shutdown(wait=False, cancel_futures=True)
+        self._ordered_checks.close()
 
     def prefetch(self, entries: Sequence[ArtifactFileData]) -> int:
         """Start fetching these small remote files (one chunk each) into the cache, unless
@@ -352,6 +360,11 @@ class Reader:
             self._failed_chunks[key] = message
         self.cache.record_error()
         raise ReadError(message)
+
+    def checks_settled(self, timeout: float) -> bool:
+        """Wait until the background whole-file checks of the chunks fetched so far have run
+        (`ordered_check`); False if `timeout` seconds passed first."""
+        return self._ordered_checks.settled(timeout)
 
     def cached_bytes(self, entry: ArtifactFileData) -> int:
         """How many of the entry's bytes are in the cache now (local files: all, in place)."""
@@ -600,12 +613,14 @@ class Reader:
         size = entry.size or 0
         offset = index * self.chunk_size
         length = min(self.chunk_size, size - offset)
+        fetch = None  # its number for the ordered whole-file check
         if fetched is not None:
             data = fetched
         else:
             cached = self._cached(key)  # another reader may have fetched it meanwhile
             if cached is not None:
                 return cached
+            fetch = self._ordered_checks.fetch_starting()
             source = source_for_entry(entry)
             data = _with_retries(
                 lambda: source.read_range(entry, offset, length), self.deadline, entry.source_url
@@ -620,9 +635,9 @@ class Reader:
         # here; every read of such a file waits for the check, which drops it if it fails).
         self.cache.put(key, data)
         self._remember(key, data)
-        if self._chunk_count(size) > 1 and not self._checked_before_serving(entry):
-            # Off the reader's path: re-reading a large file to hash it must not stall a read.
-            self._prefetch_pool.submit(self._check_whole_file_quietly, entry)
+        checked_later = self._chunk_count(size) > 1 and not self._checked_before_serving(entry)
+        if fetch is not None and checked_later:
+            self._ordered_checks.chunk_cached(entry, index, fetch)  # off the reader's path
         return data
 
     def _check_fetched(self, entry: ArtifactFileData, index: int, data: bytes) -> None:
@@ -744,41 +759,35 @@ class Reader:
         if self._checked_before_serving(entry):
             self._ensure_verified(entry)  # its chunks were dropped: fetched anew, then checked
         else:
-            for index in range(self._chunk_count(entry.size or 0)):
-                self._chunk(entry, index)
-            if not self._check_whole_file_if_complete(entry):  # raises ReadError if still wrong
-                raise ReadError(
-                    f"{entry.source_url}: cannot check it whole again (cache too small?)"
-                )
+            # Hashed as the chunks come, whatever the size of the cache.
+            keys = [self._key(entry, i) for i in range(self._chunk_count(entry.size or 0))]
+            check = ContentCheck(entry)
+            for index in range(len(keys)):
+                check.update(self._chunk(entry, index))
+            problem = check.problem()
+            if problem is not None:
+                self._reject_whole_file(entry, keys, problem)
         with self._lock:
             self._failed_files.pop((entry.type, entry.file_hash), None)
 
-    def _check_whole_file_quietly(self, entry: ArtifactFileData) -> None:
+    def _chunk_for_check(self, entry: ArtifactFileData, index: int) -> bytes | None:
+        """A chunk for the ordered whole-file check: from memory, else from the disk cache
+        (not kept in memory: a check must not push out the chunks readers want)."""
+        key = self._key(entry, index)
+        with self._lock:
+            data = self._memory.get(key)
+        if data is None and self.cache.contains(key):
+            data = self.cache.get(key)
+        return data
+
+    def _reject_checked_file(self, entry: ArtifactFileData, problem: str) -> None:
+        """For the ordered whole-file check: drop a file that failed it, count and log it."""
+        keys = [self._key(entry, i) for i in range(self._chunk_count(entry.size or 0))]
         try:
-            self._check_whole_file_if_complete(entry)
+            self._reject_whole_file(entry, keys, problem)
         except ReadError as exc:
             self.cache.record_error()
             log.error("%s", exc)
-
-    def _check_whole_file_if_complete(self, entry: ArtifactFileData) -> bool:
-        """With every chunk cached, hash them in order; drop them all if it does not match.
-        True when the file was checked and is right, False when it could not be checked."""
-        count = self._chunk_count(entry.size or 0)
-        keys = [self._key(entry, i) for i in range(count)]
-        if not all(self.cache.contains(k) for k in keys):
-            return False
-        check = ContentCheck(entry)
-        if not check.checks_hash:
-            return False
-        for key in keys:
-            chunk = self._cached(key)
-            if chunk is None:
-                return False  # evicted meanwhile: checked next time it is complete
-            check.update(chunk)
-        problem = check.problem()
-        if problem is not None:
-            self._reject_whole_file(entry, keys, problem)
-        return True
 
 
 def _with_retries(fetch: Callable[[], bytes], deadline: float, url: str) -> bytes:

@@ -21,6 +21,8 @@ from artifactfs.entries import ArtifactFileData
 from artifactfs.reader import DEFAULT_READAHEAD_CHUNKS, Reader, ReadError
 from tests.conftest import S3Bucket, make_tree
 from tests.support.concurrent import run_at_once
+from tests.support.faultproxy import FaultProxy, fault_proxy
+from tests.support.s3_helpers import point_at
 
 pytestmark = pytest.mark.s3
 
@@ -333,6 +335,103 @@ def test_tampered_chunk_dropped_by_whole_file_check(
     assert reader.cached_bytes(entry) == size
     assert reader.cache.get(key_of(entry, 0)) == body[:CHUNK]
     assert first in (bad[:100], body[:100])
+
+
+@pytest.fixture
+def flipping_reader(
+    s3: S3Bucket, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., tuple[Reader, FaultProxy]]]:
+    """A reader whose S3 requests go through a fault proxy (the test adds its rules), with a
+    disk cache of `cache_chunks` chunks and memory for `memory_chunks`; closed at the end."""
+    readers: list[Reader] = []
+    with fault_proxy(s3_endpoint) as proxy:
+
+        def make(cache_chunks: int, memory_chunks: int) -> tuple[Reader, FaultProxy]:
+            cache = ChunkCache(
+                tmp_path / f"cache{len(readers)}",
+                cache_chunks * (header_size(CHUNK) + CHUNK),
+                free_floor_bytes=0,
+            )
+            reader = Reader(
+                cache,
+                chunk_size=CHUNK,
+                readahead_chunks=0,
+                deadline=10.0,
+                memory_bytes=memory_chunks * CHUNK,
+                verify_before_serving_bytes=0,
+                direct_reads=False,
+            )
+            readers.append(reader)
+            point_at(monkeypatch, proxy.url, "testing", "testing")
+            return reader, proxy
+
+        try:
+            yield make
+        finally:
+            for reader in readers:
+                reader.close()
+
+
+def read_chunk_by_chunk(reader: Reader, entry: ArtifactFileData) -> bytes:
+    size = entry.size or 0
+    return b"".join(reader.read(entry, offset, CHUNK) for offset in range(0, size, CHUNK))
+
+
+def test_a_file_larger_than_the_cache_is_still_checked_whole(
+    s3: S3Bucket,
+    flipping_reader: Callable[..., tuple[Reader, FaultProxy]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A file of 8 chunks through a disk cache of 3, one chunk answered with a byte flipped
+    under the right ETag (it cannot be told alone): read in order, the file is hashed as its
+    chunks come in, fails its whole-file check, and is dropped, counted and reported. (A check
+    that waited for every chunk to be on disk at once never ran for such a file.)"""
+    body = body_of(8 * CHUNK, 30)
+    entry = track_s3(s3, "larger-than-cache.bin", body)
+    reader, proxy = flipping_reader(cache_chunks=3, memory_chunks=64)
+    proxy.add("flip", (f"GET /{s3.name}/larger-than-cache.bin ", f" bytes={5 * CHUNK}-"))
+    errors_before = reader.cache.stats.errors
+
+    read_chunk_by_chunk(reader, entry)
+
+    assert wait_for(
+        lambda: reader.cache.stats.errors > errors_before and reader.cached_bytes(entry) == 0
+    ), "the flipped chunk was never found"
+    assert "whole-file check failed" in caplog.text
+    assert s3.url("larger-than-cache.bin") in caplog.text
+    # Every read of it now fails until all of it was fetched anew and checked: the flipped
+    # chunk is still flipped, so it fails again rather than serving other bytes.
+    with pytest.raises(ReadError, match="whole-file check failed"):
+        reader.read(entry, 0, CHUNK)
+
+
+def test_a_chunk_fetched_again_after_the_check_passed_it_is_checked_again(
+    s3: S3Bucket,
+    flipping_reader: Callable[..., tuple[Reader, FaultProxy]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The whole file passes its check; one chunk is then evicted and fetched again, and this
+    time its answer has a byte flipped: the file's check starts over on what is served now,
+    fails, and the file is dropped."""
+    body = body_of(6 * CHUNK, 31)
+    entry = track_s3(s3, "fetched-again.bin", body)
+    reader, proxy = flipping_reader(cache_chunks=8, memory_chunks=1)
+    match = (f"GET /{s3.name}/fetched-again.bin ", f" bytes={2 * CHUNK}-")
+    proxy.add("pass", match, times=1)
+    proxy.add("flip", match)
+
+    assert read_chunk_by_chunk(reader, entry) == body
+    assert reader.checks_settled(WAIT)
+    assert reader.cache.stats.errors == 0 and reader.cached_bytes(entry) == len(body)
+
+    reader.cache.drop(key_of(entry, 2))
+    reader.read(entry, 5 * CHUNK, CHUNK)  # pushes chunk 2 out of memory too
+    reader.read(entry, 2 * CHUNK, CHUNK)  # fetched again: flipped
+
+    assert reader.checks_settled(WAIT)
+    assert reader.cache.stats.errors == 1
+    assert reader.cached_bytes(entry) == 0
+    assert "whole-file check failed" in caplog.text
 
 
 def test_wrong_bytes_in_single_chunk_fetch_never_cached(

@@ -412,6 +412,10 @@ class Reader:
     def _key(self, entry: ArtifactFileData, index: int) -> bytes:
         return chunk_key(entry.type, entry.file_hash, entry.size, self.chunk_size, index)
 
+    def _keys(self, entry: ArtifactFileData) -> list[bytes]:
+        """The keys of all the entry's chunks, in order."""
+        return [self._key(entry, index) for index in range(self._chunk_count(entry.size or 0))]
+
     def _read_remote(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
         if self._checked_before_serving(entry):
             self._ensure_verified(entry)
@@ -712,7 +716,7 @@ class Reader:
         """Fetch every chunk not cached (all at once, one fetch each), hash them all in order,
         and return each chunk's SHA-256; if the file is not the tracked one, drop its chunks,
         remember it as failed and raise ReadError."""
-        keys = [self._key(entry, index) for index in range(self._chunk_count(entry.size or 0))]
+        keys = self._keys(entry)
         for key in keys:
             self._raise_if_failed_recently(key)
         fetches = {
@@ -760,7 +764,7 @@ class Reader:
             self._ensure_verified(entry)  # its chunks were dropped: fetched anew, then checked
         else:
             # Hashed as the chunks come, whatever the size of the cache.
-            keys = [self._key(entry, i) for i in range(self._chunk_count(entry.size or 0))]
+            keys = self._keys(entry)
             check = ContentCheck(entry)
             for index in range(len(keys)):
                 check.update(self._chunk(entry, index))
@@ -782,7 +786,7 @@ class Reader:
 
     def _reject_checked_file(self, entry: ArtifactFileData, problem: str) -> None:
         """For the ordered whole-file check: drop a file that failed it, count and log it."""
-        keys = [self._key(entry, i) for i in range(self._chunk_count(entry.size or 0))]
+        keys = self._keys(entry)
         try:
             self._reject_whole_file(entry, keys, problem)
         except ReadError as exc:

@@ -20,17 +20,20 @@ to ~3.1 s). The thread keeps normal priority: at a low one (SCHED_IDLE, nice 19)
 read's speed here, but a thread that the kernel leaves waiting while it holds the GIL stalls
 every thread of the daemon, and a training job's data workers keep all cores busy.
 
-A chunk fetched again after the cursor passed it (evicted, then read again) starts the file's
-check over: the bytes now served are not the ones hashed. To tell that from the late notice of
-a fetch the cursor already covered, fetches and hashing steps take numbers from one counter:
-a fetch when it starts (the chunk is then in neither memory nor the cache, so whatever is found
-of it later is that fetch's bytes), a hashing step before it reads the chunk. A chunk hashed
-under a higher number than its fetch's was hashed from that fetch's bytes.
+Which bytes were hashed: every fetch tells the check the CRC32C of the bytes it brought, and
+the check takes the CRC32C of every chunk it hashes. A chunk the cursor passed that is fetched
+again with the same bytes (evicted, then read again) needs nothing more; with other bytes, or
+found by the cursor with other bytes than its fetch brought (an older copy put back), the
+server has answered two contents under one tracked identity: the file is dropped at once, as
+for a wrong hash. A file dropped by the reader (its check before serving, or this one) starts
+a new generation: what the check had of it, and the notices of fetches from before, are
+thrown away.
 """
 
 from __future__ import annotations
 
-import itertools
+import concurrent.futures
+import contextlib
 import logging
 import threading
 from array import array
@@ -38,6 +41,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import google_crc32c
 from cachetools import LRUCache
 
 from artifactfs.entries import ArtifactFileData
@@ -45,25 +49,35 @@ from artifactfs.verification import ContentCheck
 
 log = logging.getLogger(__name__)
 
-# Chunks remembered over all files' checks (8 bytes each): checks of files that fall out of
-# this start over on their next fetch.
-REMEMBERED_CHUNKS = 65_536
+FileId = tuple[str, str, int]
+# Memory for the checks' progress, in approximate bytes: each file's state, plus 4 bytes per
+# chunk hashed. A file whose progress falls out is checked from its start on its next fetch.
+PROGRESS_BYTES = 4 * 1024 * 1024
+_STATE_BYTES = 1024
+GENERATIONS_KEPT = 4096  # files dropped recently, by generation
 
 
 @dataclass
 class _Progress:
     check: ContentCheck
-    # For each chunk hashed so far (the cursor is its length): the number taken before it was read.
-    hashed_at: array[int] = field(default_factory=lambda: array("Q"))
+    generation: int  # of the file when this check started
+    # The CRC32C of each chunk hashed so far, in order: the cursor is its length.
+    hashed: array[int] = field(default_factory=lambda: array("I"))
+    # The CRC32C of chunks fetched ahead of the cursor (the latest fetch of each).
+    fetched_ahead: dict[int, int] = field(default_factory=dict)
     finished: bool = False
 
 
+def _progress_size(progress: _Progress) -> int:
+    return _STATE_BYTES + 4 * len(progress.hashed) + 64 * len(progress.fetched_ahead)
+
+
 class OrderedChecks:
-    """Checks large files whole as their chunks come in, on one low-priority thread.
+    """Checks large files whole as their chunks come in, on one thread.
 
     `chunk_count(entry)` says how many chunks the file has; `chunk_bytes(entry, index)` gives a
     chunk from memory or the disk cache, or None if it is in neither; `reject(entry, problem)`
-    drops a file that failed its check (and reports it)."""
+    drops a file that failed its check (and reports it; the reader then calls `dropped`)."""
 
     def __init__(
         self,
@@ -74,65 +88,93 @@ class OrderedChecks:
         self._chunk_count = chunk_count
         self._chunk_bytes = chunk_bytes
         self._reject = reject
-        self._numbers = itertools.count()
-        self._numbers_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="artifactfs-check")
+        self._closed = False
+        self._lock = threading.Lock()
+        self._generations: LRUCache[FileId, int] = LRUCache(maxsize=GENERATIONS_KEPT)
         # Only the check thread touches this.
-        self._progress: LRUCache[tuple[str, str, int], _Progress] = LRUCache(
-            maxsize=REMEMBERED_CHUNKS, getsizeof=lambda progress: max(1, len(progress.hashed_at))
+        self._progress: LRUCache[FileId, _Progress] = LRUCache(
+            maxsize=PROGRESS_BYTES, getsizeof=_progress_size
         )
 
-    def fetch_starting(self) -> int:
-        """The number of a chunk fetch that starts now, while the chunk is in neither memory
-        nor the cache: give it to `chunk_cached` once the fetch has kept its bytes."""
-        return self._number()
+    def chunk_cached(self, entry: ArtifactFileData, index: int, data: bytes) -> None:
+        """Chunk `index` of the file was fetched as `data` and kept (in memory, the disk cache
+        or both): move the file's check on, in the background."""
+        notice = (index, google_crc32c.value(data), self._generation(entry))
+        with contextlib.suppress(RuntimeError):  # closed: the mount is going away
+            self._pool.submit(self._advance_safely, entry, *notice)
 
-    def chunk_cached(self, entry: ArtifactFileData, index: int, fetch: int) -> None:
-        """Chunk `index` of the file was fetched (`fetch` from `fetch_starting`) and kept, in
-        memory, the disk cache or both: move the file's check on, in the background."""
-        self._pool.submit(self._advance, entry, index, fetch)
+    def dropped(self, entry: ArtifactFileData) -> None:
+        """The file's chunks were all dropped (it failed a check): forget its check so far."""
+        with self._lock:
+            file_id = _file_id(entry)
+            self._generations[file_id] = self._generations.get(file_id, 0) + 1
 
     def settled(self, timeout: float) -> bool:
         """Wait until the checks asked for so far have run; False if `timeout` seconds passed
         first."""
         try:
             self._pool.submit(lambda: None).result(timeout)  # one thread: in order
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # not the built-in one before Python 3.11
             return False
         return True
 
     def close(self) -> None:
+        self._closed = True  # a check under way stops at its next chunk
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _number(self) -> int:
-        with self._numbers_lock:
-            return next(self._numbers)
+    def _generation(self, entry: ArtifactFileData) -> int:
+        with self._lock:
+            return self._generations.get(_file_id(entry), 0)
 
-    def _advance(self, entry: ArtifactFileData, index: int, fetch: int) -> None:
-        file_id = (entry.type, entry.file_hash, entry.size or 0)
+    def _advance_safely(self, entry: ArtifactFileData, index: int, crc: int, gen: int) -> None:
+        try:
+            self._advance(entry, index, crc, gen)
+        except Exception:  # a bug here must not go unseen, nor stop the later checks
+            log.exception("%s: whole-file check stopped", entry.source_url)
+
+    def _advance(self, entry: ArtifactFileData, index: int, crc: int, generation: int) -> None:
+        file_id = _file_id(entry)
+        if self._closed or generation != self._generation(entry):
+            return  # fetched before the file was dropped: those bytes are gone
         progress = self._progress.get(file_id)
-        if progress is not None and index < len(progress.hashed_at):
-            if fetch < progress.hashed_at[index]:
-                return  # hashed from this fetch's bytes already
-            progress = None  # fetched again after it was hashed: start over
-        if progress is None:
-            progress = _Progress(ContentCheck(entry))
+        if progress is None or progress.generation != generation:
+            progress = _Progress(ContentCheck(entry), generation)
             if not progress.check.checks_hash:
                 return  # no hash of the whole content to check (a multipart ETag)
+        if index < len(progress.hashed):
+            if progress.hashed[index] == crc:
+                return  # fetched again with the bytes hashed already
+            return self._fail(entry, file_id, f"chunk {index} came with other bytes than before")
+        if progress.fetched_ahead.get(index, crc) != crc:
+            return self._fail(entry, file_id, f"chunk {index} came with other bytes than before")
+        progress.fetched_ahead[index] = crc
         count = self._chunk_count(entry)
-        if progress.finished or count > REMEMBERED_CHUNKS:
-            return  # done; or too large to remember its progress (over 512 GiB in 8 MiB chunks)
-        while len(progress.hashed_at) < count:
-            number = self._number()
-            data = self._chunk_bytes(entry, len(progress.hashed_at))
+        if _STATE_BYTES + 4 * count > PROGRESS_BYTES:
+            return  # too many chunks to remember (over 8 TiB in 8 MiB chunks): not checked
+        while len(progress.hashed) < count:
+            if self._closed or self._generation(entry) != generation:
+                return
+            cursor = len(progress.hashed)
+            data = self._chunk_bytes(entry, cursor)
             if data is None:
                 break  # not here (yet): its fetch moves the check on
+            found = google_crc32c.value(data)
+            if progress.fetched_ahead.pop(cursor, found) != found:
+                return self._fail(entry, file_id, f"chunk {cursor} is cached with other bytes")
             progress.check.update(data)
-            progress.hashed_at.append(number)
-        progress.finished = len(progress.hashed_at) == count
-        self._progress[file_id] = progress  # stored again: its size in the LRU has grown
-        if progress.finished:
+            progress.hashed.append(found)
+        progress.finished = len(progress.hashed) == count
+        self._progress[file_id] = progress  # stored again: its size has grown
+        if progress.finished and self._generation(entry) == generation:
             problem = progress.check.problem()
             if problem is not None:
-                del self._progress[file_id]
-                self._reject(entry, problem)
+                self._fail(entry, file_id, problem)
+
+    def _fail(self, entry: ArtifactFileData, file_id: FileId, problem: str) -> None:
+        self._progress.pop(file_id, None)
+        self._reject(entry, problem)
+
+
+def _file_id(entry: ArtifactFileData) -> FileId:
+    return (entry.type, entry.file_hash, entry.size or 0)

@@ -617,14 +617,12 @@ class Reader:
         size = entry.size or 0
         offset = index * self.chunk_size
         length = min(self.chunk_size, size - offset)
-        fetch = None  # its number for the ordered whole-file check
         if fetched is not None:
             data = fetched
         else:
             cached = self._cached(key)  # another reader may have fetched it meanwhile
             if cached is not None:
                 return cached
-            fetch = self._ordered_checks.fetch_starting()
             source = source_for_entry(entry)
             data = _with_retries(
                 lambda: source.read_range(entry, offset, length), self.deadline, entry.source_url
@@ -639,9 +637,8 @@ class Reader:
         # here; every read of such a file waits for the check, which drops it if it fails).
         self.cache.put(key, data)
         self._remember(key, data)
-        checked_later = self._chunk_count(size) > 1 and not self._checked_before_serving(entry)
-        if fetch is not None and checked_later:
-            self._ordered_checks.chunk_cached(entry, index, fetch)  # off the reader's path
+        if self._chunk_count(size) > 1 and not self._checked_before_serving(entry):
+            self._ordered_checks.chunk_cached(entry, index, data)  # checked off the read path
         return data
 
     def _check_fetched(self, entry: ArtifactFileData, index: int, data: bytes) -> None:
@@ -748,6 +745,7 @@ class Reader:
         fetch: the kernel retries a failed read at once, and fetching the whole file again for
         that (the check before serving does) is no use."""
         message = f"{entry.source_url}: whole-file check failed, dropped from the cache: {problem}"
+        self._ordered_checks.dropped(entry)  # first: a check under way stops at its next chunk
         with self._lock:
             self._failed_files[(entry.type, entry.file_hash)] = message
             if hold_off:

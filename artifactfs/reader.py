@@ -39,6 +39,7 @@ may wait for a fetch under way without a thread (`fetch_under_way`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
 import os
@@ -571,7 +572,7 @@ class Reader:
     def _wait(self, entry: ArtifactFileData, key: bytes, future: Future[bytes]) -> bytes:
         try:
             return future.result(timeout=self.deadline + FETCH_WAIT_MARGIN)
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # not the built-in one before Python 3.11
             message = f"{entry.source_url}: fetch timed out"
             with self._lock:
                 self._failed_chunks[key] = message
@@ -704,7 +705,7 @@ class Reader:
         wait = 2 * self.deadline + FETCH_WAIT_MARGIN
         try:
             pending.result(timeout=wait)
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # not the built-in one before Python 3.11
             raise ReadError(
                 f"{entry.source_url}: its whole-file check took longer than {wait:.0f}s"
             ) from None

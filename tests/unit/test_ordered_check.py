@@ -12,6 +12,9 @@ import hashlib
 import random
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterator
+
+import pytest
 
 from artifactfs.entries import ArtifactFileData
 from artifactfs.ordered_check import OrderedChecks
@@ -68,8 +71,27 @@ class Chunks:
         """Keep the chunk and tell the check, as `Reader._fetch_and_cache` does."""
         self.checks.chunk_cached(self.entry, index, self.keep(index, data))
 
+    def fetch_all(self) -> None:
+        for index in range(COUNT):
+            self.fetch(index)
+
     def settled(self) -> None:
         assert self.checks.settled(WAIT)
+
+
+@pytest.fixture
+def chunks_of() -> Iterator[Callable[[int], Chunks]]:
+    """Chunks of a file made from a seed; their check is closed at the end, whatever happens."""
+    made: list[Chunks] = []
+
+    def make(seed: int) -> Chunks:
+        made.append(Chunks(body_of(seed)))
+        return made[-1]
+
+    yield make
+    for chunks in made:
+        chunks.gate.set()
+        chunks.checks.close()
 
 
 def body_of(seed: int) -> bytes:
@@ -82,122 +104,110 @@ def with_byte_flipped(data: bytes, at: int = 17) -> bytes:
     return bytes(flipped)
 
 
-def test_all_chunks_at_hand_are_read_once_whatever_the_notices() -> None:
-    chunks = Chunks(body_of(1))
-    try:
-        # Every fetch kept its chunk before the first told the check: the late notices
-        # find their chunks hashed already.
-        kept = {index: chunks.keep(index) for index in range(COUNT)}
-        for index in random.Random(2).sample(range(COUNT), COUNT):
-            chunks.checks.chunk_cached(chunks.entry, index, kept[index])
-        chunks.settled()
-    finally:
-        chunks.checks.close()
+def test_all_chunks_at_hand_are_read_once_whatever_the_notices(
+    chunks_of: Callable[[int], Chunks],
+) -> None:
+    chunks = chunks_of(1)
+    # Every fetch kept its chunk before the first told the check: the late notices find
+    # their chunks hashed already.
+    kept = {index: chunks.keep(index) for index in range(COUNT)}
+    for index in random.Random(2).sample(range(COUNT), COUNT):
+        chunks.checks.chunk_cached(chunks.entry, index, kept[index])
+    chunks.settled()
     assert chunks.rejected == []
     assert chunks.reads == Counter(range(COUNT))  # each once
 
 
-def test_chunks_coming_one_by_one_move_the_check_on_and_a_wrong_file_is_rejected_once() -> None:
-    chunks = Chunks(body_of(3))
-    try:
-        for index in (1, 0, 3, 2, 4, 5, 7, 6):  # in the order a few fetches at once finish
-            wrong = with_byte_flipped(chunks.chunk(5)) if index == 5 else None
-            chunks.fetch(index, wrong)  # chunk 5 cannot be told wrong alone
-            chunks.settled()
-            assert chunks.rejected == [] or index == 6
-    finally:
-        chunks.checks.close()
+def test_chunks_coming_one_by_one_move_the_check_on_and_a_wrong_file_is_rejected_once(
+    chunks_of: Callable[[int], Chunks],
+) -> None:
+    chunks = chunks_of(3)
+    for index in (1, 0, 3, 2, 4, 5, 7, 6):  # in the order a few fetches at once finish
+        wrong = with_byte_flipped(chunks.chunk(5)) if index == 5 else None
+        chunks.fetch(index, wrong)  # chunk 5 cannot be told wrong alone
+        chunks.settled()
+        assert chunks.rejected == [] or index == 6
     assert len(chunks.rejected) == 1
     assert "content hash" in chunks.rejected[0]
     assert chunks.entry.file_hash in chunks.rejected[0]
     assert chunks.reads == Counter(range(COUNT))
 
 
-def test_a_chunk_fetched_again_with_the_same_bytes_needs_nothing_more() -> None:
-    chunks = Chunks(body_of(4))
-    try:
-        for index in range(COUNT):
-            chunks.fetch(index)
-        chunks.fetch(3)  # evicted, then fetched again: the same bytes
-        chunks.settled()
-    finally:
-        chunks.checks.close()
+def test_a_chunk_fetched_again_with_the_same_bytes_needs_nothing_more(
+    chunks_of: Callable[[int], Chunks],
+) -> None:
+    chunks = chunks_of(4)
+    chunks.fetch_all()
+    chunks.fetch(3)  # evicted, then fetched again: the same bytes
+    chunks.settled()
     assert chunks.rejected == []
     assert chunks.reads == Counter(range(COUNT))
 
 
-def test_a_chunk_fetched_again_with_other_bytes_rejects_the_file_even_after_it_passed() -> None:
-    chunks = Chunks(body_of(5))
-    try:
-        for index in range(COUNT):
-            chunks.fetch(index)
-        chunks.settled()
-        assert chunks.rejected == []
-        chunks.fetch(3, with_byte_flipped(chunks.chunk(3)))  # evicted, fetched again: other bytes
-        chunks.settled()
-    finally:
-        chunks.checks.close()
+def test_a_chunk_fetched_again_with_other_bytes_rejects_the_file_even_after_it_passed(
+    chunks_of: Callable[[int], Chunks],
+) -> None:
+    chunks = chunks_of(5)
+    chunks.fetch_all()
+    chunks.settled()
+    assert chunks.rejected == []
+    chunks.fetch(3, with_byte_flipped(chunks.chunk(3)))  # evicted, fetched again: other bytes
+    chunks.settled()
     assert len(chunks.rejected) == 1
     assert "chunk 3 came with other bytes" in chunks.rejected[0]
 
 
-def test_a_chunk_found_with_other_bytes_than_its_fetch_brought_rejects_the_file() -> None:
+def test_a_chunk_found_with_other_bytes_than_its_fetch_brought_rejects_the_file(
+    chunks_of: Callable[[int], Chunks],
+) -> None:
     """An older copy put back over the fetched one (the cursor finds other bytes than the
     fetch told it about): two contents under one identity, though each may hash right alone."""
-    chunks = Chunks(body_of(6))
-    try:
-        chunks.fetch(2)  # ahead of the cursor: chunks 0 and 1 are not here yet
-        chunks.keep(2, with_byte_flipped(chunks.chunk(2)))  # replaced by another copy
-        chunks.fetch(0)
-        chunks.fetch(1)
-        chunks.settled()
-    finally:
-        chunks.checks.close()
+    chunks = chunks_of(6)
+    chunks.fetch(2)  # ahead of the cursor: chunks 0 and 1 are not here yet
+    chunks.keep(2, with_byte_flipped(chunks.chunk(2)))  # replaced by another copy
+    chunks.fetch(0)
+    chunks.fetch(1)
+    chunks.settled()
     assert len(chunks.rejected) == 1
     assert "chunk 2 is cached with other bytes" in chunks.rejected[0]
 
 
-def test_a_file_dropped_by_the_reader_is_checked_afresh_and_late_notices_are_ignored() -> None:
+def test_a_file_dropped_by_the_reader_is_checked_afresh_and_late_notices_are_ignored(
+    chunks_of: Callable[[int], Chunks],
+) -> None:
     """The reader dropped the file (its own check found it wrong) while this check had hashed
     part of it, wrongly, and had notices from before the drop still queued: neither may count
     against the right bytes fetched afterwards."""
-    chunks = Chunks(body_of(7))
-    try:
-        for index in range(4):
-            chunks.fetch(index, with_byte_flipped(chunks.chunk(2)) if index == 2 else None)
-        chunks.settled()
-        chunks.gate.clear()  # the check is held as it reads chunk 4...
-        chunks.fetch(4)
-        assert chunks.held.wait(WAIT)
-        # ... while a fetch from before the drop tells it about other bytes of chunk 5,
-        chunks.fetch(5, with_byte_flipped(chunks.chunk(5)))
-        with chunks.lock:  # and the reader drops the file,
-            chunks.present.clear()
-        chunks.checks.dropped(chunks.entry)
-        for index in range(COUNT):  # which is fetched anew, all right.
-            chunks.fetch(index)
-        chunks.gate.set()
-        chunks.settled()
-        assert chunks.rejected == []
-        # The check held at chunk 4 stopped there; the new one read every chunk once.
-        assert chunks.reads == Counter(range(5)) + Counter(range(COUNT))
-        # Checked afresh, whole: the new check knows the bytes of chunk 6 it hashed.
-        chunks.fetch(6, with_byte_flipped(chunks.chunk(6)))
-        chunks.settled()
-    finally:
-        chunks.gate.set()
-        chunks.checks.close()
+    chunks = chunks_of(7)
+    for index in range(4):
+        chunks.fetch(index, with_byte_flipped(chunks.chunk(2)) if index == 2 else None)
+    chunks.settled()
+    chunks.gate.clear()  # the check is held as it reads chunk 4...
+    chunks.fetch(4)
+    assert chunks.held.wait(WAIT)
+    # ... while a fetch from before the drop tells it about other bytes of chunk 5,
+    chunks.fetch(5, with_byte_flipped(chunks.chunk(5)))
+    with chunks.lock:  # and the reader drops the file,
+        chunks.present.clear()
+    chunks.checks.dropped(chunks.entry)
+    chunks.fetch_all()  # which is fetched anew, all right.
+    chunks.gate.set()
+    chunks.settled()
+    assert chunks.rejected == []
+    # The check held at chunk 4 stopped there; the new one read every chunk once.
+    assert chunks.reads == Counter(range(5)) + Counter(range(COUNT))
+    # Checked afresh, whole: the new check knows the bytes of chunk 6 it hashed.
+    chunks.fetch(6, with_byte_flipped(chunks.chunk(6)))
+    chunks.settled()
     assert len(chunks.rejected) == 1
     assert "chunk 6 came with other bytes" in chunks.rejected[0]
 
 
-def test_a_file_without_a_whole_content_hash_is_not_read() -> None:
-    chunks = Chunks(body_of(8))
+def test_a_file_without_a_whole_content_hash_is_not_read(
+    chunks_of: Callable[[int], Chunks],
+) -> None:
+    chunks = chunks_of(8)
     chunks.entry = ArtifactFileData("big.bin", "0123456789abcdef0123456789abcdef-3", "S3", 8000)
-    try:
-        for index in range(COUNT):
-            chunks.fetch(index)
-        chunks.settled()
-    finally:
-        chunks.checks.close()
+    chunks.fetch_all()
+    chunks.settled()
     assert chunks.reads == Counter() and chunks.rejected == []

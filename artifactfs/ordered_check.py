@@ -66,7 +66,6 @@ class _Progress:
     hashed: array[int] = field(default_factory=lambda: array("I"))
     # The CRC32C of chunks fetched ahead of the cursor (the latest fetch of each).
     fetched_ahead: dict[int, int] = field(default_factory=dict)
-    finished: bool = False
 
 
 def _progress_size(progress: _Progress) -> int:
@@ -138,6 +137,9 @@ class OrderedChecks:
         file_id = _file_id(entry)
         if self._closed or generation != self._generation(entry):
             return  # fetched before the file was dropped: those bytes are gone
+        count = self._chunk_count(entry)
+        if _STATE_BYTES + 4 * count > PROGRESS_BYTES:
+            return  # too many chunks to remember (over 8 TiB in 8 MiB chunks): not checked
         progress = self._progress.get(file_id)
         if progress is None or progress.generation != generation:
             progress = _Progress(ContentCheck(entry), generation)
@@ -150,9 +152,6 @@ class OrderedChecks:
         if progress.fetched_ahead.get(index, crc) != crc:
             return self._fail(entry, file_id, f"chunk {index} came with other bytes than before")
         progress.fetched_ahead[index] = crc
-        count = self._chunk_count(entry)
-        if _STATE_BYTES + 4 * count > PROGRESS_BYTES:
-            return  # too many chunks to remember (over 8 TiB in 8 MiB chunks): not checked
         while len(progress.hashed) < count:
             if self._closed or self._generation(entry) != generation:
                 return
@@ -165,9 +164,8 @@ class OrderedChecks:
                 return self._fail(entry, file_id, f"chunk {cursor} is cached with other bytes")
             progress.check.update(data)
             progress.hashed.append(found)
-        progress.finished = len(progress.hashed) == count
         self._progress[file_id] = progress  # stored again: its size has grown
-        if progress.finished and self._generation(entry) == generation:
+        if len(progress.hashed) == count and self._generation(entry) == generation:
             problem = progress.check.problem()
             if problem is not None:
                 self._fail(entry, file_id, problem)

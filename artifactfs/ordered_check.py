@@ -17,9 +17,9 @@ The check so runs while the file is read rather than after it: on a machine shor
 read pays for the hash (MD5, ~13 ms per 8 MiB chunk) then. Measured on two cores shared with a
 local S3 server, a cold 1 GiB read went from ~440 to ~345 MB/s (medians of six), and the
 daemon's CPU over the read and the 4 s after it from 4.4-6.5 s to 3.4-4.3 s. The thread keeps
-normal priority: at a low one (SCHED_IDLE, nice 19) the read kept its speed here, but a thread
-the kernel leaves waiting while it holds the GIL stalls every thread of the daemon, and a
-training job's data workers keep all cores busy.
+normal priority: under SCHED_IDLE the read kept its speed here (nice 19 did not help), but a
+thread the kernel leaves waiting while it holds the GIL stalls every thread of the daemon, and
+a training job's data workers keep all cores busy.
 
 Which bytes were hashed: every fetch tells the check the CRC32C of the bytes it brought, and
 the check takes the CRC32C of every chunk it hashes. A chunk the cursor passed that is fetched

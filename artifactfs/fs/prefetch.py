@@ -78,8 +78,7 @@ class NeighbourPrefetcher:
             return
         if listing is None or not listing.nodes:
             return
-        first = listing.nodes[0]
-        directory = (first.path.rpartition("/")[0], first.artifact_id)
+        directory = _directory_key(listing.nodes[0])
         with self._lock:
             if directory in self._queued_up_to:
                 return  # the program is there already
@@ -92,7 +91,7 @@ class NeighbourPrefetcher:
     def _queue_after(self, node: Node, listing: Listing) -> None:
         position = bisect.bisect_right(listing.names, node.name)
         end = min(position + self.neighbours, len(listing.nodes))
-        directory = (node.path.rpartition("/")[0], node.artifact_id)
+        directory = _directory_key(node)
         spill = position + self.neighbours - len(listing.nodes)
         with self._lock:
             queued = self._queued_up_to.get(directory, 0)
@@ -128,3 +127,9 @@ class NeighbourPrefetcher:
             return None
         taken = self.reader.prefetch([entry for _, entry in files])
         return files[taken][0] if taken < len(files) else end
+
+
+def _directory_key(node: Node) -> tuple[str, str]:
+    """(directory path, artifact id) of the directory holding `node`: what the prefetcher
+    remembers per directory."""
+    return (node.path.rpartition("/")[0], node.artifact_id)

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import google_crc32c
+import crc32c
 from cachetools import LRUCache
 
 from artifactfs.entries import ArtifactFileData
@@ -100,7 +100,7 @@ class OrderedChecks:
     def chunk_cached(self, entry: ArtifactFileData, index: int, data: bytes) -> None:
         """Chunk `index` of the file was fetched as `data` and kept (in memory, the disk cache
         or both): move the file's check on, in the background."""
-        notice = (index, google_crc32c.value(data), self._generation(entry))
+        notice = (index, crc32c.crc32c(data), self._generation(entry))
         with contextlib.suppress(RuntimeError):  # closed: the mount is going away
             self._pool.submit(self._advance_safely, entry, *notice)
 
@@ -159,7 +159,7 @@ class OrderedChecks:
             data = self._chunk_bytes(entry, cursor)
             if data is None:
                 break  # not here (yet): its fetch moves the check on
-            found = google_crc32c.value(data)
+            found = crc32c.crc32c(data)
             if progress.fetched_ahead.pop(cursor, found) != found:
                 return self._fail(entry, file_id, f"chunk {cursor} is cached with other bytes")
             progress.check.update(data)

@@ -11,7 +11,7 @@ import hashlib
 import re
 from typing import Protocol
 
-import google_crc32c
+import crc32c
 
 from artifactfs.entries import TYPE_GCS, TYPE_LOCAL, TYPE_S3, ArtifactFileData
 
@@ -27,17 +27,6 @@ class _Digest(Protocol):
     def hexdigest(self) -> str: ...
 
 
-class _Crc32c:
-    def __init__(self) -> None:
-        self._checksum = google_crc32c.Checksum()
-
-    def update(self, data: bytes, /) -> None:
-        self._checksum.update(data)
-
-    def hexdigest(self) -> str:
-        return bytes(self._checksum.digest()).hex()
-
-
 def _digest_for(entry: ArtifactFileData) -> _Digest | None:
     wanted = entry.file_hash.lower()
     if entry.type == TYPE_LOCAL and _SHA1_HEX.match(wanted):
@@ -46,7 +35,7 @@ def _digest_for(entry: ArtifactFileData) -> _Digest | None:
         return hashlib.md5()
     if entry.type == TYPE_GCS:
         if entry.metadata.get(GCS_HASH_KEY) == "crc32c":
-            return _Crc32c()
+            return crc32c.CRC32CHash()
         if _MD5_HEX.match(wanted):
             return hashlib.md5()
     return None

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import google_crc32c
+import crc32c
 
 from artifactfs.cache.chunks import BLOCK, ChunkCache, chunk_key, header_size
 
@@ -83,7 +83,7 @@ def main() -> int:
 
 def run(root: Path, args: argparse.Namespace) -> int:
     print(
-        f"python {sys.version.split()[0]}, google-crc32c {google_crc32c.implementation}, "
+        f"python {sys.version.split()[0]}, crc32c hardware-based: {crc32c.hardware_based}, "
         f"{root} on {filesystem_of(root)}, {os.cpu_count()} CPUs"
     )
     print(

@@ -22,7 +22,7 @@ GCS_HASH_KEY = "hash_algorithm"  # metadata key saying a GCS entry's hash is a C
 
 
 class _Digest(Protocol):
-    def update(self, data: bytes, /) -> object: ...
+    def update(self, data: bytes | memoryview, /) -> object: ...
 
     def hexdigest(self) -> str: ...
 
@@ -56,7 +56,7 @@ class ContentCheck:
     def update(self, data: bytes | memoryview) -> None:
         self.length += len(data)
         if self._digest is not None:
-            self._digest.update(bytes(data) if isinstance(data, memoryview) else data)
+            self._digest.update(data)  # hashlib and crc32c take views: no copy
 
     def problem(self) -> str | None:
         if self.entry.size is not None and self.length != self.entry.size:

@@ -145,12 +145,12 @@ class OrderedChecks:
             progress = _Progress(ContentCheck(entry), generation)
             if not progress.check.checks_hash:
                 return  # no hash of the whole content to check (a multipart ETag)
-        if index < len(progress.hashed):
-            if progress.hashed[index] == crc:
-                return  # fetched again with the bytes hashed already
+        hashed_already = index < len(progress.hashed)
+        before = progress.hashed[index] if hashed_already else progress.fetched_ahead.get(index)
+        if before is not None and before != crc:
             return self._fail(entry, file_id, f"chunk {index} came with other bytes than before")
-        if progress.fetched_ahead.get(index, crc) != crc:
-            return self._fail(entry, file_id, f"chunk {index} came with other bytes than before")
+        if hashed_already:
+            return  # fetched again with the bytes hashed already
         progress.fetched_ahead[index] = crc
         while len(progress.hashed) < count:
             if self._closed or self._generation(entry) != generation:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: the artifactfs mount against rclone mount, s3fs, boto3 and tmpfs, in one run.
+"""Benchmark: the artifactfs mount against rclone mount, s3fs and their limits, in one run.
 
     .venv/bin/python scripts/bench.py [--quick] [--repeats N] [--systems ...] [--workloads ...]
                                       [--profile DIR] [--json F] [--markdown F]
@@ -8,7 +8,9 @@ Starts `rclone serve s3` on 127.0.0.1 over a tmpfs directory, seeds one 1 GiB ob
 10,000 objects of 16 KiB in 100 directories, tracks them as one artifact, and builds a
 1,000,000-entry artifact in the store (entries only). Each system gets its own mount point over
 the same bucket: artifactfs, `rclone mount --vfs-cache-mode full` and s3fs (both tuned), and the
-limits: boto3 straight from the server and the same bytes read from tmpfs. Every figure is the
+limits: boto3 straight from the server, the same bytes read from tmpfs, and a bare pyfuse3
+pass-through of that tmpfs directory (`bench_support/floor_fs.py`: the floor under any pyfuse3
+daemon, artifactfs's included, with the bytes already in memory). Every figure is the
 median of the repeats; the result is a markdown table and a JSON file, with artifactfs's ratio
 to every other system in each row (above 1: artifactfs is better) and whether its target is met.
 
@@ -60,12 +62,13 @@ from bench_support.server import (
     start_server,
     warm_etags,
 )
-from bench_support.systems import Artifactfs, FuseSystem, Rclone, S3fs
+from bench_support.systems import Artifactfs, FuseSystem, Pyfuse3Floor, Rclone, S3fs
 
 ROOT = Path(__file__).resolve().parent.parent
-MOUNTED = ("artifactfs", "rclone", "s3fs")
-LIMITS = ("boto3", "tmpfs")
+MOUNTED = ("artifactfs", "rclone", "s3fs", "pyfuse3")
 PEERS = ("rclone", "s3fs")
+LIMITS = ("boto3", "pyfuse3", "tmpfs")  # not peers: what no client or no pyfuse3 daemon beats
+SYSTEMS = ("artifactfs", *PEERS, *LIMITS)  # the columns, in this order
 WORKLOADS = ("seq", "random", "scan", "find", "ttfb", "meta")
 RANDOM_SEED = 20240601
 RANDOM_COUNT = 2000
@@ -363,6 +366,8 @@ class Bench:
                 )
             elif name == "rclone":
                 system = Rclone(self.owned, self.work, self.server, self.env)
+            elif name == "pyfuse3":
+                system = Pyfuse3Floor(self.owned, self.work, self.server, self.env)
             else:
                 system = S3fs(self.owned, self.work, self.server, self.env)
             self.systems[name] = system
@@ -766,7 +771,7 @@ class Bench:
     # -- the result ----------------------------------------------------------------------
 
     def result(self) -> dict[str, Any]:
-        columns = [s for s in (*MOUNTED, *LIMITS) if s in self.args.systems]
+        columns = [s for s in SYSTEMS if s in self.args.systems]
         rows = []
         for key, row in self.rows.items():
             if not row.samples and not row.errors:
@@ -853,7 +858,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--quick", action="store_true", help="fewer repeats: under 5 minutes")
     parser.add_argument("--repeats", type=int, help="cold sessions per workload [quick 1, full 3]")
-    parser.add_argument("--systems", default=",".join((*MOUNTED, *LIMITS)))
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--profile", metavar="DIR", help="py-spy the artifactfs daemon into DIR")
     parser.add_argument(
@@ -869,7 +874,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.systems = [s for s in args.systems.split(",") if s]
     args.workloads = [w for w in args.workloads.split(",") if w]
-    unknown = set(args.systems) - set(MOUNTED + LIMITS) | set(args.workloads) - set(WORKLOADS)
+    unknown = set(args.systems) - set(SYSTEMS) | set(args.workloads) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown system or workload: {', '.join(sorted(unknown))}")
     if args.repeats is None:

@@ -6,10 +6,12 @@
   before GET, no checksums or mod-times to fetch).
 - s3fs (Debian's): read-only, `kernel_cache`, a disk cache (`use_cache`), parallel ranged
   downloads, a large stat cache with a long expiry.
+- pyfuse3 (a limit, not a peer): `floor_fs.py`, a bare pyfuse3 pass-through of the bucket's
+  directory on tmpfs: what a pyfuse3 daemon does at best with the bytes already in memory.
 
-All three get the same 1 MiB kernel read-ahead (artifactfs sets it for itself; the benchmark
-sets it for the peers) and the same 10 GB cache budget. `mount(fresh=True)` empties the cache
-directory first: cold means a fresh mount and an empty cache.
+All of them get the same 1 MiB kernel read-ahead (artifactfs sets it for itself; the benchmark
+sets it for the others), and those with a cache the same 10 GB budget. `mount(fresh=True)`
+empties the cache directory first: cold means a fresh mount and an empty cache.
 """
 
 from __future__ import annotations
@@ -240,6 +242,22 @@ class S3fs(FuseSystem):
         if s3fs is None:
             raise BenchError("s3fs not installed: apt-get install -y s3fs")
         command = [s3fs, BUCKET, str(self.mountpoint), "-f", "-o", ",".join(options)]
+        process = self.owned.popen(command, self.log_path, env=self.env)
+        self.pid = process.pid
+        self._wait_mounted(process)
+
+
+class Pyfuse3Floor(FuseSystem):
+    name = "pyfuse3"
+    fstype = "fuse.pyfuse3floor"
+
+    def _start(self) -> None:
+        command = [
+            sys.executable,
+            str(Path(__file__).with_name("floor_fs.py")),
+            str(self.server.bucket_dir),
+            str(self.mountpoint),
+        ]
         process = self.owned.popen(command, self.log_path, env=self.env)
         self.pid = process.pid
         self._wait_mounted(process)

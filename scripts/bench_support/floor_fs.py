@@ -81,9 +81,11 @@ class PassThrough(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         # Listed once, then answered from memory, as artifactfs answers an artifact's tree.
-        listing = self._listings.get(inode)
-        if listing is None:
-            listing = self._listings[inode] = self._list(self._path(inode))
+        if inode not in self._listings:
+            try:
+                self._listings[inode] = self._list(self._path(inode))
+            except OSError as exc:
+                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         return inode
 
     def _list(self, path: str) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:

@@ -143,6 +143,9 @@ class Reader:
         # Files whose whole-file check failed, and chunks that just failed to fetch: the kernel
         # retries a failed read at once, and it should get its EIO at once too.
         self._failed_files: dict[tuple[str, str], str] = {}
+        # Files a read is fetching anew and hashing (`_reverify`), by how many reads: that read
+        # reports a failure itself, so the ordered check, fed by the same fetches, does not.
+        self._reverifying: dict[FileId, int] = {}
         self._failed_chunks: TTLCache[bytes, str] = TTLCache(maxsize=4096, ttl=FAILURE_MEMORY)
         self._inflight: dict[bytes, Future[bytes]] = {}
         # Files checked whole before serving: their chunks' SHA-256, in order. The outcome of
@@ -765,11 +768,20 @@ class Reader:
             # Hashed as the chunks come, whatever the size of the cache.
             keys = self._keys(entry)
             check = ContentCheck(entry)
-            for index in range(len(keys)):
-                check.update(self._chunk(entry, index))
-            problem = check.problem()
-            if problem is not None:
-                self._reject_whole_file(entry, keys, problem)
+            file_id = _file_id(entry)
+            with self._lock:
+                self._reverifying[file_id] = self._reverifying.get(file_id, 0) + 1
+            try:
+                for index in range(len(keys)):
+                    check.update(self._chunk(entry, index))
+                problem = check.problem()
+                if problem is not None:
+                    self._reject_whole_file(entry, keys, problem)
+            finally:
+                with self._lock:
+                    left = self._reverifying.pop(file_id) - 1
+                    if left:
+                        self._reverifying[file_id] = left
         with self._lock:
             self._failed_files.pop((entry.type, entry.file_hash), None)
 
@@ -784,13 +796,17 @@ class Reader:
         return data
 
     def _reject_checked_file(self, entry: ArtifactFileData, problem: str) -> None:
-        """For the ordered whole-file check: drop a file that failed it, count and log it."""
+        """For the ordered whole-file check: drop a file that failed it, count and log it
+        (unless a read is checking it anew: that read's error says it)."""
         keys = self._keys(entry)
+        with self._lock:
+            reported_by_a_read = _file_id(entry) in self._reverifying
         try:
             self._reject_whole_file(entry, keys, problem)
         except ReadError as exc:
-            self.cache.record_error()
-            log.error("%s", exc)
+            if not reported_by_a_read:
+                self.cache.record_error()
+                log.error("%s", exc)
 
 
 def _with_retries(fetch: Callable[[], bytes], deadline: float, url: str) -> bytes:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -579,7 +580,9 @@ class Bench:
         for key, workers in (("scan1", 1), ("scan8", 8)):
             try:
                 with self.session(system, key):
-                    self.measure(key, name, lambda w=workers: self._scan(system.root / "small", w))
+                    self.measure(
+                        key, name, functools.partial(self._scan, system.root / "small", workers)
+                    )
             except (BenchError, OSError) as exc:
                 self._failed((key,), name, exc)
 
@@ -721,7 +724,7 @@ class Bench:
 
                     self.measure(key, "boto3", s3_scan)
                 if tmpfs:
-                    self.measure(key, "tmpfs", lambda w=workers: self._scan(tmpfs_small, w))
+                    self.measure(key, "tmpfs", functools.partial(self._scan, tmpfs_small, workers))
         elif workload == "find":
             if boto3:
 

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 ARTIFACTFS = [sys.executable, "-m", "artifactfs"]
 
@@ -32,9 +33,13 @@ def make_files(root: Path, count: int, size: int) -> None:
         (directory / f"f{index:05d}.bin").write_bytes(os.urandom(size))
 
 
-def timed(command: list[str], env: dict[str, str], **kwargs: object) -> tuple[float, str]:
+def timed(
+    command: list[str], env: dict[str, str], stdin: BinaryIO | None = None
+) -> tuple[float, str]:
     start = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True, **kwargs)
+    result = subprocess.run(
+        command, env=env, stdin=stdin, capture_output=True, text=True, check=True
+    )
     return time.perf_counter() - start, result.stdout
 
 

@@ -18,7 +18,7 @@ import click
 
 from artifactfs import __version__
 from artifactfs.api import project_from_environment
-from artifactfs.cache import ChunkCache
+from artifactfs.cache import ChunkCache, cache_usage
 from artifactfs.cache.location import DEFAULT_CACHE_SIZE, chunk_directory, parse_size
 from artifactfs.checks import diff_entries, verify_entries
 from artifactfs.download import download_entries
@@ -296,12 +296,16 @@ def import_neptune(ctx: Context, export_dir: str, rebases: tuple[str, ...], dry_
     click.echo(summary)
 
 
-def _open_cache(group_dir: str | None, command_dir: str | None) -> ChunkCache:
+def _chunk_directory(group_dir: str | None, command_dir: str | None) -> Path:
     """`cache --cache-dir D stats` and `cache stats --cache-dir D` both work."""
     chosen = command_dir or group_dir
-    return ChunkCache(
-        chunk_directory(Path(chosen) if chosen else None), parse_size(DEFAULT_CACHE_SIZE)
-    )
+    return chunk_directory(Path(chosen) if chosen else None)
+
+
+def _open_cache(group_dir: str | None, command_dir: str | None) -> ChunkCache:
+    """The cache, for a change to it: taken from any other process (a mount's cache is
+    refused while it runs), and opened with no limit, so that opening it evicts nothing."""
+    return ChunkCache(_chunk_directory(group_dir, command_dir), sys.maxsize, free_floor_bytes=0)
 
 
 cache_dir_option = click.option("--cache-dir", "command_dir", metavar="D", help=CACHE_DIR_HELP)
@@ -319,21 +323,24 @@ def cache(ctx: click.Context, cache_dir: str | None) -> None:
 @cache_dir_option
 @click.pass_obj
 def cache_stats(group_dir: str | None, command_dir: str | None) -> None:
-    """Bytes and chunks now in the cache."""
-    chunks = _open_cache(group_dir, command_dir)
-    snapshot = chunks.snapshot()
-    click.echo(f"directory: {chunks.directory}")
-    click.echo(f"chunks: {snapshot['chunks']}")
-    click.echo(f"bytes: {snapshot['cache_bytes']}")
+    """Bytes and chunks now in the cache (also while a mount uses it; changes nothing)."""
+    directory = _chunk_directory(group_dir, command_dir)
+    chunks, total = cache_usage(directory)
+    click.echo(f"directory: {directory}")
+    click.echo(f"chunks: {chunks}")
+    click.echo(f"bytes: {total}")
 
 
 @cache.command("clear")
 @cache_dir_option
 @click.pass_obj
 def cache_clear(group_dir: str | None, command_dir: str | None) -> None:
-    """Remove every cached chunk."""
+    """Remove every cached chunk (not while a mount or download uses the cache)."""
     chunks = _open_cache(group_dir, command_dir)
-    freed = chunks.clear()
+    try:
+        freed = chunks.clear()
+    finally:
+        chunks.close()
     click.echo(f"cleared {chunks.directory}: {freed} bytes freed")
 
 
@@ -341,8 +348,12 @@ def cache_clear(group_dir: str | None, command_dir: str | None) -> None:
 @cache_dir_option
 @click.pass_obj
 def cache_fsck(group_dir: str | None, command_dir: str | None) -> None:
-    """Re-check every cached chunk and drop the damaged ones."""
-    checked, dropped = _open_cache(group_dir, command_dir).fsck()
+    """Re-check every cached chunk and drop the damaged ones (not while a mount uses it)."""
+    chunks = _open_cache(group_dir, command_dir)
+    try:
+        checked, dropped = chunks.fsck()
+    finally:
+        chunks.close()
     click.echo(f"checked {checked} chunk(s), dropped {dropped} damaged")
 
 

@@ -2,6 +2,7 @@
 
 Remote bytes come through the same chunk cache as the mount's (a file downloaded twice, or
 downloaded and then read through a mount, is fetched once); local files are copied in place.
+While another process uses that cache (a mount), they come through a temporary one beside it.
 
 Paths from the store are validated again here: a store written by someone else must not make us
 write outside the destination (no `..`, no absolute paths, no following a symlink that an
@@ -11,14 +12,17 @@ name beside its target and renamed into place only once its bytes check out.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
-from artifactfs.cache import ChunkCache
+from artifactfs.cache import CacheBusyError, ChunkCache
 from artifactfs.cache.location import DEFAULT_CACHE_SIZE, chunk_directory, parse_size
 from artifactfs.entries import TYPE_LOCAL, ArtifactFileData, path_problem
 from artifactfs.errors import ArtifactfsError, CheckFailedError
@@ -27,6 +31,8 @@ from artifactfs.reader import Reader
 from artifactfs.sources import source_for_entry
 from artifactfs.sources.local import local_path_of
 from artifactfs.verification import ContentCheck
+
+log = logging.getLogger(__name__)
 
 DOWNLOAD_WORKERS = 8
 
@@ -63,8 +69,9 @@ def download_entries(
     root = os.path.realpath(destination)
     os.makedirs(root, exist_ok=True)
     report = DownloadReport()
-    reader = _default_reader() if any(e.type != TYPE_LOCAL for e in entries) else None
-    try:
+    with contextlib.ExitStack() as stack:
+        remote = any(e.type != TYPE_LOCAL for e in entries)
+        reader = stack.enter_context(_cached_reader()) if remote else None
         total = sum(e.size or 0 for e in entries)
         with (
             progress_bar(
@@ -84,9 +91,6 @@ def download_entries(
                     report.unchanged.append(entry.file_path)
                 else:
                     report.failed[entry.file_path] = outcome
-    finally:
-        if reader is not None:
-            reader.close()  # its fetch threads end with the download
     if report.failed:
         details = "; ".join(f"{path}: {why}" for path, why in sorted(report.failed.items()))
         raise CheckFailedError(f"download failed for {len(report.failed)} file(s): {details}")
@@ -108,8 +112,24 @@ def _safe_target(root: str, file_path: str) -> str:
     return target
 
 
-def _default_reader() -> Reader:
-    return Reader(ChunkCache(chunk_directory(), parse_size(DEFAULT_CACHE_SIZE)))
+@contextlib.contextmanager
+def _cached_reader() -> Iterator[Reader]:
+    """A reader on the default cache, or on a temporary one while another process uses it;
+    closed (its fetch threads ended, the cache let go, a temporary one removed) on exit."""
+    directory, limit = chunk_directory(), parse_size(DEFAULT_CACHE_SIZE)
+    with contextlib.ExitStack() as stack:
+        try:
+            cache = ChunkCache(directory, limit)
+        except CacheBusyError as exc:
+            log.warning("%s; downloading through a temporary cache", exc)
+            directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            scratch = tempfile.TemporaryDirectory(prefix="download-", dir=directory.parent)
+            stack.enter_context(scratch)
+            cache = ChunkCache(Path(scratch.name), limit)
+        stack.callback(cache.close)
+        reader = Reader(cache)
+        stack.callback(reader.close)
+        yield reader
 
 
 def _download_one(

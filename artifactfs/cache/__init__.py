@@ -1,5 +1,5 @@
 """The bounded on-disk chunk cache for remote bytes."""
 
-from artifactfs.cache.chunks import CacheStats, ChunkCache, chunk_key
+from artifactfs.cache.chunks import CacheBusyError, CacheStats, ChunkCache, cache_usage, chunk_key
 
-__all__ = ["CacheStats", "ChunkCache", "chunk_key"]
+__all__ = ["CacheBusyError", "CacheStats", "ChunkCache", "cache_usage", "chunk_key"]

@@ -3,6 +3,7 @@
 Layout of a cache directory (format version in `FORMAT`):
 
     FORMAT                   "artifactfs-cache 2"
+    LOCK                     held (flock) by the one process using the cache; holds its pid
     chunks/ab/abcdef...      one file per chunk, named by a SHA-256 of its content identity
     tmp/                     chunks being written; published by os.replace, never read
 
@@ -37,13 +38,21 @@ mount went from ~370 to ~490 MB/s with the daemon's CPU from ~3.0 to ~1.6 s. Sma
 before Linux 6.6).
 
 The LRU index (cachetools) is rebuilt from the directory on start, oldest-used first by mtime,
-which a hit refreshes.
+which a hit refreshes; chunks beyond the byte limit (a cache reopened smaller) are evicted then.
+
+One process uses a cache directory at a time: each keeps its index in memory, so two (a mount
+and a download, two mounts, both on the default directory) would each keep within the limit
+while the directory held their sum, and each start empties tmp/ under the other's writes. A
+`ChunkCache` holds an exclusive `flock` on LOCK until `close()` (or its process ends, whatever
+the way); a second one fails with `CacheBusyError`, naming the holder's pid. `cache_usage`
+reads a directory's size without taking it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import itertools
 import logging
@@ -53,6 +62,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +92,11 @@ DEFAULT_FREE_FLOOR = 256 * 1024 * 1024
 DIRECT_WRITE_BYTES = 1024 * 1024
 DIRECT_BUFFERS = 4
 DIRECT_ALIGN = 4096  # what O_DIRECT asks of buffers, offsets and lengths on common disks
+LOCK_NAME = "LOCK"
+
+
+class CacheBusyError(ArtifactfsError):
+    """Another process uses the cache directory."""
 
 
 def block_count(length: int) -> int:
@@ -163,14 +178,31 @@ class ChunkCache:
         self._temp_names = itertools.count()
         self._direct_ok = True  # until the file system refuses O_DIRECT
         self._direct_buffers = _DirectBuffers(DIRECT_BUFFERS)
-        self._prepare_directory()
-        self._index = _EvictingLRU(limit_bytes, self)
-        self._rebuild_index()
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            lock = _take_directory(directory)
+        except OSError as exc:
+            raise _unusable(directory, exc) from exc
+        # Released by close(), when this object is collected, or when the process ends.
+        self._release = weakref.finalize(self, os.close, lock)
+        try:
+            self._prepare_directory()
+            self._index = _EvictingLRU(limit_bytes, self)
+            self._rebuild_index()
+        except OSError as exc:
+            self.close()
+            raise _unusable(directory, exc) from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let another process use the directory; this object must not be used after."""
+        self._release()
 
     # -- layout -----------------------------------------------------------------------------
 
     def _prepare_directory(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         format_file = self.directory / "FORMAT"
         found = format_file.read_text().strip() if format_file.exists() else None
         if found in UPGRADABLE_FORMATS:
@@ -226,7 +258,10 @@ class ChunkCache:
         found.sort()  # least recently used first, so they are evicted first
         with self._lock:
             for _mtime, key, size in found:
-                self._index[key] = size
+                if size > self.limit:  # the cache was reopened smaller than this chunk
+                    self._remove_file(key)
+                    continue
+                self._index[key] = size  # evicts (deletes) the oldest beyond the limit
             self._refresh_stats()
 
     def _refresh_stats(self) -> None:
@@ -281,6 +316,7 @@ class ChunkCache:
                     self.stats.errors += 1
                     self.stats.misses += 1
                     self._index.pop(key, None)
+                    self._remove_file(key)  # under the lock: see drop()
                     self._refresh_stats()
                 else:
                     self.stats.hits += 1
@@ -294,7 +330,6 @@ class ChunkCache:
             os.close(fd)
         if data is None:
             log.error("cache chunk %s is damaged (%s): dropped, will fetch again", path, damage)
-            self._remove_file(key)
         return data
 
     def contains(self, key: bytes) -> bool:
@@ -325,7 +360,7 @@ class ChunkCache:
             self._refresh_stats()
         written = False
         try:
-            written = self._room_on_disk(size) and self._write(key, payload)
+            written = self._room_on_disk() and self._write(key, payload)
         finally:
             # One locked step from "reserved" to "indexed": never a moment uncounted.
             with self._lock:
@@ -389,10 +424,15 @@ class ChunkCache:
                     os.unlink(temp)
         return os.open(temp, flags, 0o600), False
 
-    def _room_on_disk(self, size: int) -> bool:
+    def _room_on_disk(self) -> bool:
         """Keep `free_floor` bytes free on the cache's filesystem, evicting to get there. A
         file system that reports no size at all (ramfs, some network and FUSE ones) has no
-        floor to keep: the byte limit and a failed write (ENOSPC) still bound the cache."""
+        floor to keep: the byte limit and a failed write (ENOSPC) still bound the cache.
+
+        The bytes reserved count every write in flight, this one's included: each of them
+        passing alone would take the disk below the floor together (a part of them already
+        written is counted twice, which errs on the safe side).
+        """
         while True:
             try:
                 usage = os.statvfs(self.directory)
@@ -400,9 +440,9 @@ class ChunkCache:
                 return False
             if usage.f_blocks == 0:
                 return True
-            if usage.f_bavail * usage.f_frsize - size >= self.free_floor:
-                return True
             with self._lock:
+                if usage.f_bavail * usage.f_frsize - self._reserved >= self.free_floor:
+                    return True
                 if not self._index:
                     return False
                 self._index.popitem()
@@ -428,9 +468,11 @@ class ChunkCache:
 
     def drop(self, key: bytes) -> None:
         with self._lock:
+            # Under the lock, as eviction does: once the bytes are uncounted a put may take
+            # them, so the file must be gone by then.
             self._index.pop(key, None)
+            self._remove_file(key)
             self._refresh_stats()
-        self._remove_file(key)
 
     # -- maintenance ------------------------------------------------------------------------
 
@@ -616,3 +658,48 @@ def _check_file(path: Path, key: bytes) -> None:
         _read_checked(lambda size, at: _pread_full(fd, size, at), file_size, key, 0)
     finally:
         os.close(fd)
+
+
+def _take_directory(directory: Path) -> int:
+    """A descriptor holding the cache directory's lock (see the module docstring)."""
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise CacheBusyError(
+            f"cache {directory} is in use by another artifactfs process (pid {holder}): "
+            "stop it, or give this one another --cache-dir"
+        ) from None
+    except OSError as exc:
+        os.close(fd)
+        raise ArtifactfsError(f"cannot lock cache {directory}: {exc.strerror}") from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
+
+
+def _unusable(directory: Path, exc: OSError) -> ArtifactfsError:
+    return ArtifactfsError(f"cannot use cache directory {directory}: {exc.strerror or exc}")
+
+
+def cache_usage(directory: Path) -> tuple[int, int]:
+    """(chunks, bytes) in a cache directory, read without taking it (see `ChunkCache`)."""
+    try:
+        subdirectories = list(os.scandir(directory / "chunks"))
+    except FileNotFoundError:
+        return 0, 0
+    except OSError as exc:
+        raise _unusable(directory, exc) from exc
+    chunks = total = 0
+    for sub in subdirectories:
+        if not sub.is_dir(follow_symlinks=False):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            for item in os.scandir(sub.path):
+                with contextlib.suppress(FileNotFoundError):  # evicted meanwhile
+                    total += item.stat(follow_symlinks=False).st_size
+                    chunks += 1
+    return chunks, total

@@ -116,7 +116,11 @@ def mount(options: MountOptions, foreground: bool) -> None:
     if shutil.which("fusermount3") is None:
         raise ArtifactfsError("fusermount3 not found: install the 'fuse3' package")
     log_file = options.resolved_log_file
-    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:  # here, where an error still reaches the user as one line
+        log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    except OSError as exc:
+        raise ArtifactfsError(f"cannot write log file {log_file}: {exc.strerror or exc}") from exc
     if foreground:
         _configure_logging(log_file, also_stderr=True)
         _serve(options, ready_fd=None)
@@ -237,6 +241,7 @@ def _serve(options: MountOptions, ready_fd: int | None) -> None:
         pyfuse3.close(unmount=True)
         operations.prefetcher.close()
         reader.close()
+        cache.close()
         store.close()
         log.info("unmounted %s", options.mountpoint)
 

@@ -594,6 +594,19 @@ def test_mount_and_unmount_errors_are_one_line_and_mount_nothing(cli: Any, tmp_p
         assert "invalid read deadline" in result.stderr
         assert_not_mounted(field_only)
 
+    a_file = tmp_path / "a_file"
+    a_file.write_bytes(b"not a directory")
+    for option in ("--cache-dir", "--log-file"):
+        result = cli("mount", str(field_only), "--run", run_id, option, str(a_file / "sub"))
+        assert_one_line_error(result)
+        assert str(a_file / "sub") in result.stderr
+        assert_not_mounted(field_only)
+    for command in ("stats", "clear", "fsck"):
+        result = cli("cache", command, "--cache-dir", str(a_file))
+        assert_one_line_error(result)
+        assert f"cannot use cache directory {a_file}" in result.stderr
+    assert a_file.read_bytes() == b"not a directory"
+
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_bytes(b"mine")

@@ -490,6 +490,63 @@ def test_cache_stats_and_clear(s3: Any, cli: Any, tmp_path: Path) -> None:
     assert _stats(cli("cache", "--cache-dir", str(cache), "stats").stdout) == (0, 0)
 
 
+@pytest.mark.s3
+def test_a_cache_in_use_by_a_mount_is_changed_by_no_other_process(
+    s3: Any, cli: Any, tmp_path: Path
+) -> None:
+    """One process uses a cache directory at a time. While a mount runs on the default cache,
+    `cache stats` reads it, `cache clear`, `cache fsck` and a second mount refuse in one line
+    naming the mount's pid, and `download` goes through a temporary cache: the mount's chunks
+    stay as they are (each process would otherwise keep the limit alone, and empty tmp/ under
+    the other's writes)."""
+    files = {"a.bin": os.urandom(1_500_000), "b.bin": os.urandom(300_000)}
+    for name, body in files.items():
+        s3.put(f"busy/{name}", body)
+    run_id = track(s3.url("busy"))
+    default_cache = Path(os.environ["XDG_CACHE_HOME"]) / "artifactfs"  # download's too
+    with mount_artifact(tmp_path / "mnt", run_id, default_cache, "--chunk-size", "1M") as mount:
+        for name, body in files.items():
+            assert (mount.path / name).read_bytes() == body
+        in_flight = default_cache / "data" / "tmp" / "being-written"  # as a put leaves it
+        in_flight.write_bytes(b"half")
+        chunks = {path: path.read_bytes() for path in chunk_files(default_cache)}
+        assert len(chunks) == 3
+
+        (tmp_path / "second").mkdir()
+        stats = cli("cache", "--cache-dir", str(default_cache), "stats")
+        assert stats.returncode == 0, stats
+        assert _stats(stats.stdout) == (3, chunk_bytes(default_cache))
+        refusals = [
+            cli("cache", "--cache-dir", str(default_cache), "clear"),
+            cli("cache", "--cache-dir", str(default_cache), "fsck"),
+            cli(
+                "mount", str(tmp_path / "second"), "--run", run_id, "--field", FIELD,
+                "--cache-dir", str(default_cache),
+            ),
+        ]  # fmt: skip
+        for refused in refusals:
+            assert refused.returncode == 2, refused
+            assert refused.stderr.count("\n") == 1, refused.stderr
+            assert "in use by another artifactfs process" in refused.stderr
+            assert f"pid {mount.pid}" in refused.stderr
+        assert not is_mounted(str(tmp_path / "second"))
+
+        downloaded = cli("download", run_id, FIELD, str(tmp_path / "out"))
+        assert downloaded.returncode == 0, downloaded
+        for name, body in files.items():
+            assert (tmp_path / "out" / name).read_bytes() == body
+        assert {path: path.read_bytes() for path in chunk_files(default_cache)} == chunks
+        assert in_flight.read_bytes() == b"half"
+        assert (
+            sorted(p.name for p in default_cache.iterdir() if p.name.startswith("download")) == []
+        )
+        for name, body in files.items():
+            assert (mount.path / name).read_bytes() == body
+    cleared = cli("cache", "--cache-dir", str(default_cache), "clear")
+    assert cleared.returncode == 0, cleared
+    assert chunk_files(default_cache) == []
+
+
 def test_cache_commands_take_cache_dir_after_the_subcommand(cli: Any, tmp_path: Path) -> None:
     """`artifactfs cache stats --cache-dir D`, as one writes `mount MNT --cache-dir D`."""
     cache = tmp_path / "cache"

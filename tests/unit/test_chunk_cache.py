@@ -11,8 +11,10 @@ import hashlib
 import logging
 import os
 import random
+import signal
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from artifactfs.cache import ChunkCache, chunk_key, chunks
+from artifactfs.cache import CacheBusyError, ChunkCache, chunk_key, chunks
 from artifactfs.cache.chunks import (
     BLOCK,
     FORMAT_TEXT,
@@ -246,6 +248,7 @@ def test_damaged_chunk_found_at_start_is_dropped_on_read(cache_dir: Path) -> Non
     first = new_cache(cache_dir)
     assert first.put(key(1), payload(1))
     _flip_payload_byte(chunk_path(cache_dir, key(1)))
+    first.close()  # the process ended
     second = new_cache(cache_dir)
     assert second.get(key(1)) is None
     assert not chunk_path(cache_dir, key(1)).exists()
@@ -541,6 +544,7 @@ def test_index_rebuilt_from_directory_in_mtime_order(cache_dir: Path) -> None:
     for age, n in enumerate((2, 0, 3, 1)):
         stamp = 1_600_000_000 + age * 100
         os.utime(chunk_path(cache_dir, key(n)), (stamp, stamp))
+    first.close()
 
     second = new_cache(cache_dir, 4 * size)
     for n in range(4):
@@ -559,11 +563,23 @@ def test_index_rebuilt_from_directory_in_mtime_order(cache_dir: Path) -> None:
     assert second.get(key(1)) == payload(1)
 
 
+def test_restart_with_a_limit_below_a_chunk_drops_that_chunk(cache_dir: Path) -> None:
+    first = new_cache(cache_dir, 100 * MiB)
+    assert first.put(key(1), payload(1, 50_000))
+    assert first.put(key(2), payload(2, 100))
+    first.close()
+    smaller = new_cache(cache_dir, stored(1000))  # no error: the big chunk cannot be kept
+    assert not smaller.contains(key(1)) and not chunk_path(cache_dir, key(1)).exists()
+    assert smaller.get(key(2)) == payload(2, 100)
+    assert smaller.snapshot()["cache_bytes"] == bytes_on_disk(cache_dir) == stored(100)
+
+
 def test_restart_with_smaller_limit_evicts_down_to_it(cache_dir: Path) -> None:
     size = stored(1000)
     first = new_cache(cache_dir, 10 * size)
     for n in range(10):
         assert first.put(key(n), payload(n))
+    first.close()
     smaller = new_cache(cache_dir, 3 * size)
     assert smaller.snapshot()["cache_bytes"] <= 3 * size
     assert bytes_on_disk(cache_dir) <= 3 * size
@@ -579,6 +595,7 @@ def test_get_refreshes_mtime_for_next_start(cache_dir: Path, use) -> None:
         os.utime(chunk_path(cache_dir, key(n)), (stamp, stamp))
     assert use(first, key(0)) is not None  # oldest on disk, now the newest
     assert chunk_path(cache_dir, key(0)).stat().st_mtime > 1_600_000_000 + 2
+    first.close()
     second = new_cache(cache_dir, 3 * size)
     assert second.put(key(9), payload(9))
     assert second.contains(key(0))
@@ -594,6 +611,7 @@ def test_half_written_chunks_in_tmp_are_removed_and_never_served(cache_dir: Path
     (cache_dir / "tmp" / "tmpab12cd").write_bytes(complete[:100])
     (cache_dir / "tmp" / "sub").mkdir()
     (cache_dir / "tmp" / "sub" / "x").write_bytes(b"x")
+    first.close()
 
     second = new_cache(cache_dir)
     assert list((cache_dir / "tmp").iterdir()) == []
@@ -604,9 +622,9 @@ def test_half_written_chunks_in_tmp_are_removed_and_never_served(cache_dir: Path
 
 
 def test_format_file_written_and_checked(cache_dir: Path) -> None:
-    new_cache(cache_dir)
+    new_cache(cache_dir).close()
     assert (cache_dir / "FORMAT").read_text() == FORMAT_TEXT
-    new_cache(cache_dir)  # the same format opens again
+    new_cache(cache_dir).close()  # the same format opens again
 
 
 @pytest.mark.parametrize("text", ["artifactfs-cache 3\n", "artifactfs-cache 0", "something\n", ""])
@@ -657,6 +675,7 @@ def test_format_1_directory_is_cleared_and_upgraded(
     assert cache.get(old_key) == body
 
     caplog.clear()
+    cache.close()
     with caplog.at_level(logging.INFO, logger="artifactfs.cache.chunks"):
         again = new_cache(cache_dir)  # now format 2: opened as it is, nothing logged
     assert [r for r in caplog.records if r.name == "artifactfs.cache.chunks"] == []
@@ -756,6 +775,121 @@ def test_free_space_floor_refuses_puts(cache_dir: Path) -> None:
     assert cache.snapshot()["cache_bytes"] == 0
 
 
+def test_free_space_floor_holds_with_writes_in_flight(tmp_path: Path) -> None:
+    """Eight 8 MiB puts at once on a 96 MiB file system with a 36 MiB floor: each alone would
+    pass the floor, together they must not take the disk below it (seven fit)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    target = tmp_path / "small"
+    target.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(target)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        floor = 36 * MiB
+        cache = ChunkCache(target / "cache", 1 << 30, free_floor_bytes=floor)
+        all_in_flight = threading.Barrier(8, timeout=10)
+        real_room = cache._room_on_disk
+
+        def room_once_all_reserved() -> bool:
+            all_in_flight.wait()
+            return real_room()
+
+        cache._room_on_disk = room_once_all_reserved  # type: ignore[method-assign]
+        bodies = [payload(n, 8 * MiB - 4096) for n in range(8)]
+        kept: dict[int, bool] = {}
+        writers = [
+            threading.Thread(target=lambda n=n: kept.update({n: cache.put(key(n), bodies[n])}))
+            for n in range(8)
+        ]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(60)
+        usage = os.statvfs(target)
+        assert usage.f_bavail * usage.f_frsize >= floor
+        assert 0 < sum(kept.values()) < 8
+        assert all(cache.get(key(n)) == bodies[n] for n in range(8) if kept[n])
+        cache.close()
+    finally:
+        if subprocess.run(["umount", str(target)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+# -- one process per cache directory -----------------------------------------------------------
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from artifactfs.cache import ChunkCache
+cache = ChunkCache(Path(sys.argv[1]), 1 << 30)
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_cache_directory_is_used_by_one_process_at_a_time(cache_dir: Path) -> None:
+    """Two processes on one directory would each keep the limit alone (their sum on disk) and
+    empty tmp/ under each other's writes: the second is refused, naming the first, and changes
+    nothing; once the first ends, however it ends, the directory is free again."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(cache_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        in_flight = cache_dir / "tmp" / "being-written"
+        in_flight.write_bytes(b"half")
+        with pytest.raises(CacheBusyError) as refused:
+            new_cache(cache_dir, 10)  # a smaller limit would evict
+        message = str(refused.value)
+        assert "\n" not in message
+        assert str(cache_dir) in message and f"pid {holder.pid}" in message
+        assert in_flight.read_bytes() == b"half"
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crashed mount does not hold it
+        holder.wait(30)
+    cache = new_cache(cache_dir)
+    assert cache.put(key(1), payload(1))
+    with pytest.raises(CacheBusyError):
+        new_cache(cache_dir)  # in this process too
+    cache.close()
+    assert new_cache(cache_dir).get(key(1)) == payload(1)
+
+
+def test_a_dropped_chunks_bytes_are_free_only_once_its_file_is_gone(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put that needs the bytes of a chunk being dropped must wait for its file to go: the
+    directory never holds more than the limit, even for a moment."""
+    size = stored(1000)
+    limit = 4 * size
+    cache = new_cache(cache_dir, limit)
+    for n in range(4):
+        assert cache.put(key(n), payload(n))
+    ledger = DiskLedger(cache_dir, monkeypatch)
+    ledger.files = {str(p): p.stat().st_size for p in chunk_files(cache_dir)}
+    put_done = threading.Event()
+    real_remove = cache._remove_file
+
+    def slow_remove(chunk: bytes) -> None:
+        if chunk == key(0):
+            put_done.wait(1)  # a put that does not wait for this removal ends meanwhile
+        real_remove(chunk)
+
+    monkeypatch.setattr(cache, "_remove_file", slow_remove)
+    dropping = threading.Thread(target=cache.drop, args=(key(0),))
+    dropping.start()
+    while key(0) in cache._index:  # dropped from the index, its file not yet removed
+        pass
+    assert cache.put(key(10), payload(10))
+    put_done.set()
+    dropping.join(10)
+    assert ledger.peak <= limit, f"{ledger.peak} bytes on disk at once, over the limit {limit}"
+    assert cache.get(key(10)) == payload(10)
+
+
 # -- concurrency -------------------------------------------------------------------------------
 
 
@@ -806,9 +940,9 @@ def test_two_concurrent_puts_never_exceed_limit_on_disk(
     ready = threading.Barrier(2, timeout=10)
     real_room = cache._room_on_disk
 
-    def room_after_both_made_room(nbytes: int) -> bool:
+    def room_after_both_made_room() -> bool:
         ready.wait()
-        return real_room(nbytes)
+        return real_room()
 
     monkeypatch.setattr(cache, "_room_on_disk", room_after_both_made_room)
     results: list[bool] = []
@@ -938,6 +1072,7 @@ def test_any_operation_sequence_keeps_limit_and_bytes(
             assert stats["cache_bytes"] == bytes_on_disk(directory)
             assert stats["errors"] == 0
         # After a restart the same holds.
+        cache.close()
         again = new_cache(directory, limit)
         assert again.snapshot()["cache_bytes"] == bytes_on_disk(directory)
         for n in range(8):
@@ -998,6 +1133,7 @@ def test_large_chunks_written_at_once_read_back_exactly(any_directory: Path) -> 
         assert cache.get(chunk) == body
         assert cache.read(chunk, len(body) - 5000, 4096) == body[-5000:-904]
     # A restart finds them whole.
+    cache.close()
     reopened = ChunkCache(any_directory, 512 * 1024 * 1024, free_floor_bytes=0)
     assert all(reopened.get(chunk) == body for chunk, body in bodies.items())
     assert reopened.fsck() == (len(bodies), 0)

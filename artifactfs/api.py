@@ -21,7 +21,9 @@ from artifactfs.naming import RESERVED_NAMESPACE, parse_project, validate_field_
 from artifactfs.store import ArtifactRecord, RunRecord, Store
 from artifactfs.tracking import PendingTrack
 
-WRITE_MODES = ("async", "sync")
+# Neptune's modes that record (there is no server: "offline" records here, as the others do).
+# A mode of None is Neptune's default: NEPTUNE_MODE, else "async".
+WRITE_MODES = ("async", "sync", "offline")
 READ_ONLY_MODE = "read-only"
 
 
@@ -33,7 +35,7 @@ def init_run(
     project: str | None = None,
     *,
     with_id: str | None = None,
-    mode: str = "async",
+    mode: str | None = None,
     api_token: str | None = None,  # accepted so Neptune code runs unchanged; there is no server
     store: str | Store | None = None,
     project_key: str | None = None,
@@ -41,8 +43,11 @@ def init_run(
 ) -> Run:
     """Open run `with_id`, or create one in `project` (else ARTIFACTFS_PROJECT, NEPTUNE_PROJECT)."""
     del api_token
+    mode = mode or os.environ.get("NEPTUNE_MODE") or "async"
     if mode not in (*WRITE_MODES, READ_ONLY_MODE):
-        raise ArtifactfsError(f"unsupported mode {mode!r}: use 'async', 'sync' or 'read-only'")
+        raise ArtifactfsError(
+            f"unsupported mode {mode!r}: use 'async', 'sync', 'offline' or 'read-only'"
+        )
     the_store = store if isinstance(store, Store) else Store(store)
     project_name = project_from_environment(project)
     if with_id is not None:

@@ -94,6 +94,9 @@ class PendingTrack:
                 entries[path] = entry.with_path(path) if path != entry.file_path else entry
         if not entries:
             raise self._nothing_there()
+        # Here, not only when merging: the CLI creates a new run between the two, and a
+        # location refused for its own paths must not leave that run behind.
+        _refuse_file_dir_conflict(entries)
         return entries
 
     def _nothing_there(self) -> ArtifactfsError:
@@ -113,10 +116,14 @@ def merged_entries(
     """The old entries plus the new ones (a new one replaces an old one of the same path)."""
     merged = {entry.file_path: entry for entry in old_entries}
     merged.update(new_entries)
-    conflict = find_file_dir_conflict(merged)
+    _refuse_file_dir_conflict(merged)
+    return sorted(merged.values(), key=lambda e: e.file_path)
+
+
+def _refuse_file_dir_conflict(entries: dict[str, ArtifactFileData]) -> None:
+    conflict = find_file_dir_conflict(entries)
     if conflict is not None:
         file_path, below = conflict
         raise ArtifactfsError(
             f"{file_path!r} would be both a file and a directory (because of {below!r})"
         )
-    return sorted(merged.values(), key=lambda e: e.file_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -196,3 +197,14 @@ def test_api_refuses_file_and_directory(world: dict[str, str]) -> None:
     with pytest.raises(artifactfs.ArtifactfsError, match="both a file and a directory"):
         run["fd"].track_files(world["y_file"], destination="x")
     assert store_counts() == before
+
+
+@pytest.mark.s3
+def test_a_location_refused_for_its_own_paths_leaves_no_new_run(
+    cli, world: dict[str, str], s3: Any
+) -> None:
+    """Objects `x` and `x/y` under one prefix: `x` would be both a file and a directory. The
+    CLI makes a new run for a `track` without `--run`; the refusal must not leave it behind."""
+    s3.put("conf/x", b"x is an object")
+    s3.put("conf/x/y", b"and so is x/y")
+    assert_refused(cli, ["--project", "p", "track", "f", s3.url("conf")], ["'x'", "x/y"])

@@ -169,6 +169,7 @@ def import_export(
         raise NotFoundError(f"no such directory: {root}")
     report = ImportReport()
     found = False
+    planned: dict[str, list[str]] = {}  # run id -> fields a dry run would have imported
     for path in find_exports(root):
         found = True
         label = str(path.relative_to(root).parent)
@@ -178,7 +179,7 @@ def import_export(
             report.failed[str(path)] = str(exc)
             continue
         try:
-            outcome = _import_field(store, exported, dry_run)
+            outcome = _import_field(store, exported, planned if dry_run else None)
         except ArtifactfsError as exc:
             report.skipped[label] = str(exc)
             continue
@@ -188,29 +189,43 @@ def import_export(
     return report
 
 
-def _import_field(store: Store, exported: ExportedField, dry_run: bool) -> str:
-    wanted = artifact_id(exported.entries)
-    existing = _existing_artifact(store, exported)
+def _import_field(
+    store: Store, exported: ExportedField, dry_run_plan: dict[str, list[str]] | None
+) -> str:
+    """Import one field; with a dry run's plan (the fields it would have imported so far, by
+    run), only say what the import would do, refusing what the store would refuse."""
+    stored = _stored_fields(store, exported)
+    existing = stored.get(exported.field_path)
     if existing is not None:
-        if existing == wanted:
+        if existing == artifact_id(exported.entries):
             return "unchanged"
         raise ArtifactfsError(
             f"run {exported.run_id} already has field {exported.field_path!r} "
             "with other content: not overwritten"
         )
-    if dry_run:
+    if dry_run_plan is not None:
+        planned = dry_run_plan.setdefault(exported.run_id, [])
+        for other in [*stored, *planned]:
+            if other.startswith(exported.field_path + "/") or exported.field_path.startswith(
+                other + "/"
+            ):
+                raise ArtifactfsError(
+                    f"field {exported.field_path!r} conflicts with field {other!r} of run "
+                    f"{exported.run_id}: a field cannot be a namespace of another"
+                )
+        planned.append(exported.field_path)
         return "imported"
     run, _created = store.ensure_run(exported.project, exported.run_id)
     store.update_field(run, exported.field_path, lambda _old: exported.entries)
     return "imported"
 
 
-def _existing_artifact(store: Store, exported: ExportedField) -> str | None:
+def _stored_fields(store: Store, exported: ExportedField) -> dict[str, str]:
+    """The exported run's fields in the store (field path -> artifact id); none if it is new."""
     try:
         run = store.get_run(exported.run_id)
     except NotFoundError:
-        return None
+        return {}
     if run.project != exported.project:
         raise ArtifactfsError(f"run {exported.run_id} exists in project {run.project}")
-    fields = store.run_fields(run.run_id) or {}
-    return fields.get(exported.field_path)
+    return store.run_fields(run.run_id) or {}

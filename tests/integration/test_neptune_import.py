@@ -149,6 +149,22 @@ def test_dry_run_writes_nothing(cli, export: dict) -> None:
     assert Store().counts() == before
 
 
+def test_dry_run_says_what_the_import_would_do(cli, export: dict) -> None:
+    """Fields `datasets` beside `datasets/test` (a field cannot be a namespace of another): the
+    dry run reports the skip that the import makes, with the same output and exit status."""
+    write_export(
+        export["root"],
+        "ml-team/classification/CLS-7/datasets",
+        [local_entry("train/sample.csv", LOCAL_FILES["train/sample.csv"])],
+    )
+    dry = cli("import-neptune", "--dry-run", str(export["root"]), *export["rebases"])
+    real = cli("import-neptune", str(export["root"]), *export["rebases"])
+    assert (dry.returncode, real.returncode) == (1, 1), (dry, real)
+    assert "a field cannot be a namespace of another" in dry.stderr
+    for dry_text, real_text in ((dry.stdout, real.stdout), (dry.stderr, real.stderr)):
+        assert dry_text.replace("would import", "imported") == real_text
+
+
 def test_conflicting_run_is_reported_and_not_overwritten(cli, export: dict) -> None:
     assert cli("import-neptune", str(export["root"]), *export["rebases"]).returncode == 0
     hash_before = cli("hash", "CLS-45", "data_versions").last_line

@@ -22,7 +22,7 @@ from artifactfs.cache import ChunkCache, cache_usage
 from artifactfs.cache.location import DEFAULT_CACHE_SIZE, chunk_directory, parse_size
 from artifactfs.checks import diff_entries, verify_entries
 from artifactfs.download import download_entries
-from artifactfs.errors import ArtifactfsError, CheckFailedError
+from artifactfs.errors import ArtifactfsError, CheckFailedError, NotFoundError
 from artifactfs.fs import daemon
 from artifactfs.fs.daemon import MountOptions
 from artifactfs.naming import parse_project, validate_field_path
@@ -35,9 +35,12 @@ CACHE_DIR_HELP = "Cache directory [default: $XDG_CACHE_HOME/artifactfs]"
 
 
 class Context:
-    def __init__(self, store_uri: str | None, project: str | None) -> None:
+    def __init__(
+        self, store_uri: str | None, project: str | None, project_given: str | None = None
+    ) -> None:
         self.store_uri = store_uri
-        self.project = project
+        self.project = project  # from --project, else the environment
+        self.project_given = project_given  # from --project only
         self._store: Store | None = None
 
     @property
@@ -67,7 +70,7 @@ pass_context = click.make_pass_decorator(Context)
 @click.pass_context
 def cli(ctx: click.Context, store_uri: str | None, project: str | None) -> None:
     """Track which data each run used, and read it back: files, hashes, downloads, mounts."""
-    ctx.obj = Context(store_uri, project_from_environment(project))
+    ctx.obj = Context(store_uri, project_from_environment(project), project)
 
 
 @cli.command()
@@ -97,6 +100,11 @@ def track(
     pending = PendingTrack(location, destination)
     if run_id is not None:
         record = ctx.run(run_id)
+        # As init_run(with_id=..., project=...) does: a project named with the run must be its.
+        if ctx.project_given is not None and parse_project(ctx.project_given) != record.project:
+            raise NotFoundError(
+                f"run {run_id} is not in project {parse_project(ctx.project_given)}"
+            )
     else:
         assert ctx.project is not None
         # List and hash first: a refused location must not leave a new, empty run behind.

@@ -129,6 +129,11 @@ CASES = [
     # Runs that do not exist or cannot exist.
     ("run not found", ["track", "--run", "P-99", "f", "{data}"], ["P-99"]),
     ("run of unknown key", ["track", "--run", "NOPE-1", "f", "{data}"], ["NOPE-1"]),
+    (
+        "run of another project",
+        ["--project", "ml-team/classification", "track", "--run", "P-1", "data", "{data}"],
+        ["P-1", "ml-team/classification"],
+    ),
     ("run malformed lower", ["track", "--run", "p-1", "f", "{data}"], ["p-1"]),
     ("run malformed zero", ["track", "--run", "P-0", "f", "{data}"], ["P-0"]),
     ("run malformed no dash", ["track", "--run", "P1", "f", "{data}"], ["P1"]),

@@ -2,16 +2,20 @@
 
 `mount()` without foreground forks: the child mounts, then tells the parent through a pipe
 that the mount is ready (or why it failed), so the command returns only once the mount point
-works. SIGTERM and SIGINT end the FUSE loop and unmount cleanly. A mount whose daemon died
-(`kill -9`) is left "disconnected" by the kernel; `unmount()` clears it with fusermount3,
-lazily if it has to.
+works. SIGTERM and SIGINT end the FUSE loop and unmount promptly: requests still waiting on
+a server after a short grace are abandoned. A mount whose daemon died (`kill -9`) is left
+"disconnected" by the kernel; `unmount()` clears it with fusermount3, lazily if it has to
+(only then: a live mount that is busy stays mounted). `unmount()` touches nothing but
+artifactfs mounts.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -19,6 +23,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from artifactfs.cache.location import (
     DEFAULT_CACHE_SIZE,
@@ -29,6 +34,9 @@ from artifactfs.cache.location import (
 from artifactfs.errors import ArtifactfsError
 from artifactfs.reader import DEFAULT_DEADLINE, Reader
 
+if TYPE_CHECKING:
+    import trio
+
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0
@@ -36,6 +44,16 @@ S3_WARM_WAIT = 1.0  # seconds the mount waits for its S3 client before it says r
 
 # A remote read's deadline (retries included) may be set from 1 s to an hour.
 READ_DEADLINE_RANGE = (1.0, 3600.0)
+# The remote fetch unit: smaller turns one read into thousands of requests and cache files,
+# larger fetches far more than a small read needs.
+CHUNK_SIZE_RANGE = (64 * 1024, 1024**3)
+CHUNK_SIZE_TEXT = "from 64K to 1G, such as 8M"
+FS_TYPE = "fuse.artifactfs"  # as /proc/mounts shows our mounts (subtype=artifactfs)
+# After SIGTERM/SIGINT, requests in flight get this long to finish before they are abandoned
+# (their worker threads cannot be interrupted) and the mount goes away.
+STOP_GRACE = 1.0
+# How long `unmount` waits for the mount point's statfs: a dead daemon's fails at once.
+STAT_TIMEOUT = 3.0
 
 
 def parse_read_deadline(text: str) -> float:
@@ -52,6 +70,14 @@ def parse_read_deadline(text: str) -> float:
     return seconds
 
 
+def check_chunk_size(size: int) -> int:
+    """`size` if it is within CHUNK_SIZE_RANGE, else a one-line error."""
+    low, high = CHUNK_SIZE_RANGE
+    if not low <= size <= high:
+        raise ArtifactfsError(f"invalid chunk size ({size} bytes): {CHUNK_SIZE_TEXT}")
+    return size
+
+
 @dataclass
 class MountOptions:
     mountpoint: str
@@ -64,6 +90,9 @@ class MountOptions:
     read_deadline: float = DEFAULT_DEADLINE
     allow_other: bool = False
     log_file: str | None = None
+
+    def __post_init__(self) -> None:
+        check_chunk_size(self.chunk_size)
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -84,23 +113,65 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def is_mounted(mountpoint: str) -> bool:
-    target = os.path.abspath(mountpoint)
+def _mount_types(target: str) -> list[str]:
+    """Types of the file systems mounted at `target` (an absolute path), bottom first."""
     try:
         with open("/proc/mounts") as mounts:
-            return any(
-                _unescape(line.split()[1]) == target for line in mounts if len(line.split()) > 2
-            )
+            fields = [line.split() for line in mounts]
     except OSError:
-        return os.path.ismount(target)
+        return ["unknown"] if os.path.ismount(target) else []
+    return [f[2] for f in fields if len(f) > 2 and _unescape(f[1]) == target]
+
+
+def resolve_mountpoint(mountpoint: str) -> str:
+    """The absolute path as /proc/mounts names it: symlinks resolved, except for a path
+    already in the table (resolving it stats the mount, which a stuck daemon never answers)."""
+    path = os.path.abspath(mountpoint)
+    return path if _mount_types(path) else os.path.realpath(path)
+
+
+def mount_type(mountpoint: str) -> str | None:
+    """The type of the file system mounted on top at `mountpoint`, None if none is."""
+    types = _mount_types(resolve_mountpoint(mountpoint))
+    return types[-1] if types else None
+
+
+def is_mounted(mountpoint: str) -> bool:
+    """Whether any file system is mounted at `mountpoint`."""
+    return mount_type(mountpoint) is not None
+
+
+def _daemon_dead(path: str) -> bool:
+    """Whether the FUSE mount at `path` lost its daemon: the kernel answers ENOTCONN (or
+    ECONNABORTED while it aborts). A daemon that does not answer in time is not dead.
+    statfs, not stat: the kernel may answer a stat from its attribute cache."""
+    outcome: list[int] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(path)
+            outcome.append(0)
+        except OSError as exc:
+            outcome.append(exc.errno or 0)
+
+    prober = threading.Thread(target=probe, name="artifactfs-stat", daemon=True)
+    prober.start()
+    prober.join(STAT_TIMEOUT)
+    return bool(outcome) and outcome[0] in (errno.ENOTCONN, errno.ECONNABORTED)
 
 
 def _check_mountpoint(mountpoint: str) -> str:
-    path = os.path.abspath(mountpoint)
+    path = resolve_mountpoint(mountpoint)
+    # Before anything stats it: a dead daemon's mount point fails every stat (ENOTCONN).
+    if is_mounted(path):
+        if mount_type(path) == FS_TYPE and _daemon_dead(path):
+            raise ArtifactfsError(
+                f"mount point {path} was left by a daemon that died: "
+                f"run `artifactfs unmount {shlex.quote(path)}`"
+            )
+        raise ArtifactfsError(f"{path} is already a mount point: unmount it first")
     if not os.path.isdir(path):
         raise ArtifactfsError(f"mount point {path} is not a directory")
-    if is_mounted(path):
-        raise ArtifactfsError(f"{path} is already a mount point: unmount it first")
     if os.listdir(path):
         raise ArtifactfsError(f"mount point {path} is not empty")
     return path
@@ -112,6 +183,7 @@ def _check_mountpoint(mountpoint: str) -> str:
 def mount(options: MountOptions, foreground: bool) -> None:
     # Everything the daemon writes (cache, logs, hash cache) is private to the mounting user.
     os.umask(0o077)
+    check_chunk_size(options.chunk_size)  # also when set after the options were made
     options.mountpoint = _check_mountpoint(options.mountpoint)
     if shutil.which("fusermount3") is None:
         raise ArtifactfsError("fusermount3 not found: install the 'fuse3' package")
@@ -235,10 +307,11 @@ def _serve(options: MountOptions, ready_fd: int | None) -> None:
         options.cache_size,
     )
     _tell(ready_fd, "ready")
+    session = _Session()
     try:
-        trio.run(_main_loop, options.mountpoint, reader)
+        trio.run(_main_loop, options.mountpoint, reader, session)
     finally:
-        pyfuse3.close(unmount=True)
+        session.close()
         operations.prefetcher.close()
         reader.close()
         cache.close()
@@ -246,7 +319,22 @@ def _serve(options: MountOptions, ready_fd: int | None) -> None:
         log.info("unmounted %s", options.mountpoint)
 
 
-async def _main_loop(mountpoint: str, reader: Reader) -> None:
+class _Session:
+    """pyfuse3's session: closed, and the mount detached, once and as early as possible."""
+
+    def __init__(self) -> None:
+        self.open = True
+
+    def close(self) -> None:
+        import pyfuse3
+
+        if self.open:
+            self.open = False
+            # Closes /dev/fuse (requests still unanswered fail) and detaches the mount.
+            pyfuse3.close(unmount=True)
+
+
+async def _main_loop(mountpoint: str, reader: Reader, session: _Session) -> None:
     import pyfuse3
     import trio
 
@@ -258,15 +346,19 @@ async def _main_loop(mountpoint: str, reader: Reader) -> None:
         reader.batch_starter = LoopBatches(batches, trio.lowlevel.current_trio_token())
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signal)
+                serving = trio.CancelScope()
+                nursery.start_soon(_stop_on_signal, serving)
                 nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, mountpoint)
-                await pyfuse3.main()
+                with serving:
+                    await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
             reader.batch_starter = None
+            # Unmount now, not once the batches still under way have ended.
+            session.close()
 
 
-async def _stop_on_signal() -> None:
+async def _stop_on_signal(serving: trio.CancelScope) -> None:
     import pyfuse3
     import trio
 
@@ -274,6 +366,9 @@ async def _stop_on_signal() -> None:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
             pyfuse3.terminate()
+            # A request waiting on a worker thread (a read from a server that does not
+            # answer) would hold the loop until its deadline: after a grace, abandon it.
+            serving.deadline = trio.current_time() + STOP_GRACE
             return
 
 
@@ -302,14 +397,33 @@ def _raise_readahead(mountpoint: str) -> None:
 
 
 def unmount(mountpoint: str) -> None:
-    path = os.path.abspath(mountpoint)
-    if not is_mounted(path):
+    path = resolve_mountpoint(mountpoint)
+    kind = mount_type(path)
+    if kind is None:
         raise ArtifactfsError(f"{path} is not mounted")
-    result = subprocess.run(["fusermount3", "-u", path], capture_output=True, text=True)
-    if result.returncode == 0 and not is_mounted(path):
+    if kind != FS_TYPE:  # somebody else's file system: never ours to unmount
+        raise ArtifactfsError(f"{path} is not an artifactfs mount ({kind}): not unmounting it")
+    result = _fusermount("-u", path)
+    if result.returncode == 0 or mount_type(path) != FS_TYPE:
         return
-    # A dead daemon's or a busy mount: detach it lazily, as a last resort.
-    lazy = subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, text=True)
-    if lazy.returncode != 0 and is_mounted(path):
-        detail = (lazy.stderr or result.stderr).strip().splitlines()
-        raise ArtifactfsError(f"cannot unmount {path}: {detail[-1] if detail else 'unknown'}")
+    # Only a dead daemon's mount is detached lazily: a live one that is busy stays mounted.
+    if not _daemon_dead(path):
+        detail = _last_line(result.stderr)
+        if "busy" in detail.lower():
+            detail = "it is busy (a program has a file or its working directory in it)"
+        raise ArtifactfsError(f"cannot unmount {path}: {detail}")
+    lazy = _fusermount("-u", "-z", path)
+    if lazy.returncode != 0 and mount_type(path) == FS_TYPE:
+        raise ArtifactfsError(f"cannot unmount {path}: {_last_line(lazy.stderr or result.stderr)}")
+
+
+def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(["fusermount3", *args], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise ArtifactfsError("fusermount3 not found: install the 'fuse3' package") from None
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "unknown error"

@@ -68,7 +68,11 @@ class ArtifactOperations(pyfuse3.Operations):
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         """Run blocking work on a worker thread; map failures to errno."""
         try:
-            return await trio.to_thread.run_sync(function, *args, limiter=self._limiter)
+            # Abandoned when the mount stops (SIGTERM): a thread blocked on a server that
+            # does not answer cannot be interrupted, and must not hold the unmount.
+            return await trio.to_thread.run_sync(
+                function, *args, limiter=self._limiter, abandon_on_cancel=True
+            )
         except pyfuse3.FUSEError:
             raise
         except ReadError as exc:  # the message names the source and the reason
@@ -113,9 +117,10 @@ class ArtifactOperations(pyfuse3.Operations):
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = node.inode
         entry.generation = 0
-        timeout = IMMUTABLE_TIMEOUT if node.immutable else LISTING_TIMEOUT
-        entry.entry_timeout = timeout
-        entry.attr_timeout = timeout
+        # An artifact's root never changes, but the name leading to it does when its field
+        # is tracked again: that name is looked up again as often as a listing is.
+        entry.entry_timeout = IMMUTABLE_TIMEOUT if node.name_is_final else LISTING_TIMEOUT
+        entry.attr_timeout = IMMUTABLE_TIMEOUT if node.immutable else LISTING_TIMEOUT
         entry.st_mode = attributes.mode
         entry.st_nlink = attributes.nlink
         entry.st_uid = self._uid
@@ -205,7 +210,8 @@ class ArtifactOperations(pyfuse3.Operations):
         node = self._node(inode)
         if node.kind is not Kind.FILE:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+        # O_APPEND alone writes nothing: a read-only file system opens it for reading.
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EROFS)
         handle = self._new_handle()
         self._open_files[handle] = node

@@ -30,11 +30,15 @@ def options_from(spec: str, mountpoint: str, option_text: str) -> daemon.MountOp
         if name in _IGNORED or name.startswith(_IGNORED_PREFIXES):
             continue
         if name == "allow_other":
+            if item != name:  # `allow_other=0` must not turn it on
+                raise ArtifactfsError(f"mount option allow_other takes no value: {item!r}")
             options.allow_other = True
         elif name in ("run", "field", "cache_dir", "log_file") and value:
             setattr(options, {"run": "run_id", "field": "field_path"}.get(name, name), value)
-        elif name in ("cache_size", "chunk_size") and value:
-            setattr(options, name, parse_size(value))
+        elif name == "cache_size" and value:
+            options.cache_size = parse_size(value)
+        elif name == "chunk_size" and value:
+            options.chunk_size = daemon.check_chunk_size(parse_size(value))
         elif name == "read_deadline" and value:
             options.read_deadline = daemon.parse_read_deadline(value)
         else:

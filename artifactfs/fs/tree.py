@@ -75,6 +75,12 @@ class Node:
         """Inside an artifact: the kernel may cache it without limit."""
         return self.kind in (Kind.ARTIFACT_DIR, Kind.FILE)
 
+    @property
+    def name_is_final(self) -> bool:
+        """Its name leads to this node for good: true inside an artifact, not for an
+        artifact's root (its field may be tracked again: the same name, a new artifact)."""
+        return self.immutable and (self.dir_path != "" or self.inode == ROOT_INODE)
+
 
 @dataclass(frozen=True)
 class Listing:
@@ -226,6 +232,10 @@ class Tree:
         try:
             record = self.store.get_run(name)
         except ArtifactfsError:  # not a run id, or no such run
+            return None
+        # The store forgives spaces around an id ("PRJ-1 "); a name in the mount is exact,
+        # or one run would answer to many names the listing never shows.
+        if record.run_id != name:
             return None
         if record.project != ProjectName(parent.workspace, parent.project):
             return None

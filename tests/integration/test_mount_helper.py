@@ -70,3 +70,32 @@ def test_options_are_translated() -> None:
     for bad in ("0", "-3", "nan", "soon", "7200"):
         with pytest.raises(ArtifactfsError, match="invalid read deadline"):
             options_from("default", "/mnt/x", f"read_deadline={bad}")
+
+
+def test_allow_other_with_a_value_and_bad_chunk_sizes_are_refused(tmp_path: Path) -> None:
+    for bad in ("allow_other=0", "allow_other=1", "allow_other="):
+        with pytest.raises(ArtifactfsError, match="allow_other takes no value"):
+            options_from("default", "/mnt/x", bad)
+    for bad in ("1", "63K", "2G", "64T"):
+        with pytest.raises(ArtifactfsError, match="invalid chunk size"):
+            options_from("default", "/mnt/x", f"chunk_size={bad}")
+    assert options_from("default", "/mnt/x", "chunk_size=64K").chunk_size == 64 * 1024
+    assert options_from("default", "/mnt/x", "chunk_size=1G").chunk_size == 1024**3
+
+    # What mount(8) runs for an fstab line: refused with mount's code, nothing mounted.
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    try:
+        for option in ("allow_other=0", "chunk_size=1"):
+            result = subprocess.run(
+                [HELPER, "default", str(mountpoint), "-o", f"{option},cache_dir={tmp_path}/c"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert result.returncode == 32, result
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+            assert not is_mounted(str(mountpoint))
+    finally:
+        if is_mounted(str(mountpoint)):
+            force_unmount(mountpoint, None)

@@ -374,7 +374,9 @@ def test_inode_numbers_are_stable_across_mounts_and_distinct(cli: Any, tmp_path:
     assert len(set(file_inodes.values())) == len(file_inodes), "two files share an inode"
     assert len(set(first.values())) == len(first), "two nodes share an inode"
 
-    with mounted(tmp_path / "mnt") as again, mounted(tmp_path / "other") as other:
+    # Two mounts at once: a cache directory serves one mount at a time.
+    other_cache = ("--cache-dir", str(tmp_path / "other-cache"))
+    with mounted(tmp_path / "mnt") as again, mounted(tmp_path / "other", *other_cache) as other:
         assert _inodes(again.path) == first
         assert _inodes(other.path) == first
 

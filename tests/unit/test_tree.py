@@ -173,6 +173,32 @@ def test_missing_names_are_none(store: Store, populated: dict[str, str]) -> None
         assert resolve(tree, path) is None, path
 
 
+def test_a_run_answers_to_its_exact_name_only(store: Store, populated: dict[str, str]) -> None:
+    tree = Tree(store)
+    project = resolve(tree, "ml-team/classification")
+    assert project is not None
+    assert names(tree.children(project)) == ["CLS-1", "CLS-2"]
+    run = tree.lookup(project, "CLS-1")
+    assert run is not None and run.name == "CLS-1"
+    # The store forgives whitespace around an id; the mount must not (an unlisted alias).
+    for alias in ("CLS-1 ", " CLS-1", "\tCLS-1", "CLS-1\n", "CLS-1\r", " CLS-1 "):
+        assert tree.lookup(project, alias) is None, repr(alias)
+
+
+def test_only_names_inside_an_artifact_are_final(store: Store, populated: dict[str, str]) -> None:
+    tree = Tree(store)
+    # A field tracked again keeps its name and gets a new artifact: its root's name is not.
+    for path in ("ml-team", "ml-team/classification/CLS-1", "ml-team/classification/CLS-1/model"):
+        node = resolve(tree, path)
+        assert node is not None and not node.name_is_final, path
+    for path in ("ml-team/classification/CLS-1/model/weights.pt", "default/other/OTH-1/data/v.csv"):
+        node = resolve(tree, path)
+        assert node is not None and node.name_is_final, path
+    sub = resolve(tree, "ml-team/classification/CLS-1/datasets/train/sub")
+    assert sub is not None and sub.name_is_final
+    assert Tree(store, run_id="CLS-1", field_path="model").root().name_is_final
+
+
 def test_new_runs_appear_without_a_new_tree(
     tmp_path: Path, store: Store, store_path: str, populated: dict[str, str]
 ) -> None:

@@ -22,6 +22,9 @@ from artifactfs.entries import ArtifactFileData
 from artifactfs.errors import ArtifactfsError, TransientSourceError
 
 STREAM_CHUNK = 1024 * 1024
+# Seconds one `check` (`verify`) of a remote object may take, answer and all: a server that
+# trickles its answer never trips a socket timeout, and `verify` must end.
+CHECK_DEADLINE = 30.0
 
 # Called with the number of files done so far (progress bars).
 ProgressCallback = Callable[[int], None]

@@ -30,8 +30,10 @@ from artifactfs.errors import (
     TransientSourceError,
 )
 from artifactfs.sources.base import (
+    CHECK_DEADLINE,
     STREAM_CHUNK,
     ProgressCallback,
+    RequestDeadline,
     Source,
     check_deadline,
     deadline_passed,
@@ -277,7 +279,11 @@ class GCSSource(Source):
     def check(self, entry: ArtifactFileData) -> None:
         from google.cloud.storage.retry import DEFAULT_RETRY
 
-        self._check(entry, retry=DEFAULT_RETRY)
+        # As a read's, the metadata answer must come whole in time (one trickled a byte at a
+        # time never trips a socket timeout), and the library's retries (120 s by default)
+        # end with it: every request after the deadline fails at once.
+        with RequestDeadline(CHECK_DEADLINE, entry.source_url):
+            self._check(entry, retry=DEFAULT_RETRY.with_timeout(CHECK_DEADLINE))
 
     def _check(self, entry: ArtifactFileData, retry: Any) -> None:
         """`check` with the client library's `retry` (None: one attempt)."""
@@ -301,6 +307,7 @@ class GCSSource(Source):
             raise _status_error(entry, exc.code or 403) from None
         except (GoogleAPIError, RequestException, OSError) as exc:
             # Without a retry, connection errors and timeouts come as they are from requests.
+            check_deadline()  # cut off at the deadline: say so, not what the cut-off caused
             raise TransientSourceError(f"{entry.source_url}: cannot read: {exc}") from None
         check_deadline()  # an answer cut off at the deadline is not the object's metadata
         if blob is None:
@@ -309,14 +316,18 @@ class GCSSource(Source):
             raise SourceChangedError(
                 entry.source_url, f"generation is {blob.generation}, tracked {generation}"
             )
-        current = self._entry(blob, entry.file_path)
-        if current.file_hash != entry.file_hash:
+        # The hash the entry was tracked with (an object may carry both).
+        algorithm = entry.metadata.get(GCS_HASH_KEY, "md5")
+        served = blob.crc32c if algorithm == "crc32c" else blob.md5_hash
+        current_hash = _b64_to_hex(served) if served else "none"
+        if current_hash != entry.file_hash:
             raise SourceChangedError(
-                entry.source_url, f"hash is {current.file_hash}, tracked {entry.file_hash}"
+                entry.source_url, f"{algorithm} is {current_hash}, tracked {entry.file_hash}"
             )
-        if entry.size is not None and current.size != entry.size:
+        size = int(blob.size or 0)
+        if entry.size is not None and size != entry.size:
             raise SourceChangedError(
-                entry.source_url, f"size is {current.size} bytes, tracked {entry.size}"
+                entry.source_url, f"size is {size} bytes, tracked {entry.size}"
             )
 
 

@@ -90,7 +90,16 @@ def sha1_of_file(path: str) -> str:
 
 
 def _sha1_batch(batch: list[Found]) -> list[str]:
-    return [sha1_of_file(item[1]) for item in batch]
+    return [_sha1_to_track(item[1]) for item in batch]
+
+
+def _sha1_to_track(path: str) -> str:
+    """A file's SHA-1 for tracking; one that cannot be read (no permission, gone since the
+    scan) refuses the whole track: nothing is recorded."""
+    try:
+        return sha1_of_file(path)
+    except OSError as exc:
+        raise ArtifactfsError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 class LocalSource(Source):
@@ -169,13 +178,18 @@ class LocalSource(Source):
         batches = [to_hash[i : i + _HASH_BATCH] for i in range(0, len(to_hash), _HASH_BATCH)]
         hashed: list[tuple[Found, str]] = []
         with ThreadPoolExecutor(_HASH_WORKERS) as pool:
-            for batch, digests in zip(batches, pool.map(_sha1_batch, batches), strict=True):
-                pairs = list(zip(batch, digests, strict=True))
-                hashed.extend(pairs)
-                done += len(batch)
-                if on_progress:
-                    on_progress(done)
-                yield from _entries(pairs)
+            try:
+                for batch, digests in zip(batches, pool.map(_sha1_batch, batches), strict=True):
+                    pairs = list(zip(batch, digests, strict=True))
+                    hashed.extend(pairs)
+                    done += len(batch)
+                    if on_progress:
+                        on_progress(done)
+                    yield from _entries(pairs)
+            except BaseException:
+                # A file that cannot be read, or a caller that stopped: hash no more.
+                pool.shutdown(cancel_futures=True)
+                raise
         self.hash_cache.remember(((item[1], *item[2:]), digest) for item, digest in hashed)
 
     # -- reading ----------------------------------------------------------------------------
@@ -207,7 +221,12 @@ class LocalSource(Source):
         key = (path, *_stat_key(info))
         digest = self.hash_cache.lookup(key)
         if digest is None:
-            digest = sha1_of_file(path)
+            try:
+                digest = sha1_of_file(path)
+            except FileNotFoundError:
+                raise SourceChangedError(entry.source_url, "file no longer exists") from None
+            except OSError as exc:  # no permission to read it now, say
+                raise SourceChangedError(entry.source_url, f"cannot read: {exc.strerror}") from None
             self.hash_cache.remember([(key, digest)])
         if digest != entry.file_hash:
             raise SourceChangedError(

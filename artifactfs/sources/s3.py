@@ -15,6 +15,7 @@ of any bucket `s3_get` cannot route (`ARTIFACTFS_S3_LEAN_GET=0`: every read).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
@@ -29,15 +30,24 @@ from artifactfs.errors import (
     TransientSourceError,
 )
 from artifactfs.sources.base import (
+    CHECK_DEADLINE,
     STREAM_CHUNK,
     ProgressCallback,
+    RequestDeadline,
     Source,
     check_deadline,
+    current_deadline,
     deadline_passed,
     parse_bucket_url,
     watched_pool_classes,
 )
-from artifactfs.sources.s3_get import LeanGetter, clean_etag, error_for_code, lean_get_enabled
+from artifactfs.sources.s3_get import (
+    LeanGetter,
+    clean_etag,
+    error_for_code,
+    expected_body_length,
+    lean_get_enabled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +63,14 @@ def s3_client() -> Any:
         if _client is None:
             import boto3
             from botocore.config import Config
+            from botocore.exceptions import BotoCoreError
 
-            session = boto3.session.Session()
-            credentials = session.get_credentials()  # the client gets this very object
+            try:
+                # A missing profile, a failing credential_process, half a key pair: all here.
+                session = boto3.session.Session()
+                credentials = session.get_credentials()  # the client gets this very object
+            except BotoCoreError as exc:
+                raise _credentials_error(exc) from None
             if credentials is None:
                 raise CredentialsError(
                     "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
@@ -71,7 +86,11 @@ def s3_client() -> Any:
                 response_checksum_validation="when_required",
                 request_checksum_calculation="when_required",
             )
-            _client = session.client("s3", config=config)
+            try:
+                client = session.client("s3", config=config)
+            except BotoCoreError as exc:  # a bad region or endpoint in the config, say
+                raise ArtifactfsError(f"cannot set up the S3 client: {exc}") from None
+            _client = client
             _watch_connections(_client)
             _lean = LeanGetter(_client, credentials) if lean_get_enabled() else None
         return _client
@@ -117,6 +136,103 @@ def _format_time(value: datetime) -> str:
     return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _where_credentials_come_from() -> str:
+    """The variables and files botocore took its credentials from, for an error message."""
+    profile = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE")
+    config = os.environ.get("AWS_CONFIG_FILE", "~/.aws/config")
+    shared = os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")
+    named = f"profile {profile!r} (AWS_PROFILE)" if profile else "the default profile"
+    return f"{named} in {config} (AWS_CONFIG_FILE) or {shared} (AWS_SHARED_CREDENTIALS_FILE)"
+
+
+def _credentials_error(exc: Exception) -> CredentialsError:
+    """botocore's failure to find or load credentials, saying where it looked."""
+    from botocore.exceptions import PartialCredentialsError, ProfileNotFound
+
+    if isinstance(exc, PartialCredentialsError):
+        # botocore names the missing variable ("missing: aws_secret_access_key").
+        return CredentialsError(
+            f"incomplete AWS credentials: {exc}: set both AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or neither and use a profile"
+        )
+    if isinstance(exc, ProfileNotFound):
+        return CredentialsError(
+            f"AWS credentials: {exc}: looked for {_where_credentials_come_from()}"
+        )
+    # A failing credential_process says nothing after its colon: no dangling one.
+    problem = str(exc).rstrip(": ")
+    return CredentialsError(
+        f"cannot get AWS credentials: {problem} (they come from the AWS_* variables, or "
+        f"{_where_credentials_come_from()})"
+    )
+
+
+def _endpoint() -> str:
+    client = _client
+    return str(client.meta.endpoint_url) if client is not None else "the S3 endpoint"
+
+
+def _call_failed(url: str, exc: Exception) -> ArtifactfsError:
+    """What a botocore call that ended in anything but an error answer (ClientError) means:
+    credentials that cannot be had, a server out of reach, a redirect loop, a cut-off."""
+    from botocore.exceptions import (
+        CredentialRetrievalError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ProfileNotFound,
+    )
+
+    deadline = current_deadline()
+    if deadline is not None and deadline.expired:
+        return TransientSourceError(deadline.message())  # cut off: nothing else is meant
+    credentials = (
+        NoCredentialsError,
+        PartialCredentialsError,
+        CredentialRetrievalError,
+        ProfileNotFound,
+    )
+    if isinstance(exc, credentials):
+        return _credentials_error(exc)
+    if _is_redirect_loop(exc):
+        # botocore follows a 301/307 without a region header by asking the bucket's region,
+        # which is redirected again, and so on: no retry can help.
+        return ArtifactfsError(
+            f"{url}: {_endpoint()} keeps redirecting (HTTP 301/307 without a region): "
+            "check AWS_ENDPOINT_URL and AWS_DEFAULT_REGION"
+        )
+    if isinstance(exc, EndpointConnectionError):
+        return TransientSourceError(f"{url}: cannot reach {_endpoint()}: {exc}")
+    return TransientSourceError(f"{url}: cannot read: {type(exc).__name__}: {exc}")
+
+
+def _is_redirect_loop(exc: BaseException) -> bool:
+    """A RecursionError, as it is or wrapped by botocore (HTTPClientError(error=...))."""
+    seen: list[BaseException] = []
+    found: BaseException | None = exc
+    while found is not None and found not in seen and len(seen) < 8:
+        if isinstance(found, RecursionError):
+            return True
+        seen.append(found)
+        wrapped = getattr(found, "kwargs", {}).get("error")
+        found = wrapped if isinstance(wrapped, BaseException) else found.__context__
+    return False
+
+
+_HEADER_OF = {"ContentLength": "Content-Length", "LastModified": "Last-Modified"}
+
+
+def _required(answer: dict[str, Any], name: str, url: str) -> Any:
+    """A field of an S3 answer the entry depends on; some servers leave one out (a HEAD
+    without Content-Length): a clear error, worth a retry, rather than a KeyError."""
+    value = answer.get(name)
+    if value is None:
+        raise TransientSourceError(
+            f"{url}: the S3 server's answer has no {_HEADER_OF.get(name, name)}"
+        )
+    return value
+
+
 class S3Source(Source):
     type_name: ClassVar[str] = TYPE_S3
     reads_many: ClassVar[bool] = True
@@ -126,7 +242,7 @@ class S3Source(Source):
     ) -> Iterator[ArtifactFileData]:
         bucket, key = parse_s3_url(location)
         client = s3_client()
-        versioned = self._is_versioned(client, bucket)
+        versioned = self._is_versioned(client, bucket, location)
         if key and not key.endswith("/"):
             single = self._head(client, bucket, key)
             if single is not None:
@@ -136,7 +252,7 @@ class S3Source(Source):
         return self._list_prefix(client, bucket, prefix, versioned, on_progress, location)
 
     @staticmethod
-    def _is_versioned(client: Any, bucket: str) -> bool:
+    def _is_versioned(client: Any, bucket: str, location: str) -> bool:
         from botocore.exceptions import ClientError, NoCredentialsError
 
         try:
@@ -152,22 +268,27 @@ class S3Source(Source):
             if code in ("AccessDenied", "NotImplemented"):
                 return False  # cannot tell: track ETags only
             raise ArtifactfsError(f"S3 bucket {bucket}: {exc}") from None
+        except Exception as exc:  # botocore's own failures, a RecursionError too
+            raise _call_failed(location, exc) from None
         return status in ("Enabled", "Suspended")
 
     @staticmethod
     def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError
 
+        url = f"s3://{bucket}/{key}"
         try:
             head: dict[str, Any] = client.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
             if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
                 return None
-            raise ArtifactfsError(f"s3://{bucket}/{key}: {exc}") from None
+            raise ArtifactfsError(f"{url}: {exc}") from None
+        except Exception as exc:  # botocore's own failures, a RecursionError too
+            raise _call_failed(url, exc) from None
         return {
-            "ETag": head["ETag"],
-            "Size": head["ContentLength"],
-            "LastModified": head["LastModified"],
+            "ETag": _required(head, "ETag", url),
+            "Size": _required(head, "ContentLength", url),
+            "LastModified": _required(head, "LastModified", url),
             "VersionId": head.get("VersionId"),
         }
 
@@ -197,19 +318,29 @@ class S3Source(Source):
         client: Any, bucket: str, prefix: str, versioned: bool
     ) -> Iterator[dict[str, Any]]:
         """Objects under prefix, one page at a time (never the whole listing in memory)."""
-        if not versioned:
-            for page in client.get_paginator("list_objects_v2").paginate(
+        from botocore.exceptions import ClientError
+
+        url = f"s3://{bucket}/{prefix}"
+        try:
+            if not versioned:
+                for page in client.get_paginator("list_objects_v2").paginate(
+                    Bucket=bucket, Prefix=prefix
+                ):
+                    yield from page.get("Contents", [])
+                return
+            for page in client.get_paginator("list_object_versions").paginate(
                 Bucket=bucket, Prefix=prefix
             ):
-                yield from page.get("Contents", [])
-            return
-        for page in client.get_paginator("list_object_versions").paginate(
-            Bucket=bucket, Prefix=prefix
-        ):
-            deleted = {m["Key"] for m in page.get("DeleteMarkers", []) if m.get("IsLatest")}
-            for version in page.get("Versions", []):
-                if version.get("IsLatest") and version["Key"] not in deleted:
-                    yield version
+                deleted = {m["Key"] for m in page.get("DeleteMarkers", []) if m.get("IsLatest")}
+                for version in page.get("Versions", []):
+                    if version.get("IsLatest") and version["Key"] not in deleted:
+                        yield version
+        except ClientError as exc:
+            if _error_code(exc) == "NoSuchBucket":
+                raise NotFoundError(f"no such S3 bucket: {bucket}") from None
+            raise ArtifactfsError(f"{url}: {exc}") from None
+        except Exception as exc:  # botocore's own failures, a RecursionError too
+            raise _call_failed(url, exc) from None
 
     @staticmethod
     def _entry(
@@ -219,17 +350,18 @@ class S3Source(Source):
         metadata = {
             "file_path": url,
             "location": url,
-            "last_modified": _format_time(obj["LastModified"]),
+            "last_modified": _format_time(_required(obj, "LastModified", url)),
         }
         version_id = obj.get("VersionId")
         if versioned and version_id and version_id != "null":
             metadata["version_id"] = version_id
-        return ArtifactFileData(file_path, clean_etag(obj["ETag"]), TYPE_S3, obj["Size"], metadata)
+        etag = clean_etag(_required(obj, "ETag", url))
+        return ArtifactFileData(file_path, etag, TYPE_S3, _required(obj, "Size", url), metadata)
 
     # -- reading ----------------------------------------------------------------------------
 
     def _get(self, entry: ArtifactFileData, offset: int, length: int | None) -> dict[str, Any]:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import ClientError
 
         bucket, key = parse_s3_url(entry.source_url)
         args: dict[str, Any] = {"Bucket": bucket, "Key": key, "IfMatch": f'"{entry.file_hash}"'}
@@ -243,8 +375,9 @@ class S3Source(Source):
             response: dict[str, Any] = s3_client().get_object(**args)
         except ClientError as exc:
             raise self._changed(entry, exc) from None
-        except BotoCoreError as exc:  # connection errors and timeouts, after botocore's retries
-            raise TransientSourceError(f"{entry.source_url}: cannot read: {exc}") from None
+        except Exception as exc:  # connection errors and timeouts (after botocore's retries),
+            # credentials, a redirect loop (RecursionError)
+            raise _call_failed(entry.source_url, exc) from None
         if deadline_passed():
             # Cut off in its headers, an answer can look whole (http.client takes the end of
             # the stream for the end of the headers): nothing in it can be trusted.
@@ -268,7 +401,8 @@ class S3Source(Source):
         if length == 0:
             return iter(())
         response = self._get(entry, offset, length)
-        return _iter_body(response["Body"], entry.source_url)
+        expected = _unsaid_length(response, entry, offset, length)
+        return _iter_body(response["Body"], entry.source_url, expected)
 
     def read_range(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
         """One ranged GET, its body read in one call: measured against `rclone serve s3`, an
@@ -284,7 +418,9 @@ class S3Source(Source):
             if data is not None:
                 return data
         response = self._get(entry, offset, length)
-        return _read_body(response["Body"], entry.source_url)
+        data = _read_body(response["Body"], entry.source_url)
+        _check_length(entry.source_url, len(data), _unsaid_length(response, entry, offset, length))
+        return data
 
     def read_many(self, entries: Sequence[ArtifactFileData]) -> list[bytes | None]:
         """Small objects whole, their GETs sent together from one thread (`s3_get`)."""
@@ -308,25 +444,48 @@ class S3Source(Source):
         return await s3_loop.read_many(lean, entries, seconds)
 
     def check(self, entry: ArtifactFileData) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import ClientError
 
         bucket, key = parse_s3_url(entry.source_url)
         args: dict[str, Any] = {"Bucket": bucket, "Key": key}
         if "version_id" in entry.metadata:
             args["VersionId"] = entry.metadata["version_id"]
-        try:
-            head = s3_client().head_object(**args)
-        except ClientError as exc:
-            raise self._changed(entry, exc) from None
-        except BotoCoreError as exc:
-            raise TransientSourceError(f"{entry.source_url}: cannot read: {exc}") from None
+        # As a read's, the HEAD's answer must come whole in time: one trickled a byte at a
+        # time never trips botocore's read timeout.
+        with RequestDeadline(CHECK_DEADLINE, entry.source_url):
+            try:
+                head = s3_client().head_object(**args)
+            except ClientError as exc:
+                raise self._changed(entry, exc) from None
+            except Exception as exc:  # botocore's own failures, a RecursionError too
+                raise _call_failed(entry.source_url, exc) from None
+            check_deadline()  # an answer cut off in its headers can look whole
         etag = clean_etag(head.get("ETag", ""))
         if etag != entry.file_hash:
             raise SourceChangedError(entry.source_url, f"ETag is {etag}, tracked {entry.file_hash}")
-        if entry.size is not None and head["ContentLength"] != entry.size:
+        size = _required(head, "ContentLength", entry.source_url)
+        if entry.size is not None and size != entry.size:
             raise SourceChangedError(
-                entry.source_url, f"size is {head['ContentLength']} bytes, tracked {entry.size}"
+                entry.source_url, f"size is {size} bytes, tracked {entry.size}"
             )
+
+
+def _unsaid_length(
+    response: dict[str, Any], entry: ArtifactFileData, offset: int, length: int | None
+) -> int | None:
+    """The body length a GetObject answer must have, where it does not say (no Content-Length:
+    botocore checks one it has): without one, a body cut short just ends."""
+    metadata = response.get("ResponseMetadata", {})
+    if "content-length" in metadata.get("HTTPHeaders", {}):
+        return None
+    status = metadata.get("HTTPStatusCode")
+    return expected_body_length(entry, offset, length, status if isinstance(status, int) else None)
+
+
+def _check_length(url: str, got: int, expected: int | None) -> None:
+    """A body shorter than the range asked for was cut short (the server said no length)."""
+    if expected is not None and got < expected:
+        raise TransientSourceError(f"{url}: read interrupted: {got} of {expected} bytes")
 
 
 def _read_body(body: Any, url: str) -> bytes:
@@ -343,15 +502,18 @@ def _read_body(body: Any, url: str) -> bytes:
     return data
 
 
-def _iter_body(body: Any, url: str) -> Iterator[bytes]:
+def _iter_body(body: Any, url: str, expected: int | None) -> Iterator[bytes]:
     from botocore.exceptions import BotoCoreError
     from urllib3.exceptions import HTTPError
 
+    got = 0
     try:
         for piece in body.iter_chunks(STREAM_CHUNK):
             check_deadline()  # a trickle: each piece arrives in time, the whole never does
+            got += len(piece)
             yield piece
         check_deadline()  # a body cut off where its length was unknown just ends
+        _check_length(url, got, expected)
     except (BotoCoreError, HTTPError, OSError) as exc:  # reset, cut short or cut off mid-body
         raise TransientSourceError(f"{url}: read interrupted: {exc}") from None
     finally:

@@ -102,6 +102,21 @@ def identity_problem(
     return None
 
 
+def expected_body_length(
+    entry: ArtifactFileData, offset: int, length: int | None, status: int | None
+) -> int | None:
+    """How long a whole body of a 200/206 answer to a GET of [offset, offset+length) is:
+    the range, within the tracked size; the whole object for a 200 or an unranged GET (as
+    `S3Source._get` and `prepare` ask: no Range for an empty object); None when unknown."""
+    size = entry.size
+    ranged = size != 0 and (offset != 0 or length is not None)
+    if status == 200 or not ranged:
+        return size
+    if length is None:
+        return None if size is None else max(0, size - offset)
+    return length if size is None else max(0, min(length, size - offset))
+
+
 def error_for_code(url: str, code: str, detail: str) -> ArtifactfsError:
     """What an S3 error code (or an HTTP status as a code) means for a read of tracked bytes:
     the one mapping for botocore's errors and for the answers read here."""
@@ -191,6 +206,8 @@ class SignedGet:
     route: Route
     target: str  # path and query
     headers: dict[str, str]
+    offset: int = 0  # the range asked for: a body cut short is told by it
+    length: int | None = None
 
 
 PROBE_KEY = "k"
@@ -389,7 +406,7 @@ class LeanGetter:
             headers["Range"] = f"bytes={offset}-{offset + length - 1}"
         headers["User-Agent"] = self._user_agent
         target = f"{path}?{query}" if query else path
-        return SignedGet(entry, url, bucket, version, route, target, headers)
+        return SignedGet(entry, url, bucket, version, route, target, headers, offset, length)
 
     def _finish(
         self, request: SignedGet, connection: _Connection, response: http.client.HTTPResponse
@@ -399,7 +416,7 @@ class LeanGetter:
         the socket is the answer's, and one left to the garbage collector (an exception's
         traceback keeps it) would leave the server sending into it."""
         try:
-            data = self._answer(request.entry, request.bucket, request.version, response)
+            data = self._answer(request, response)
         except BaseException:
             response.close()
             self._drop(connection)
@@ -454,15 +471,10 @@ class LeanGetter:
                 raise
         raise AssertionError("unreachable")
 
-    def _answer(
-        self,
-        entry: ArtifactFileData,
-        bucket: str,
-        version: str | None,
-        response: http.client.HTTPResponse,
-    ) -> bytes | None:
+    def _answer(self, request: SignedGet, response: http.client.HTTPResponse) -> bytes | None:
         """The body of a 200/206 that is the tracked object, the error another answer means,
         or None for an answer left to botocore (the bucket is then boto3's from now on)."""
+        entry, bucket, version = request.entry, request.bucket, request.version
         url = entry.source_url
         status = response.status
         # Cut off in its headers, an answer can look whole (http.client takes the end of the
@@ -486,6 +498,12 @@ class LeanGetter:
             if declared is not None and declared.isdigit() and len(data) != int(declared):
                 raise TransientSourceError(
                     f"{url}: read interrupted: {len(data)} of {declared} bytes"
+                )
+            # Without a Content-Length (`Connection: close`), a body cut short just ends.
+            expected = expected_body_length(entry, request.offset, request.length, status)
+            if declared is None and expected is not None and len(data) < expected:
+                raise TransientSourceError(
+                    f"{url}: read interrupted: {len(data)} of {expected} bytes"
                 )
             return data
         if status in _MAPPED_STATUSES:

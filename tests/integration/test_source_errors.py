@@ -1,0 +1,404 @@
+"""Sources against servers and files that misbehave: what a user sees.
+
+`verify` ends within its deadline however slowly a server answers; answers S3 servers should not
+send (a HEAD without Content-Length, a redirect without a region, a body cut short with no
+length) end in one clear line naming the object, or in a retry that gets the right bytes;
+credentials that cannot be had and endpoints out of reach are one line, exit 2, nothing
+recorded; an unreadable local file is refused by `track` and reported by `verify`.
+
+Real servers (moto_server, the GCS emulator) behind the fault proxy where it can play the fault;
+a small scripted S3 server here where it cannot (answers without Content-Length).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import artifactfs
+from artifactfs.checks import verify_entries
+from artifactfs.entries import ArtifactFileData
+from artifactfs.sources import reset_sources, source_for_type
+from artifactfs.store import Store
+from tests.conftest import CliResult, GCSBucket, S3Bucket, make_tree
+from tests.support.faultproxy import fault_proxy
+from tests.support.servers import accepted
+
+CHECK_DEADLINE = 3.0  # the check deadline these tests set (30 s by default)
+BOUND = 15.0  # a check cut off at CHECK_DEADLINE ends well within this
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def store_counts() -> dict[str, int]:
+    store = Store()
+    try:
+        return store.counts()
+    finally:
+        store.close()
+
+
+def make_local_store(cli: Any, tmp_path: Path) -> None:
+    """The default store with one local run, so that 'store unchanged' means something."""
+    local = make_tree(tmp_path / "seed", {"seed.txt": b"seed"})
+    result = cli("--project", "seed", "track", "seed", str(local))
+    assert result.returncode == 0, result.stderr
+
+
+def one_line(result: CliResult, code: int) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr.strip()
+
+
+def in_time(work: Callable[[], Any], bound: float) -> tuple[Any, float]:
+    """`work()` in a thread, its result and how long it took; fails if it is still running
+    after `bound` seconds (a hang is reported, not waited for)."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as exc:  # reported by the test below
+            outcome.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(bound)
+    took = time.monotonic() - started
+    assert not thread.is_alive(), f"still running after {bound:.0f}s"
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0], took
+
+
+def s3_entry(url: str, body: bytes) -> ArtifactFileData:
+    return ArtifactFileData(
+        url.rsplit("/", 1)[-1],
+        hashlib.md5(body).hexdigest(),
+        "S3",
+        len(body),
+        {"file_path": url, "location": url, "last_modified": "2025-01-01 00:00:00"},
+    )
+
+
+@pytest.fixture
+def short_check_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from artifactfs.sources import gcs, s3
+
+    monkeypatch.setattr(s3, "CHECK_DEADLINE", CHECK_DEADLINE)
+    monkeypatch.setattr(gcs, "CHECK_DEADLINE", CHECK_DEADLINE)
+
+
+class ScriptedS3:
+    """A plain-HTTP S3 look-alike for one bucket `bkt` and object `obj` (path style), one
+    request per connection. `head_length`: whether a HEAD says the object's Content-Length;
+    `cut_gets`: how many GETs of the object get a body cut in half, with no Content-Length
+    and `Connection: close` (the answers after those are whole)."""
+
+    BUCKET = "bkt"
+    KEY = "obj"
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.etag = hashlib.md5(body).hexdigest()
+        self.head_length = True
+        self.cut_gets = 0
+        self.gets = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        for client in accepted(self._listener, self._stop):
+            with client, suppress(OSError):
+                client.settimeout(5)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    piece = client.recv(4096)
+                    if not piece:
+                        break
+                    head += piece
+                client.sendall(self._answer(head.decode("latin-1")))
+
+    def _answer(self, request: str) -> bytes:
+        lines = request.split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in lines[1:] if line)
+        }
+        if method == "GET" and target.startswith(f"/{self.BUCKET}?versioning"):
+            xml = b'<VersioningConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/"/>'
+            return self._head("200 OK", len(xml)) + xml
+        if target.split("?")[0] != f"/{self.BUCKET}/{self.KEY}":
+            return self._head("404 Not Found", 0)
+        if method == "HEAD":
+            return self._head("200 OK", len(self.body) if self.head_length else None)
+        self.gets += 1
+        status, part, extra = "200 OK", self.body, ""
+        if "range" in headers:
+            first, last = headers["range"].split("=")[1].split("-")
+            start, end = int(first), min(int(last or len(self.body) - 1), len(self.body) - 1)
+            status, part = "206 Partial Content", self.body[start : end + 1]
+            extra = f"Content-Range: bytes {start}-{end}/{len(self.body)}\r\n"
+        if self.gets <= self.cut_gets:
+            return self._head(status, None, extra) + part[: len(part) // 2]
+        return self._head(status, len(part), extra) + part
+
+    def _head(self, status: str, length: int | None, extra: str = "") -> bytes:
+        said = f"Content-Length: {length}\r\n" if length is not None else ""
+        return (
+            f'HTTP/1.1 {status}\r\nETag: "{self.etag}"\r\n'
+            f"Last-Modified: Wed, 01 Jan 2025 00:00:00 GMT\r\n{extra}{said}"
+            "Connection: close\r\n\r\n"
+        ).encode()
+
+    def object_url(self) -> str:
+        return f"s3://{self.BUCKET}/{self.KEY}"
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._listener.close()
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> Any:
+    body = os.urandom(100_000)
+    server = ScriptedS3(body)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    reset_sources()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+# -- verify ends within its deadline ----------------------------------------------------------
+
+
+@pytest.mark.s3
+def test_verify_of_an_s3_object_whose_head_answer_trickles_ends_at_the_deadline(
+    s3: S3Bucket, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, short_check_deadline: None
+) -> None:
+    s3.put("slow.bin", b"tracked bytes")
+    entry = s3_entry(s3.url("slow.bin"), b"tracked bytes")
+    with fault_proxy(s3_endpoint) as proxy:
+        # One byte of the answer's headers every half second: no socket timeout ever trips.
+        proxy.add("trickle", f"HEAD /{s3.name}/slow.bin", piece=1, interval=0.5)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        reset_sources()
+        problems, took = in_time(lambda: verify_entries([entry], show_progress=False), BOUND)
+    assert list(problems) == ["slow.bin"]
+    assert s3.url("slow.bin") in problems["slow.bin"]
+    assert "deadline" in problems["slow.bin"]
+    assert CHECK_DEADLINE - 0.5 < took < CHECK_DEADLINE + 5, took
+
+
+@pytest.mark.gcs
+def test_verify_of_a_gcs_object_whose_metadata_answer_trickles_ends_at_the_deadline(
+    gcs: GCSBucket, gcs_host: str, monkeypatch: pytest.MonkeyPatch, short_check_deadline: None
+) -> None:
+    gcs.put("slow.bin", b"tracked bytes")
+    (entry,) = source_for_type("GCS").list_location(gcs.url("slow.bin"))
+    with fault_proxy(gcs_host, gcs=True) as proxy:
+        proxy.add("trickle", f"GET /storage/v1/b/{gcs.name}/o/slow.bin?", piece=1, interval=0.5)
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        reset_sources()
+        problems, took = in_time(lambda: verify_entries([entry], show_progress=False), BOUND)
+    assert list(problems) == ["slow.bin"]
+    assert gcs.url("slow.bin") in problems["slow.bin"]
+    assert "deadline" in problems["slow.bin"]
+    assert CHECK_DEADLINE - 0.5 < took < CHECK_DEADLINE + 5, took
+
+
+# -- answers S3 servers should not send -------------------------------------------------------
+
+
+@pytest.mark.s3
+def test_a_head_answer_without_content_length_is_one_line_in_track_and_verify(
+    scripted: ScriptedS3, cli: Any, tmp_path: Path
+) -> None:
+    tracked = cli("--project", "p", "track", "f", scripted.object_url())
+    assert tracked.returncode == 0, tracked.stderr
+    run_id = tracked.last_line
+    before = store_counts()
+
+    scripted.head_length = False
+    refused = one_line(cli("--project", "p", "track", "g", scripted.object_url()), code=2)
+    assert scripted.object_url() in refused
+    assert "Content-Length" in refused
+    assert store_counts() == before
+
+    verified = cli("verify", run_id)
+    assert verified.returncode == 1, (verified.stdout, verified.stderr)
+    assert "Traceback" not in verified.stderr
+    output = verified.stdout + verified.stderr
+    assert scripted.object_url() in output
+    assert "Content-Length" in output
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("path", ["signed-get", "boto3"])
+def test_a_body_cut_short_without_content_length_is_fetched_again_whole(
+    scripted: ScriptedS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, path: str
+) -> None:
+    """A 206 that says no length and ends half-way (`Connection: close`) is not the range:
+    the read is retried, and the download gets every byte."""
+    if path == "boto3":
+        monkeypatch.setenv("ARTIFACTFS_S3_LEAN_GET", "0")
+        reset_sources()
+    run = artifactfs.init_run(project="ml/cls")
+    run["data"].track_files(scripted.object_url())
+    scripted.cut_gets = 1
+    run["data"].download(destination=str(tmp_path / "out"))
+    assert (tmp_path / "out" / "obj").read_bytes() == scripted.body
+    assert scripted.gets >= 2  # the cut answer, then a whole one
+
+
+@pytest.mark.s3
+def test_a_server_redirecting_without_a_region_is_one_line_naming_the_object(
+    s3: S3Bucket, s3_endpoint: str, cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore follows a 307 without a region header by asking the bucket's region, which is
+    redirected too, and so on: a RecursionError that must not escape."""
+    s3.put("ds/a.bin", b"redirected bytes")
+    run = artifactfs.init_run(project="p")
+    run["data"].track_files(s3.url("ds"))
+    (entry,) = run["data"].fetch_files_list()
+    run.stop()
+    url = s3.url("ds/a.bin")
+    before = store_counts()
+    with fault_proxy(s3_endpoint) as proxy:
+        proxy.add("status", "", status=307)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        reset_sources()
+
+        started = time.monotonic()
+        refused = one_line(cli("--project", "p", "track", "f", url), code=2)
+        assert url in refused and "redirect" in refused
+        assert store_counts() == before
+
+        failed = one_line(cli("download", run.id, "data", str(tmp_path / "out")), code=1)
+        assert url in failed and "redirect" in failed
+        assert not (tmp_path / "out" / "a.bin").exists()
+
+        verified = cli("verify", run.id)
+        assert verified.returncode == 1, (verified.stdout, verified.stderr)
+        assert "Traceback" not in verified.stderr
+        assert url in verified.stdout + verified.stderr
+        assert time.monotonic() - started < 120
+
+        with pytest.raises(artifactfs.ArtifactfsError, match="redirect"):
+            source_for_type("S3").read_range(entry, 0, 4)
+
+
+# -- credentials and endpoints while tracking -------------------------------------------------
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("profile", "nope"),
+        ("credential_process", "AWS_CONFIG_FILE"),
+        ("key_without_secret", "AWS_SECRET_ACCESS_KEY"),
+        ("unreachable_endpoint", "http://127.0.0.1:1"),
+    ],
+)
+def test_credentials_and_endpoints_that_fail_are_one_line_and_record_nothing(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str, named: str
+) -> None:
+    make_local_store(cli, tmp_path)
+    before = store_counts()
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    if setting == "profile":
+        monkeypatch.setenv("AWS_PROFILE", "nope")
+    elif setting == "credential_process":
+        config = Path(os.environ["AWS_CONFIG_FILE"])
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text("[default]\ncredential_process = /bin/false\n")
+    elif setting == "key_without_secret":
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    else:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+
+    message = one_line(cli("--project", "p", "track", "f", "s3://bkt/ds"), code=2)
+    assert named in message
+    assert store_counts() == before
+
+
+# -- an unreadable local file -----------------------------------------------------------------
+
+
+def unprivileged() -> list[str]:
+    """A prefix that runs a command without the capability to read any file whatever its
+    mode (root has it: a chmod 000 file would be read anyway)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: file modes do not apply")
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
+
+
+def cli_unprivileged(*args: str) -> CliResult:
+    process = subprocess.run(
+        [*unprivileged(), sys.executable, "-m", "artifactfs", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return CliResult(process.returncode, process.stdout, process.stderr)
+
+
+def test_an_unreadable_local_file_is_refused_by_track_and_reported_by_verify(
+    cli: Any, tmp_path: Path
+) -> None:
+    data = make_tree(tmp_path / "d", {"ok.txt": b"ok", "secret.txt": b"secret"})
+    secret = data / "secret.txt"
+    make_local_store(cli, tmp_path)
+    before = store_counts()
+    secret.chmod(0)
+    try:
+        refused = one_line(cli_unprivileged("--project", "p", "track", "f", str(data)), code=2)
+        assert str(secret) in refused and "cannot read" in refused
+        assert store_counts() == before
+
+        secret.chmod(0o644)
+        tracked = cli("--project", "p", "track", "f", str(data))
+        assert tracked.returncode == 0, tracked.stderr
+        secret.chmod(0)
+        os.utime(secret)  # a new mtime: the hash cache no longer vouches for it
+
+        verified = cli_unprivileged("verify", tracked.last_line)
+        assert verified.returncode == 1, (verified.stdout, verified.stderr)
+        assert "Traceback" not in verified.stderr
+        output = verified.stdout + verified.stderr
+        assert "secret.txt" in output and "cannot read" in output
+        assert "ok.txt" not in output
+    finally:
+        secret.chmod(0o644)

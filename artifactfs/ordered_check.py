@@ -49,11 +49,10 @@ import crc32c
 from cachetools import LRUCache
 
 from artifactfs.entries import ArtifactFileData
-from artifactfs.verification import ContentCheck
+from artifactfs.verification import ContentCheck, FileId, file_identity
 
 log = logging.getLogger(__name__)
 
-FileId = tuple[str, str, int]
 # Memory for the checks' progress, in approximate bytes: each file's state, plus 4 bytes per
 # chunk hashed. A file whose progress falls out is checked from its start on its next fetch.
 PROGRESS_BYTES = 4 * 1024 * 1024
@@ -110,7 +109,7 @@ class OrderedChecks:
     def dropped(self, entry: ArtifactFileData) -> None:
         """The file's chunks were all dropped (it failed a check): forget its check so far."""
         with self._lock:
-            file_id = _file_id(entry)
+            file_id = file_identity(entry)
             self._generations[file_id] = self._generations.get(file_id, 0) + 1
 
     def settled(self, timeout: float) -> bool:
@@ -128,7 +127,7 @@ class OrderedChecks:
 
     def _generation(self, entry: ArtifactFileData) -> int:
         with self._lock:
-            return self._generations.get(_file_id(entry), 0)
+            return self._generations.get(file_identity(entry), 0)
 
     def _advance_safely(self, entry: ArtifactFileData, index: int, crc: int, gen: int) -> None:
         try:
@@ -137,7 +136,7 @@ class OrderedChecks:
             log.exception("%s: whole-file check stopped", entry.source_url)
 
     def _advance(self, entry: ArtifactFileData, index: int, crc: int, generation: int) -> None:
-        file_id = _file_id(entry)
+        file_id = file_identity(entry)
         if self._closed or generation != self._generation(entry):
             return  # fetched before the file was dropped: those bytes are gone
         count = self._chunk_count(entry)
@@ -176,7 +175,3 @@ class OrderedChecks:
     def _fail(self, entry: ArtifactFileData, file_id: FileId, problem: str) -> None:
         self._progress.pop(file_id, None)
         self._reject(entry, problem)
-
-
-def _file_id(entry: ArtifactFileData) -> FileId:
-    return (entry.type, entry.file_hash, entry.size or 0)

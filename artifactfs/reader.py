@@ -59,7 +59,7 @@ from artifactfs.ordered_check import OrderedChecks
 from artifactfs.sources import source_for_entry
 from artifactfs.sources.base import RequestDeadline
 from artifactfs.sources.local import LocalSource, local_path_of
-from artifactfs.verification import ContentCheck
+from artifactfs.verification import ContentCheck, FileId, content_identity, file_identity
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ PREFETCH_BATCH = 8  # small files one prefetch thread fetches together (`Source.
 BATCH_THREADS = 2  # threads of batches: two keep a server busy, more only contend
 BATCH_FILE_BYTES = 1024 * 1024  # files up to this size are prefetched in batches
 BATCH_DEADLINE = 5.0  # seconds a batch may take; what it did not bring is fetched alone
-FAILURE_MEMORY = 5.0  # seconds a failed chunk fetch answers EIO without trying again
+FAILURE_MEMORY = 5.0  # seconds a failed chunk fetch or file check answers EIO without a retry
 RETRY_BASE_DELAY = 0.2
 # A fetch ends within the deadline (its requests are cut off then): a reader waiting for one
 # gives up this much later, in case the fetch was queued behind others.
@@ -85,17 +85,11 @@ VERIFY_BEFORE_SERVING_BYTES = 64 * 1024 * 1024
 # Python's overhead).
 VERIFIED_CHUNK_DIGESTS = 65_536
 
-# (type, file_hash, size): what a whole-file check vouches for.
-FileId = tuple[str, str, int]
 # The bodies of a batch's entries (None: not read), or None: the batch was not read at all.
 BatchBodies = list[bytes | None] | None
 # Reads a batch of small files elsewhere (the mount's trio loop) within the seconds given,
 # then calls back with what it read; False when it does not take the batch.
 BatchStarter = Callable[[list[ArtifactFileData], float, Callable[[BatchBodies], None]], bool]
-
-
-def _file_id(entry: ArtifactFileData) -> FileId:
-    return (entry.type, entry.file_hash, entry.size or 0)
 
 
 class ReadError(CheckFailedError):
@@ -115,6 +109,11 @@ class _Sequence:
     streak: int = 0  # contiguous reads so far: the read-ahead window grows with it
 
 
+def _file_state(info: os.stat_result) -> tuple[int, int, int, int, int]:
+    """Which file, and as it is now: a file replaced, or changed in place, has another."""
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
 class Reader:
     def __init__(
         self,
@@ -126,7 +125,10 @@ class Reader:
         memory_bytes: int = DEFAULT_MEMORY_BYTES,
         verify_before_serving_bytes: int = VERIFY_BEFORE_SERVING_BYTES,
         direct_reads: bool = True,
+        failure_memory: float | None = None,  # FAILURE_MEMORY
     ) -> None:
+        if failure_memory is None:
+            failure_memory = FAILURE_MEMORY
         self.cache = cache
         self.chunk_size = chunk_size
         self.readahead_chunks = readahead_chunks
@@ -140,13 +142,16 @@ class Reader:
         self.batch_starter: BatchStarter | None = None
         self._lock = threading.Lock()
         self._memory: LRUCache[bytes, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
-        # Files whose whole-file check failed, and chunks that just failed to fetch: the kernel
-        # retries a failed read at once, and it should get its EIO at once too.
-        self._failed_files: dict[tuple[str, str], str] = {}
+        # Files whose whole-file check failed (served again only once checked anew), those
+        # that failed it lately, and chunks that just failed to fetch: the kernel retries a
+        # failed read at once, and it should get its EIO at once too, not a new fetch of all
+        # of a large file for every retry.
+        self._failed_files: dict[FileId, str] = {}
+        self._failed_lately: TTLCache[FileId, str] = TTLCache(maxsize=4096, ttl=failure_memory)
         # Files a read is fetching anew and hashing (`_reverify`), by how many reads: that read
         # reports a failure itself, so the ordered check, fed by the same fetches, does not.
         self._reverifying: dict[FileId, int] = {}
-        self._failed_chunks: TTLCache[bytes, str] = TTLCache(maxsize=4096, ttl=FAILURE_MEMORY)
+        self._failed_chunks: TTLCache[bytes, str] = TTLCache(maxsize=4096, ttl=failure_memory)
         self._inflight: dict[bytes, Future[bytes]] = {}
         # Files checked whole before serving: their chunks' SHA-256, in order. The outcome of
         # a check under way, for the readers that wait for it (one check per file at a time).
@@ -154,13 +159,14 @@ class Reader:
             maxsize=VERIFIED_CHUNK_DIGESTS, getsizeof=len
         )
         self._verifying: dict[FileId, Future[None]] = {}
-        self._sequences: dict[tuple[str, str], _Sequence] = {}
+        self._sequences: dict[FileId, _Sequence] = {}
         self._ordered_checks = OrderedChecks(
             lambda entry: self._chunk_count(entry.size or 0),
             self._chunk_for_check,
             self._reject_checked_file,
         )
-        self._verified_local: set[tuple[str, int, int, int, str]] = set()
+        # Local files checked: (path, their `_file_state`, tracked hash).
+        self._verified_local: set[tuple[str, int, int, int, int, int, str]] = set()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -279,7 +285,12 @@ class Reader:
                 self._settle(item, data)
 
     def iter_file(self, entry: ArtifactFileData) -> Iterator[bytes]:
-        """Every byte of the entry, chunk by chunk, through the cache (with read-ahead)."""
+        """Every byte of the entry, chunk by chunk, through the cache (with read-ahead). A
+        remote file of unknown size (an imported entry may have none) is streamed whole from
+        its source, uncached: chunks are cut by the size."""
+        if entry.size is None and entry.type != TYPE_LOCAL:
+            yield from source_for_entry(entry).open_stream(entry)
+            return
         size = entry.size or 0
         for offset in range(0, size, self.chunk_size):
             yield self.read(entry, offset, self.chunk_size)
@@ -292,8 +303,8 @@ class Reader:
             return b""
         length = min(length, size - offset)
         try:
-            if (entry.type, entry.file_hash) in self._failed_files:
-                self._reverify(entry)
+            if file_identity(entry) in self._failed_files:
+                self._reverify_unless_failed_lately(entry)
             if entry.type == TYPE_LOCAL:
                 return self._read_local(entry, offset, length)
             return self._read_remote(entry, offset, length)
@@ -317,9 +328,9 @@ class Reader:
         must_be_checked = self._checked_before_serving(entry)
         with self._lock:
             data = self._memory.get(key)
-            if data is None or (entry.type, entry.file_hash) in self._failed_files:
+            if data is None or file_identity(entry) in self._failed_files:
                 return None
-            if must_be_checked and _file_id(entry) not in self._verified:
+            if must_be_checked and file_identity(entry) not in self._verified:
                 return None
         if not self.cache.touch(key):
             return None  # evicted from disk: `read` puts it back (disk I/O)
@@ -396,12 +407,21 @@ class Reader:
                 raise ReadError(
                     f"{entry.source_url}: size is {info.st_size} bytes, tracked {entry.size}"
                 )
-            identity = (path, info.st_size, info.st_mtime_ns, info.st_ctime_ns, entry.file_hash)
+            identity = (path, *_file_state(info), entry.file_hash)
             if identity not in self._verified_local:
                 # Checks size, then the SHA-1 (hash cache or a fresh read): a changed file fails.
                 local = source_for_entry(entry)
                 assert isinstance(local, LocalSource)
                 local.check(entry)
+                # The check read the path; the bytes come from the file opened before it. If
+                # the path now names another file, or this one changed, the check vouched for
+                # other bytes than these (a file replaced by a rename meanwhile).
+                try:
+                    now = os.stat(path)
+                except OSError as exc:
+                    raise ReadError(f"{entry.source_url}: cannot stat: {exc.strerror}") from None
+                if _file_state(now) != _file_state(info):
+                    raise ReadError(f"{entry.source_url}: changed while it was being checked")
                 with self._lock:
                     self._verified_local.add(identity)
             return os.pread(fd, length, offset)
@@ -414,7 +434,7 @@ class Reader:
         return max(1, -(-size // self.chunk_size))
 
     def _key(self, entry: ArtifactFileData, index: int) -> bytes:
-        return chunk_key(entry.type, entry.file_hash, entry.size, self.chunk_size, index)
+        return chunk_key(entry.type, content_identity(entry), entry.size, self.chunk_size, index)
 
     def _keys(self, entry: ArtifactFileData) -> list[bytes]:
         """The keys of all the entry's chunks, in order."""
@@ -508,7 +528,7 @@ class Reader:
     ) -> int:
         """Start fetching the chunks after this read if the reader is sequential; returns
         how many contiguous reads it made so far (0: a first or a random read)."""
-        key = (entry.type, entry.file_hash)
+        key = file_identity(entry)
         with self._lock:
             sequence = self._sequences.setdefault(key, _Sequence())
             contiguous = offset == sequence.next_offset and offset > 0
@@ -533,15 +553,18 @@ class Reader:
             self._start_fetch(entry, index)
         return streak
 
-    def _cached(self, key: bytes) -> bytes | None:
-        """A verified chunk from memory, else from the disk cache (then kept in memory)."""
+    def _cached(self, key: bytes, counted: bool = True) -> bytes | None:
+        """A verified chunk from memory, else from the disk cache (then kept in memory).
+        Not `counted` as a hit or miss: a second look for the read that counted its miss."""
         with self._lock:
             data = self._memory.get(key)
         if data is not None:
-            self.cache.record_hit()
+            if counted:
+                self.cache.record_hit()
             return data
         if not self.cache.contains(key):
-            self.cache.record_miss()  # known absent: no need to try opening its file
+            if counted:
+                self.cache.record_miss()  # known absent: no need to try opening its file
             return None
         data = self.cache.get(key)
         if data is not None:
@@ -624,7 +647,9 @@ class Reader:
         if fetched is not None:
             data = fetched
         else:
-            cached = self._cached(key)  # another reader may have fetched it meanwhile
+            # Another reader may have fetched it meanwhile (a read-ahead has no read of its own
+            # that counted a miss; the read that waits for one counts its hit on the chunk).
+            cached = self._cached(key, counted=False)
             if cached is not None:
                 return cached
             source = source_for_entry(entry)
@@ -657,7 +682,7 @@ class Reader:
                 raise ReadError(f"{entry.source_url}: {problem}")
             return
         with self._lock:
-            digests = self._verified.get(_file_id(entry))
+            digests = self._verified.get(file_identity(entry))
         if digests is not None and hashlib.sha256(data).digest() != digests[index]:
             raise ReadError(
                 f"{entry.source_url}: chunk {index} is not the one its whole-file check passed"
@@ -678,7 +703,7 @@ class Reader:
     def _ensure_verified(self, entry: ArtifactFileData) -> None:
         """Return once the whole file passed its check in this process, else raise ReadError.
         The first reader runs the check; readers that come meanwhile wait for its outcome."""
-        file_id = _file_id(entry)
+        file_id = file_identity(entry)
         with self._lock:
             if file_id in self._verified:
                 return
@@ -745,19 +770,28 @@ class Reader:
     ) -> NoReturn:
         """Drop every chunk of a file that failed its whole-file check; raise ReadError.
 
-        With `hold_off`, its chunks also answer EIO for FAILURE_MEMORY seconds without a new
-        fetch: the kernel retries a failed read at once, and fetching the whole file again for
-        that (the check before serving does) is no use."""
+        Reads of the file then answer EIO for `failure_memory` seconds without a new fetch: the
+        kernel retries a failed read at once, and fetching all of the file again for that (a
+        read checks it anew, see `_reverify`) is no use. With `hold_off`, so do its chunks
+        (fetched by a check before serving, which `read` does not always go through)."""
         message = f"{entry.source_url}: whole-file check failed, dropped from the cache: {problem}"
         self._ordered_checks.dropped(entry)  # first: a check under way stops at its next chunk
         with self._lock:
-            self._failed_files[(entry.type, entry.file_hash)] = message
+            self._failed_files[file_identity(entry)] = message
+            self._failed_lately[file_identity(entry)] = message
             if hold_off:
                 for key in keys:
                     self._failed_chunks[key] = message
         for key in keys:
             self._forget(key)
         raise ReadError(message)
+
+    def _reverify_unless_failed_lately(self, entry: ArtifactFileData) -> None:
+        with self._lock:
+            message = self._failed_lately.get(file_identity(entry))
+        if message is not None:
+            raise ReadError(message)
+        self._reverify(entry)
 
     def _reverify(self, entry: ArtifactFileData) -> None:
         """A file whose whole-file check failed is served again only once all of it has been
@@ -768,7 +802,7 @@ class Reader:
             # Hashed as the chunks come, whatever the size of the cache.
             keys = self._keys(entry)
             check = ContentCheck(entry)
-            file_id = _file_id(entry)
+            file_id = file_identity(entry)
             with self._lock:
                 self._reverifying[file_id] = self._reverifying.get(file_id, 0) + 1
             try:
@@ -783,7 +817,7 @@ class Reader:
                     if left:
                         self._reverifying[file_id] = left
         with self._lock:
-            self._failed_files.pop((entry.type, entry.file_hash), None)
+            self._failed_files.pop(file_identity(entry), None)
 
     def _chunk_for_check(self, entry: ArtifactFileData, index: int) -> bytes | None:
         """A chunk for the ordered whole-file check: from memory, else from the disk cache
@@ -800,7 +834,7 @@ class Reader:
         (unless a read is checking it anew: that read's error says it)."""
         keys = self._keys(entry)
         with self._lock:
-            reported_by_a_read = _file_id(entry) in self._reverifying
+            reported_by_a_read = file_identity(entry) in self._reverifying
         try:
             self._reject_whole_file(entry, keys, problem)
         except ReadError as exc:

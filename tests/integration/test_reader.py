@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import crc32c
 import pytest
 
 import artifactfs
@@ -19,7 +20,9 @@ from artifactfs.cache import ChunkCache, chunk_key
 from artifactfs.cache.chunks import header_size
 from artifactfs.entries import ArtifactFileData
 from artifactfs.reader import DEFAULT_READAHEAD_CHUNKS, Reader, ReadError
-from tests.conftest import S3Bucket, make_tree
+from artifactfs.sources import source_for_entry
+from artifactfs.verification import GCS_HASH_KEY
+from tests.conftest import GCSBucket, S3Bucket, make_tree
 from tests.support.concurrent import run_at_once
 from tests.support.faultproxy import FaultProxy, fault_proxy
 from tests.support.s3_helpers import point_at
@@ -149,6 +152,51 @@ def test_random_ranges_of_multi_chunk_object(s3: S3Bucket, reader: Reader) -> No
     assert reader.cache.stats.fetched_bytes == len(body)
 
 
+# CRC32C's generator polynomial (reflected, as bytes): XORed anywhere into a message, it leaves
+# the message's CRC32C as it was.
+CRC32C_POLYNOMIAL = bytes.fromhex("f176ec0501")
+
+
+def as_composite(entry: ArtifactFileData) -> ArtifactFileData:
+    """The entry as tracking records a composite GCS object (no MD5: its CRC32C, so marked).
+    The emulator gives composed objects an MD5, which real GCS does not."""
+    return ArtifactFileData(
+        entry.file_path,
+        f"{crc32c.crc32c(entry_body[entry.source_url]):08x}",
+        entry.type,
+        entry.size,
+        {**entry.metadata, GCS_HASH_KEY: "crc32c"},
+    )
+
+
+entry_body: dict[str, bytes] = {}
+
+
+@pytest.mark.gcs
+@pytest.mark.parametrize("chunk_size", [CHUNK, 1024 * 1024], ids=["chunks", "one-chunk"])
+def test_objects_known_only_by_one_crc32c_never_share_cached_bytes(
+    gcs: GCSBucket, make_reader: Callable[..., Reader], chunk_size: int
+) -> None:
+    """Two composite GCS objects of one size whose CRC32C (their only hash, 32 bits) happens to
+    be the same: each is read as its own bytes, never served the other's from the cache."""
+    first = body_of(3 * CHUNK + 100, seed=1)
+    second = bytearray(first)
+    second[1000 : 1000 + len(CRC32C_POLYNOMIAL)] = bytes(
+        x ^ y for x, y in zip(first[1000:], CRC32C_POLYNOMIAL, strict=False)
+    )
+    assert crc32c.crc32c(first) == crc32c.crc32c(bytes(second)) and first != second
+    entries = []
+    for name, body in (("run1/model.bin", first), ("run2/weights.bin", bytes(second))):
+        gcs.put(name, body)
+        entry_body[gcs.url(name)] = body
+        entries.append(as_composite(track(gcs.url(name))))
+    assert entries[0].file_hash == entries[1].file_hash
+    reader = make_reader(chunk_size=chunk_size)
+    assert reader.read(entries[0], 0, len(first)) == first
+    assert reader.read(entries[1], 0, len(first)) == bytes(second)
+    assert reader.read(entries[0], 0, len(first)) == first
+
+
 def test_empty_object(s3: S3Bucket, reader: Reader) -> None:
     entry = track_s3(s3, "empty", b"")
     assert reader.read(entry, 0, 100) == b""
@@ -242,6 +290,22 @@ def test_concurrent_reads_of_small_object_fetch_once(s3: S3Bucket, reader: Reade
     assert reader.cache.stats.fetched_bytes == len(body)
 
 
+def test_each_chunk_a_read_looks_for_counts_as_one_hit_or_one_miss(
+    s3: S3Bucket, make_reader: Callable[..., Reader]
+) -> None:
+    """The figures users read as a hit rate (`getfattr -n user.artifactfs.hits`): a cold read
+    of one chunk is one miss and one fetch; reading it again, one hit."""
+    body = body_of(CHUNK // 2, 15)
+    entry = track_s3(s3, "counted.bin", body)
+    reader = make_reader(readahead_chunks=0)
+    assert reader.read(entry, 0, len(body)) == body
+    stats = reader.cache.snapshot()
+    assert (stats["hits"], stats["misses"], stats["fetched_bytes"]) == (0, 1, len(body))
+    assert reader.read(entry, 0, len(body)) == body
+    stats = reader.cache.snapshot()
+    assert (stats["hits"], stats["misses"], stats["fetched_bytes"]) == (1, 1, len(body))
+
+
 def test_sequential_reading_reads_ahead(s3: S3Bucket, reader: Reader) -> None:
     body = body_of(8 * CHUNK, 13)
     entry = track_s3(s3, "seq.bin", body)
@@ -297,7 +361,8 @@ def test_tampered_chunk_dropped_by_whole_file_check(
     body = body_of(size, 16)
     entry = track_s3(s3, "tampered.bin", body)
     assert len(entry.file_hash) == 32  # a single-part upload: its ETag is the MD5
-    reader = make_reader(readahead_chunks=0)
+    # No hold-off after the failure: the read at the end checks the file anew at once.
+    reader = make_reader(readahead_chunks=0, failure_memory=0.0)
     bad = bytes(b ^ 0xFF for b in body[:CHUNK])
     assert reader.cache.put(key_of(entry, 0), bad)
     errors_before = reader.cache.stats.errors
@@ -346,7 +411,9 @@ def flipping_reader(
     readers: list[Reader] = []
     with fault_proxy(s3_endpoint) as proxy:
 
-        def make(cache_chunks: int, memory_chunks: int) -> tuple[Reader, FaultProxy]:
+        def make(
+            cache_chunks: int, memory_chunks: int, failure_memory: float = 0.0
+        ) -> tuple[Reader, FaultProxy]:
             cache = ChunkCache(
                 tmp_path / f"cache{len(readers)}",
                 cache_chunks * (header_size(CHUNK) + CHUNK),
@@ -360,6 +427,7 @@ def flipping_reader(
                 memory_bytes=memory_chunks * CHUNK,
                 verify_before_serving_bytes=0,
                 direct_reads=False,
+                failure_memory=failure_memory,  # none: a read after a failure checks anew
             )
             readers.append(reader)
             point_at(monkeypatch, proxy.url, "testing", "testing")
@@ -417,6 +485,32 @@ def test_a_file_larger_than_the_cache_is_still_checked_whole(
         assert reader.checks_settled(WAIT)
     assert reader.cache.stats.errors == 1 + 4
     assert caplog.text.count("whole-file check failed") == 1
+
+
+def test_a_large_file_that_failed_its_check_answers_eio_at_once_for_a_while(
+    s3: S3Bucket, flipping_reader: Callable[..., tuple[Reader, FaultProxy]]
+) -> None:
+    """The kernel retries a failed read at once, and programs retry too: after a large file
+    failed its whole-file check, such reads get EIO at once, without fetching all of the file
+    again for each (16 bytes must not cost 10 GiB); a read after the hold-off checks it anew."""
+    body = body_of(8 * CHUNK, 33)
+    entry = track_s3(s3, "failed-lately.bin", body)
+    reader, proxy = flipping_reader(cache_chunks=8, memory_chunks=8, failure_memory=2.0)
+    gets = f"GET /{s3.name}/failed-lately.bin "
+    proxy.add("flip", (gets, f" bytes={5 * CHUNK}-"))
+    read_chunk_by_chunk(reader, entry)
+    assert reader.cache.stats.errors == 1, "the flipped chunk was never found"
+    fetched = len(proxy.requests(gets))
+
+    for _ in range(5):
+        with pytest.raises(ReadError, match="whole-file check failed"):
+            reader.read(entry, 0, 16)
+    assert len(proxy.requests(gets)) == fetched
+    time.sleep(2.5)
+    with pytest.raises(ReadError, match="whole-file check failed"):
+        reader.read(entry, 0, 16)  # fetched whole and hashed anew: still flipped
+    assert len(proxy.requests(gets)) == fetched + 8
+    assert reader.cache.stats.errors == 1 + 5 + 1
 
 
 @pytest.mark.parametrize("cache_chunks", [8, 3], ids=["file-fits", "file-larger-than-cache"])
@@ -509,6 +603,32 @@ def test_changed_local_file_raises(
     assert str(path) in str(raised.value)
     with pytest.raises(ReadError):
         reader.read(entry, 1000, 10)  # and again: never served once it failed
+
+
+def test_a_local_file_replaced_while_a_read_checks_it_is_not_served(
+    local_entry: tuple[Path, bytes, ArtifactFileData],
+    reader: Reader,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The file was changed (same size); a read opens it, and while that read checks the path,
+    someone puts the tracked file back by a rename: the check passes on the tracked file, but
+    the bytes of the read come from the changed one it opened. It must fail, not serve them."""
+    path, body, entry = local_entry
+    changed = body_of(len(body), 21)
+    path.write_bytes(changed)
+    (path.parent / "backup").write_bytes(body)
+    local = source_for_entry(entry)
+    real_check = local.check
+
+    def check_after_restore(checked: ArtifactFileData) -> None:
+        os.replace(path.parent / "backup", path)
+        real_check(checked)
+
+    monkeypatch.setattr(local, "check", check_after_restore)
+    with pytest.raises(ReadError, match="changed while it was being checked"):
+        reader.read(entry, 0, 16)
+    monkeypatch.setattr(local, "check", real_check)
+    assert reader.read(entry, 0, 16) == body[:16]  # the tracked file, now in place
 
 
 # -- reads from the disk cache -----------------------------------------------------------------

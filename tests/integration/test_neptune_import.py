@@ -165,6 +165,20 @@ def test_dry_run_says_what_the_import_would_do(cli, export: dict) -> None:
         assert dry_text.replace("would import", "imported") == real_text
 
 
+def test_a_remote_file_of_unknown_size_downloads_whole(cli, tmp_path: Path, s3: S3Bucket) -> None:
+    """Neptune's entries may have no size: such a file is downloaded whole, not as an empty
+    file reported written (the reader cuts files into chunks by their size)."""
+    body = bytes(range(256)) * 5000
+    etag = s3.put("unsized/big.bin", body)["ETag"].strip('"')
+    entry = wire_entry("big.bin", etag, "S3", 0, location=s3.url("unsized/big.bin"))
+    entry["size"] = None
+    write_export(tmp_path / "export", "ml/p/P-3/data", [entry])
+    assert cli("import-neptune", str(tmp_path / "export")).returncode == 0
+    result = cli("download", "P-3", "data", str(tmp_path / "out"))
+    assert result.returncode == 0, result
+    assert (tmp_path / "out" / "big.bin").read_bytes() == body
+
+
 def test_conflicting_run_is_reported_and_not_overwritten(cli, export: dict) -> None:
     assert cli("import-neptune", str(export["root"]), *export["rebases"]).returncode == 0
     hash_before = cli("hash", "CLS-45", "data_versions").last_line

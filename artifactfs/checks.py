@@ -7,26 +7,37 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from artifactfs.entries import ArtifactFileData
-from artifactfs.errors import ArtifactfsError
+from artifactfs.errors import ArtifactfsError, SourceChangedError
 from artifactfs.progress import progress_bar
 from artifactfs.sources import source_for_entry
 
 VERIFY_WORKERS = 8
 
 
-def _problem(entry: ArtifactFileData) -> str | None:
+@dataclass(frozen=True)
+class VerifyProblem:
+    reason: str
+    # True: the source no longer holds the tracked bytes. False: it could not be checked
+    # (a server out of reach or too slow, no credentials, access denied): it may still.
+    changed: bool
+
+
+def _problem(entry: ArtifactFileData) -> VerifyProblem | None:
     try:
         source_for_entry(entry).check(entry)
+    except SourceChangedError as exc:
+        return VerifyProblem(str(exc), changed=True)
     except ArtifactfsError as exc:
-        return str(exc)
+        return VerifyProblem(str(exc), changed=False)
     return None
 
 
 def verify_entries(
     entries: Sequence[ArtifactFileData], show_progress: bool | None = None
-) -> dict[str, str]:
-    """file_path -> why its source no longer holds the tracked bytes; empty when all do."""
-    problems: dict[str, str] = {}
+) -> dict[str, VerifyProblem]:
+    """file_path -> why its source does not hold, or may not hold, the tracked bytes; empty
+    when all do."""
+    problems: dict[str, VerifyProblem] = {}
     with (
         progress_bar(len(entries), "verifying", enabled=show_progress) as bar,
         ThreadPoolExecutor(VERIFY_WORKERS) as pool,

@@ -170,18 +170,22 @@ def verify(ctx: Context, run_id: str, field_path: str | None) -> None:
     """Check that the sources still hold the tracked bytes; exit 1 if not."""
     record = ctx.run(run_id)
     field_paths = [field_path] if field_path else list(record.fields)
-    failures = 0
-    checked = 0
+    changed = unchecked = checked = 0
     for path in field_paths:
         entries = _entries(ctx, run_id, path)
         checked += len(entries)
         for file_path, problem in sorted(verify_entries(entries).items()):
-            failures += 1
-            click.echo(f"CHANGED {path}/{file_path}: {problem}")
-    if failures:
-        raise CheckFailedError(
-            f"{failures} of {checked} file(s) in {run_id} no longer match what was tracked"
-        )
+            changed += problem.changed
+            unchecked += not problem.changed
+            label = "CHANGED" if problem.changed else "UNCHECKED"
+            click.echo(f"{label} {path}/{file_path}: {problem.reason}")
+    found = []
+    if changed:
+        found.append(f"{changed} of {checked} file(s) in {run_id} no longer match what was tracked")
+    if unchecked:
+        found.append(f"{unchecked} of {checked} file(s) in {run_id} could not be checked")
+    if found:
+        raise CheckFailedError("; ".join(found))
     click.echo(f"OK: {checked} file(s) in {run_id} match what was tracked")
 
 

@@ -212,8 +212,9 @@ def test_verify_of_an_s3_object_whose_head_answer_trickles_ends_at_the_deadline(
         reset_sources()
         problems, took = in_time(lambda: verify_entries([entry], show_progress=False), BOUND)
     assert list(problems) == ["slow.bin"]
-    assert s3.url("slow.bin") in problems["slow.bin"]
-    assert "deadline" in problems["slow.bin"]
+    assert s3.url("slow.bin") in problems["slow.bin"].reason
+    assert "deadline" in problems["slow.bin"].reason
+    assert not problems["slow.bin"].changed  # it could not be checked: not "changed"
     assert CHECK_DEADLINE - 0.5 < took < CHECK_DEADLINE + 5, took
 
 
@@ -229,8 +230,9 @@ def test_verify_of_a_gcs_object_whose_metadata_answer_trickles_ends_at_the_deadl
         reset_sources()
         problems, took = in_time(lambda: verify_entries([entry], show_progress=False), BOUND)
     assert list(problems) == ["slow.bin"]
-    assert gcs.url("slow.bin") in problems["slow.bin"]
-    assert "deadline" in problems["slow.bin"]
+    assert gcs.url("slow.bin") in problems["slow.bin"].reason
+    assert "deadline" in problems["slow.bin"].reason
+    assert not problems["slow.bin"].changed
     assert CHECK_DEADLINE - 0.5 < took < CHECK_DEADLINE + 5, took
 
 
@@ -402,3 +404,30 @@ def test_an_unreadable_local_file_is_refused_by_track_and_reported_by_verify(
         assert "ok.txt" not in output
     finally:
         secret.chmod(0o644)
+
+
+@pytest.mark.s3
+def test_verify_tells_a_source_it_could_not_check_from_one_that_changed(
+    cli: Any, s3: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file whose object changed is CHANGED; while the server is out of reach, the files are
+    UNCHECKED (they may be as tracked): both exit 1, each said for what it is."""
+    s3.put("v/a.bin", b"a as tracked")
+    s3.put("v/b.bin", b"b as tracked")
+    tracked = cli("--project", "p", "track", "f", s3.url("v"))
+    assert tracked.returncode == 0, tracked.stderr
+    run_id = tracked.last_line
+    s3.put("v/b.bin", b"b overwritten")
+
+    changed = cli("verify", run_id)
+    (line,) = changed.stdout.splitlines()
+    assert line.startswith(f"CHANGED f/b.bin: {s3.url('v/b.bin')}: ")
+    summary = one_line(changed, 1)
+    assert summary.endswith(f"1 of 2 file(s) in {run_id} no longer match what was tracked")
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens there
+    unreachable = cli("verify", run_id)
+    lines = unreachable.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["UNCHECKED f/a.bin", "UNCHECKED f/b.bin"]
+    assert all("127.0.0.1:1" in line for line in lines)
+    assert one_line(unreachable, 1).endswith(f"2 of 2 file(s) in {run_id} could not be checked")

@@ -16,6 +16,11 @@ _KEY_RE = re.compile(r"^[A-Z][A-Z0-9]{0,15}$")
 _RUN_ID_RE = re.compile(r"^([A-Z][A-Z0-9]{0,15})-([1-9][0-9]{0,9})$")
 _VOWELS = set("AEIOU")
 
+# The store's column limits (PostgreSQL enforces them; SQLite would not): checked here so that
+# both backends accept and refuse the same names, with the same message.
+MAX_RUN_NUMBER = 2**31 - 1  # runs.number and projects.last_number are 32-bit INTEGER
+MAX_FIELD_PATH_CHARS = 1024  # fields.path is VARCHAR(1024): characters, not bytes
+
 
 @dataclass(frozen=True)
 class ProjectName:
@@ -69,7 +74,12 @@ def parse_run_id(text: str) -> tuple[str, int]:
     match = _RUN_ID_RE.match(text.strip())
     if not match:
         raise ArtifactfsError(f"invalid run id {text!r}: expected KEY-N, like 'CLS-4'")
-    return match.group(1), int(match.group(2))
+    number = int(match.group(2))
+    if number > MAX_RUN_NUMBER:
+        raise ArtifactfsError(
+            f"invalid run id {text.strip()!r}: run numbers go up to {MAX_RUN_NUMBER}"
+        )
+    return match.group(1), number
 
 
 def validate_field_path(path: str) -> str:
@@ -77,6 +87,11 @@ def validate_field_path(path: str) -> str:
     problem = path_problem(path)
     if problem is not None:
         raise ArtifactfsError(f"invalid field {path!r}: {problem}")
+    if len(path) > MAX_FIELD_PATH_CHARS:  # only the start: the whole would fill the screen
+        raise ArtifactfsError(
+            f"invalid field {path[:40]!r}... ({len(path)} characters): a field path has at "
+            f"most {MAX_FIELD_PATH_CHARS} characters"
+        )
     if path.split("/")[0] == RESERVED_NAMESPACE:
         raise ArtifactfsError(f"invalid field {path!r}: the 'sys' namespace is reserved")
     return path

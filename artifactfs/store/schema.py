@@ -18,7 +18,10 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-# Bump when the tables change; `Store` refuses a store newer than this and upgrades older ones.
+from artifactfs.naming import MAX_FIELD_PATH_CHARS
+
+# Bump when the tables change; `Store` refuses a store of any other version (there is no
+# upgrade yet: the first schema change must add one).
 SCHEMA_VERSION = 1
 
 metadata = MetaData()
@@ -38,6 +41,7 @@ projects = Table(
     Column("name", String(128), nullable=False),
     Column("key", String(16), nullable=False, unique=True),
     # The number the next run gets minus one; bumped by one atomic UPDATE ... RETURNING.
+    # Run numbers are INTEGER: naming.MAX_RUN_NUMBER keeps both backends within it.
     Column("last_number", Integer, nullable=False, default=0),
     Column("created_at", String(32), nullable=False),
     UniqueConstraint("workspace", "name"),
@@ -95,7 +99,7 @@ fields = Table(
     "fields",
     metadata,
     Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
-    Column("path", String(1024), primary_key=True),
+    Column("path", String(MAX_FIELD_PATH_CHARS), primary_key=True),  # validated in naming
     Column("artifact_id", String(64), ForeignKey("artifacts.id"), nullable=False),
     Column("updated_at", String(32), nullable=False),
 )

@@ -33,12 +33,13 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.engine import URL, Inspector, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 
 from artifactfs.entries import ArtifactFileData, artifact_id_and_hash
 from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.naming import (
+    MAX_RUN_NUMBER,
     ProjectName,
     derive_project_key,
     parse_run_id,
@@ -134,7 +135,11 @@ class Store:
         real_uri = resolve_store_uri(uri)
         self.uri = _redact(real_uri)  # for messages and logs: never the password
         self.engine = self._make_engine(real_uri)
-        self._ensure_schema()
+        try:
+            self._ensure_schema()
+        except BaseException:  # a refused store: no pooled connection stays open on it
+            self.engine.dispose()
+            raise
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -164,73 +169,140 @@ class Store:
             raise ArtifactfsError(
                 f"unsupported store {_redact(uri)!r}: use a file path, sqlite:/// or postgresql://"
             )
-        if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        if url.database and url.database != ":memory:" and not _is_sqlite_uri(url):
+            _make_parent_directory(Path(url.database), uri)
         engine = create_engine(url, connect_args={"timeout": 120})
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
             # Take transactions out of the sqlite3 module's hands so we can say BEGIN IMMEDIATE.
+            # No journal_mode here: setting it writes, and this file may be read-only, or
+            # another application's (WAL is set when artifactfs creates a store).
             dbapi_conn.isolation_level = None
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA busy_timeout = 120000")
-            cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.close()
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
             mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-            conn.exec_driver_sql(f"BEGIN {mode}")
+            if mode:  # "": no transaction, for a PRAGMA that cannot run inside one
+                conn.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
 
     @contextmanager
-    def _write(self, lock: str | None = None) -> Iterator[Connection]:
-        """A write transaction. SQLite: it holds the database's write lock from its first
-        statement. PostgreSQL: with `lock`, it first takes that advisory lock."""
+    def _transaction(self, write: bool, lock: str | None = None) -> Iterator[Connection]:
+        """A transaction, errors untranslated. A write one on SQLite holds the database's write
+        lock from its first statement; on PostgreSQL, with `lock`, it first takes that advisory
+        lock. A read one never waits for a writer (SQLite in WAL mode, PostgreSQL's MVCC)."""
         with self.engine.connect() as conn:
-            conn.execution_options(sqlite_begin="IMMEDIATE")
+            if write:
+                conn.execution_options(sqlite_begin="IMMEDIATE")
             with conn.begin():
-                if lock is not None and self.engine.dialect.name == "postgresql":
+                if write and lock is not None and self.engine.dialect.name == "postgresql":
                     conn.execute(
                         text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(lock)}
                     )
                 yield conn
 
     @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn, conn.begin():
+    def _write(self, lock: str | None = None) -> Iterator[Connection]:
+        with self._translated("write to"), self._transaction(True, lock) as conn:
             yield conn
 
-    def _ensure_schema(self) -> None:
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._translated("read", unreachable_passes=True), self._transaction(False) as conn:
+            yield conn
+
+    @contextmanager
+    def _translated(self, doing: str, unreachable_passes: bool = False) -> Iterator[None]:
+        """The database's errors as one line naming the store and the reason."""
         try:
-            with self._write(lock="schema") as conn:
-                schema.metadata.create_all(conn, checkfirst=True)
-                row = conn.execute(
-                    select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
-                ).first()
-                if row is None:
+            yield
+        except DBAPIError as exc:
+            # A server that went away, on a read: left as it is, because the mount answers it
+            # with EIO, while it takes an ArtifactfsError from a run lookup for "no such run".
+            if unreachable_passes and self._unreachable(exc):
+                raise
+            raise _store_error(self.uri, doing, exc) from None
+
+    def _unreachable(self, exc: DBAPIError) -> bool:
+        return isinstance(exc, OperationalError) and self.engine.dialect.name != "sqlite"
+
+    def _ensure_schema(self) -> None:
+        """Refuse anything but an empty database or a store of this schema, and only then
+        create the tables (in an empty one). The check is a read: it never waits for a
+        writer, and works on a store this user may only read."""
+        with self._translated("open"):
+            with self._transaction(write=False) as conn:
+                if not self._needs_tables(conn):
+                    return
+            self._use_wal()
+            with self._transaction(write=True, lock="schema") as conn:
+                if self._needs_tables(conn):  # unless another process made them meanwhile
+                    schema.metadata.create_all(conn, checkfirst=False)
                     conn.execute(
                         schema.meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
                     )
-                    return
-                version = int(row[0])
-                missing = _missing_column(conn) if version == SCHEMA_VERSION else None
-                if missing is not None:  # raised in the transaction: it rolls back
-                    raise ArtifactfsError(
-                        f"store {self.uri} says schema version {version} but has no column "
-                        f"{missing}: it was written by a pre-release artifactfs; move it away "
-                        "or pass another --store"
-                    )
-        except OperationalError as exc:
-            reason = " ".join(str(exc.orig).split())
-            raise ArtifactfsError(f"cannot open store {self.uri}: {reason}") from None
+
+    def _needs_tables(self, conn: Connection) -> bool:
+        """True for an empty database, False for a store of this schema; anything else is
+        refused (another application's database, another version, a pre-release layout)."""
+        inspector = inspect(conn)
+        names = set(inspector.get_table_names()) | set(inspector.get_view_names())
+        if schema.meta.name not in names:
+            if not names:
+                return True
+            shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+            raise ArtifactfsError(
+                f"store {self.uri} is not an artifactfs store: the database has other tables "
+                f"({shown}) and no {schema.meta.name}; pass another --store"
+            )
+        version = self._schema_version(conn)
+        problem = _layout_problem(inspector, names)
+        if problem is not None:
+            raise ArtifactfsError(
+                f"store {self.uri} says schema version {version} but has {problem}: it was "
+                "written by a pre-release artifactfs; move it away or pass another --store"
+            )
+        return False
+
+    def _schema_version(self, conn: Connection) -> int:
+        """The store's schema version, refused unless it is this artifactfs's."""
+        m = schema.meta
+        value = conn.execute(select(m.c.value).where(m.c.key == "schema_version")).scalar()
+        text_value = str(value).strip() if value is not None else ""
+        if not (text_value.isascii() and text_value.isdigit()):
+            found = "no schema version" if value is None else f"schema version {value!r}"
+            raise ArtifactfsError(
+                f"store {self.uri} has {found} in {m.name}: it is damaged or was not made by "
+                "artifactfs; pass another --store"
+            )
+        version = int(text_value)
         if version > SCHEMA_VERSION:
             raise ArtifactfsError(
                 f"store {self.uri} has schema version {version}, newer than this artifactfs "
                 f"understands ({SCHEMA_VERSION}): upgrade artifactfs"
             )
+        if version < SCHEMA_VERSION:
+            raise ArtifactfsError(
+                f"store {self.uri} has schema version {version}, older than this artifactfs "
+                f"can use ({SCHEMA_VERSION})"
+            )
+        return version
+
+    def _use_wal(self) -> None:
+        """A new SQLite store is put in WAL mode (it stays so), where readers never wait for
+        a writer. Only for a store being created: on any other file it would be a write."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        with self.engine.connect() as conn:
+            conn.execution_options(sqlite_begin="")  # cannot change inside a transaction
+            conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+            conn.commit()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -297,10 +369,12 @@ class Store:
         with self._write() as conn:
             number = conn.execute(
                 update(p)
-                .where(p.c.id == record.id)
+                .where(p.c.id == record.id, p.c.last_number < MAX_RUN_NUMBER)
                 .values(last_number=p.c.last_number + 1)
                 .returning(p.c.last_number)
-            ).scalar_one()
+            ).scalar_one_or_none()
+            if number is None:  # the same refusal on both backends, before INTEGER overflows
+                raise ArtifactfsError(f"project {project} has used every run number")
             run_id = f"{record.key}-{number}"
             created = now_text()
             result = conn.execute(
@@ -655,14 +729,54 @@ def _insert_rows(conn: Connection, table: Table, rows: Sequence[tuple[Any, ...]]
         conn.exec_driver_sql(sql, params)
 
 
-def _missing_column(conn: Connection) -> str | None:
-    """`table.column` of the first column this schema needs that the database lacks, if any:
-    a store made by a development build under the same version number is refused clearly,
-    not met with SQL errors later."""
-    inspector = inspect(conn)
+def _layout_problem(inspector: Inspector, names: set[str]) -> str | None:
+    """The first column or table this schema needs that the database lacks, if any: a store
+    made by a development build under the same version number is refused clearly, not met
+    with SQL errors later (nor "repaired" with tables it never had)."""
     for table in schema.metadata.sorted_tables:
-        found = {column["name"] for column in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name not in found:
-                return f"{table.name}.{column.name}"
+        if table.name in names:
+            found = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in found:
+                    return f"no column {table.name}.{column.name}"
+    for table in schema.metadata.sorted_tables:
+        if table.name not in names:
+            return f"no table {table.name}"
     return None
+
+
+def _is_sqlite_uri(url: URL) -> bool:
+    """`sqlite:///file:...?uri=true`: the database is an SQLite URI, not a path to make."""
+    return str(url.query.get("uri", "")).lower() in ("true", "1", "yes", "on", "t", "y")
+
+
+def _make_parent_directory(path: Path, uri: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # a file where a directory must be
+        raise ArtifactfsError(
+            f"cannot open store {_redact(uri)}: {exc.filename} is not a directory"
+        ) from None
+    except OSError as exc:
+        raise ArtifactfsError(
+            f"cannot open store {_redact(uri)}: cannot create {exc.filename or path.parent}: "
+            f"{exc.strerror or exc}"
+        ) from None
+
+
+def _store_error(uri: str, doing: str, exc: DBAPIError) -> ArtifactfsError:
+    """One line: the store, and the database's reason (read-only ones said plainly)."""
+    reason = " ".join(str(exc.orig).split())
+    code = getattr(exc.orig, "sqlite_errorname", None) or ""
+    if code == "SQLITE_READONLY_DIRECTORY":
+        return ArtifactfsError(
+            f"store {uri} is in a directory this user cannot write, where SQLite must create "
+            f"its journal files (for a store in WAL mode, even to read it): {reason}"
+        )
+    if (
+        code.startswith("SQLITE_READONLY")
+        or getattr(exc.orig, "sqlstate", None) == "25006"  # read_only_sql_transaction
+        or "readonly database" in reason
+    ):
+        return ArtifactfsError(f"store {uri} is read-only: {reason}")
+    return ArtifactfsError(f"cannot {doing} store {uri}: {reason}")

@@ -29,7 +29,7 @@ from cachetools import LRUCache
 from artifactfs import __version__
 from artifactfs.entries import ArtifactFileData, path_problem
 from artifactfs.errors import ArtifactfsError, NotFoundError
-from artifactfs.naming import ProjectName, validate_field_path
+from artifactfs.naming import ProjectName, parse_run_id, validate_field_path
 from artifactfs.store import ArtifactRecord, Store
 
 log = logging.getLogger(__name__)
@@ -230,9 +230,13 @@ class Tree:
     def _run_lookup(self, parent: Node, name: str) -> Node | None:
         """One run by name, without listing the project's (possibly many) runs."""
         try:
-            record = self.store.get_run(name)
-        except ArtifactfsError:  # not a run id, or no such run
+            parse_run_id(name)
+        except ArtifactfsError:  # not a run id: no such entry
             return None
+        try:
+            record = self.store.get_run(name)
+        except NotFoundError:
+            return None  # any other failure (a damaged store, one out of reach) is EIO
         # The store forgives spaces around an id ("PRJ-1 "); a name in the mount is exact,
         # or one run would answer to many names the listing never shows.
         if record.run_id != name:

@@ -34,7 +34,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, Inspector, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 
 from artifactfs.entries import ArtifactFileData, artifact_id_and_hash
 from artifactfs.errors import ArtifactfsError, NotFoundError
@@ -214,23 +214,17 @@ class Store:
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        with self._translated("read", unreachable_passes=True), self._transaction(False) as conn:
+        with self._translated("read"), self._transaction(False) as conn:
             yield conn
 
     @contextmanager
-    def _translated(self, doing: str, unreachable_passes: bool = False) -> Iterator[None]:
-        """The database's errors as one line naming the store and the reason."""
+    def _translated(self, doing: str) -> Iterator[None]:
+        """The database's errors as one line naming the store and the reason (the mount
+        answers them with EIO: only NotFoundError means "no such run" there)."""
         try:
             yield
         except DBAPIError as exc:
-            # A server that went away, on a read: left as it is, because the mount answers it
-            # with EIO, while it takes an ArtifactfsError from a run lookup for "no such run".
-            if unreachable_passes and self._unreachable(exc):
-                raise
             raise _store_error(self.uri, doing, exc) from None
-
-    def _unreachable(self, exc: DBAPIError) -> bool:
-        return isinstance(exc, OperationalError) and self.engine.dialect.name != "sqlite"
 
     def _ensure_schema(self) -> None:
         """Refuse anything but an empty database or a store of this schema, and only then

@@ -60,6 +60,9 @@ class ArtifactFileData:
     def with_path(self, file_path: str) -> ArtifactFileData:
         return ArtifactFileData(file_path, self.file_hash, self.type, self.size, self.metadata)
 
+    def with_size(self, size: int) -> ArtifactFileData:
+        return ArtifactFileData(self.file_path, self.file_hash, self.type, size, self.metadata)
+
 
 def path_problem(path: str) -> str | None:
     """Why `path` is not a safe relative POSIX path inside a tree, or None if it is."""

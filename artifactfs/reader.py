@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from cachetools import LRUCache, TTLCache
 
@@ -167,6 +167,8 @@ class Reader:
         )
         # Local files checked: (path, their `_file_state`, tracked hash).
         self._verified_local: set[tuple[str, int, int, int, int, int, str]] = set()
+        # Sizes learned for entries tracked without one (a few ints each).
+        self._learned_sizes: LRUCache[FileId, int] = LRUCache(maxsize=65_536)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -184,7 +186,9 @@ class Reader:
         wanted: list[_Prefetch] = []
         taken = 0
         for entry in entries:
-            if entry.type != TYPE_LOCAL and self._chunk_count(entry.size or 0) == 1:
+            # (A file tracked without a size is not: its size is learned when it is read.)
+            small = entry.size is not None and self._chunk_count(entry.size) == 1
+            if entry.type != TYPE_LOCAL and small:
                 key = self._key(entry, 0)
                 if not self.cache.contains(key):
                     with self._lock:
@@ -285,12 +289,11 @@ class Reader:
                 self._settle(item, data)
 
     def iter_file(self, entry: ArtifactFileData) -> Iterator[bytes]:
-        """Every byte of the entry, chunk by chunk, through the cache (with read-ahead). A
-        remote file of unknown size (an imported entry may have none) is streamed whole from
-        its source, uncached: chunks are cut by the size."""
-        if entry.size is None and entry.type != TYPE_LOCAL:
-            yield from source_for_entry(entry).open_stream(entry)
-            return
+        """Every byte of the entry, chunk by chunk, through the cache (with read-ahead)."""
+        try:
+            entry = self.sized(entry)
+        except ArtifactfsError as exc:
+            raise ReadError(str(exc)) from None
         size = entry.size or 0
         for offset in range(0, size, self.chunk_size):
             yield self.read(entry, offset, self.chunk_size)
@@ -298,11 +301,12 @@ class Reader:
     # -- public -----------------------------------------------------------------------------
 
     def read(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
-        size = entry.size or 0
-        if offset >= size or length <= 0:
-            return b""
-        length = min(length, size - offset)
         try:
+            entry = self.sized(entry)
+            size = entry.size or 0
+            if offset >= size or length <= 0:
+                return b""
+            length = min(length, size - offset)
             if file_identity(entry) in self._failed_files:
                 self._reverify_unless_failed_lately(entry)
             if entry.type == TYPE_LOCAL:
@@ -314,6 +318,27 @@ class Reader:
         except ArtifactfsError as exc:
             self.cache.record_error()
             raise ReadError(str(exc)) from None
+
+    def sized(self, entry: ArtifactFileData) -> ArtifactFileData:
+        """The entry with its size: as tracked, else (an imported entry may have none) as its
+        source says, asked once, by the check that its bytes are still the tracked ones.
+        Chunks, caching and checks all go by the size."""
+        if entry.size is not None:
+            return entry
+        size = self.known_size(entry)
+        if size is None:
+            source = source_for_entry(entry)
+            size = _with_retries(lambda: source.check(entry), self.deadline, entry.source_url)
+            with self._lock:
+                self._learned_sizes[file_identity(entry)] = size
+        return entry.with_size(size)
+
+    def known_size(self, entry: ArtifactFileData) -> int | None:
+        """The entry's size if it is tracked or was learned (no I/O), else None."""
+        if entry.size is not None:
+            return entry.size
+        with self._lock:
+            return self._learned_sizes.get(file_identity(entry))
 
     def read_if_ready(self, entry: ArtifactFileData, offset: int, length: int) -> memoryview | None:
         """The bytes of `read`, if they can be answered without any I/O or wait: a read within
@@ -843,7 +868,10 @@ class Reader:
                 log.error("%s", exc)
 
 
-def _with_retries(fetch: Callable[[], bytes], deadline: float, url: str) -> bytes:
+T = TypeVar("T")
+
+
+def _with_retries(fetch: Callable[[], T], deadline: float, url: str) -> T:
     """Retry transient failures with exponential back-off until `deadline` seconds pass.
 
     All attempts run in one `RequestDeadline`: a request still under way when it passes is cut

@@ -103,6 +103,8 @@ class ArtifactOperations(pyfuse3.Operations):
         return handle
 
     def _entry_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        if _size_untracked(node):
+            return self._build_attributes(node)  # its size comes from the source: not kept
         if node.immutable:
             # Built once per node: a warm `find -ls` replies with thousands of these, and the
             # attributes of a node inside an artifact never change (pyfuse3 copies them out).
@@ -121,14 +123,22 @@ class ArtifactOperations(pyfuse3.Operations):
         # is tracked again: that name is looked up again as often as a listing is.
         entry.entry_timeout = IMMUTABLE_TIMEOUT if node.name_is_final else LISTING_TIMEOUT
         entry.attr_timeout = IMMUTABLE_TIMEOUT if node.immutable else LISTING_TIMEOUT
+        size = attributes.size
+        if _size_untracked(node):
+            # Tracked without a size: the source's, once learned. Until then the kernel keeps
+            # none of these attributes: its next stat comes here (getattr learns the size).
+            assert node.entry is not None
+            learned = self.reader.known_size(node.entry)
+            size = learned or 0
+            entry.attr_timeout = 0 if learned is None else LISTING_TIMEOUT
         entry.st_mode = attributes.mode
         entry.st_nlink = attributes.nlink
         entry.st_uid = self._uid
         entry.st_gid = self._gid
         entry.st_rdev = 0
-        entry.st_size = attributes.size
+        entry.st_size = size
         entry.st_blksize = 128 * 1024
-        entry.st_blocks = -(-attributes.size // 512)
+        entry.st_blocks = -(-size // 512)
         entry.st_atime_ns = attributes.mtime_ns
         entry.st_mtime_ns = attributes.mtime_ns
         entry.st_ctime_ns = attributes.mtime_ns
@@ -151,10 +161,22 @@ class ArtifactOperations(pyfuse3.Operations):
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         self._remember(node)
+        await self._learn_size(node)
         return self._entry_attributes(node)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry_attributes(self._node(inode))
+        node = self._node(inode)
+        await self._learn_size(node)
+        return self._entry_attributes(node)
+
+    async def _learn_size(self, node: Node) -> None:
+        """For a file tracked without a size: ask its source, once (stat shows 0 if it
+        cannot answer; a read then fails with EIO)."""
+        if _size_untracked(node):
+            assert node.entry is not None
+            if self.reader.known_size(node.entry) is None:
+                with contextlib.suppress(pyfuse3.FUSEError):
+                    await self._call(self.reader.sized, node.entry)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
@@ -216,6 +238,9 @@ class ArtifactOperations(pyfuse3.Operations):
         handle = self._new_handle()
         self._open_files[handle] = node
         self.prefetcher.opened(node)
+        if _size_untracked(node):
+            # The kernel's idea of its size may be 0 still: every read comes here instead.
+            return pyfuse3.FileInfo(fh=handle, direct_io=True)
         # The bytes behind an inode never change: keep the page cache across opens.
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
@@ -329,3 +354,8 @@ async def _finished(future: Future[Any], timeout: float) -> bool:
     with trio.move_on_after(timeout):
         await done.wait()
     return future.done()
+
+
+def _size_untracked(node: Node) -> bool:
+    """A file whose entry has no size (an imported one may not)."""
+    return node.kind is Kind.FILE and node.entry is not None and node.entry.size is None

@@ -59,8 +59,9 @@ class Source(ABC):
         """The tracked bytes [offset, offset+length) in pieces; raises SourceChangedError."""
 
     @abstractmethod
-    def check(self, entry: ArtifactFileData) -> None:
-        """Raise SourceChangedError unless the source still holds the tracked bytes."""
+    def check(self, entry: ArtifactFileData) -> int:
+        """Raise SourceChangedError unless the source still holds the tracked bytes; their
+        size (known so, where the entry has none: an imported one may not)."""
 
     def read_range(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
         return b"".join(self.open_stream(entry, offset, length))

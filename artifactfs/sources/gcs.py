@@ -276,16 +276,16 @@ class GCSSource(Source):
             raise SourceChangedError(entry.source_url, problem)
         return _iter_response(response, entry.source_url)
 
-    def check(self, entry: ArtifactFileData) -> None:
+    def check(self, entry: ArtifactFileData) -> int:
         from google.cloud.storage.retry import DEFAULT_RETRY
 
         # As a read's, the metadata answer must come whole in time (one trickled a byte at a
         # time never trips a socket timeout), and the library's retries (120 s by default)
         # end with it: every request after the deadline fails at once.
         with RequestDeadline(CHECK_DEADLINE, entry.source_url):
-            self._check(entry, retry=DEFAULT_RETRY.with_timeout(CHECK_DEADLINE))
+            return self._check(entry, retry=DEFAULT_RETRY.with_timeout(CHECK_DEADLINE))
 
-    def _check(self, entry: ArtifactFileData, retry: Any) -> None:
+    def _check(self, entry: ArtifactFileData, retry: Any) -> int:
         """`check` with the client library's `retry` (None: one attempt)."""
         from google.api_core.exceptions import Forbidden, GoogleAPIError, Unauthorized
         from requests.exceptions import RequestException
@@ -329,6 +329,7 @@ class GCSSource(Source):
             raise SourceChangedError(
                 entry.source_url, f"size is {size} bytes, tracked {entry.size}"
             )
+        return size
 
 
 def _status_error(entry: ArtifactFileData, status: int) -> ArtifactfsError:

@@ -206,7 +206,7 @@ class LocalSource(Source):
             raise SourceChangedError(entry.source_url, f"cannot read: {exc.strerror}") from None
         return _read_pieces(handle, offset, length)
 
-    def check(self, entry: ArtifactFileData) -> None:
+    def check(self, entry: ArtifactFileData) -> int:
         path = local_path_of(entry.source_url)
         try:
             info = os.stat(path)
@@ -232,6 +232,7 @@ class LocalSource(Source):
             raise SourceChangedError(
                 entry.source_url, f"content hash is {digest}, tracked {entry.file_hash}"
             )
+        return info.st_size
 
 
 def _entries(hashed: list[tuple[Found, str]]) -> Iterator[ArtifactFileData]:

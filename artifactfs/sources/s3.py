@@ -443,7 +443,7 @@ class S3Source(Source):
             return None
         return await s3_loop.read_many(lean, entries, seconds)
 
-    def check(self, entry: ArtifactFileData) -> None:
+    def check(self, entry: ArtifactFileData) -> int:
         from botocore.exceptions import ClientError
 
         bucket, key = parse_s3_url(entry.source_url)
@@ -463,11 +463,12 @@ class S3Source(Source):
         etag = clean_etag(head.get("ETag", ""))
         if etag != entry.file_hash:
             raise SourceChangedError(entry.source_url, f"ETag is {etag}, tracked {entry.file_hash}")
-        size = _required(head, "ContentLength", entry.source_url)
+        size: int = _required(head, "ContentLength", entry.source_url)
         if entry.size is not None and size != entry.size:
             raise SourceChangedError(
                 entry.source_url, f"size is {size} bytes, tracked {entry.size}"
             )
+        return size
 
 
 def _unsaid_length(

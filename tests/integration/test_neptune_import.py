@@ -179,6 +179,40 @@ def test_a_remote_file_of_unknown_size_downloads_whole(cli, tmp_path: Path, s3: 
     assert (tmp_path / "out" / "big.bin").read_bytes() == body
 
 
+def test_files_of_unknown_size_read_whole_through_the_mount(
+    cli, tmp_path: Path, s3: S3Bucket
+) -> None:
+    """Entries without a size, local and remote: the mount shows the size their source says
+    (checked to be the tracked bytes) and reads them whole, not as empty files."""
+    local_body = b"local, of unknown size\n" * 100
+    local = make_tree(tmp_path / "data", {"local.txt": local_body}) / "local.txt"
+    remote_body = bytes(range(256)) * 3000
+    etag = s3.put("unsized/remote.bin", remote_body)["ETag"].strip('"')
+    entries = [
+        wire_entry(
+            "local.txt",
+            hashlib.sha1(local_body).hexdigest(),
+            "Local",
+            0,
+            file_path=f"file://{local}",
+        ),
+        wire_entry("remote.bin", etag, "S3", 0, location=s3.url("unsized/remote.bin")),
+    ]
+    for entry in entries:
+        entry["size"] = None
+    write_export(tmp_path / "export", "ml/p/P-4/data", entries)
+    assert cli("import-neptune", str(tmp_path / "export")).returncode == 0
+    with mounted(tmp_path / "mnt", "--cache-dir", str(tmp_path / "cache")) as mount:
+        base = mount.path / "ml" / "p" / "P-4" / "data"
+        listed = {p.name: p.stat().st_size for p in base.iterdir()}
+        assert listed == {"local.txt": len(local_body), "remote.bin": len(remote_body)}
+        assert (base / "local.txt").read_bytes() == local_body
+        assert (base / "remote.bin").read_bytes() == remote_body
+        with open(base / "remote.bin", "rb") as handle:
+            handle.seek(100_000)
+            assert handle.read(5000) == remote_body[100_000:105_000]
+
+
 def test_conflicting_run_is_reported_and_not_overwritten(cli, export: dict) -> None:
     assert cli("import-neptune", str(export["root"]), *export["rebases"]).returncode == 0
     hash_before = cli("hash", "CLS-45", "data_versions").last_line

@@ -10,17 +10,10 @@ import pytest
 import artifactfs
 from artifactfs.store import Store
 from tests.conftest import make_tree
+from tests.support.stores import store_counts
 
 # Every test here runs against SQLite and against PostgreSQL.
 pytestmark = pytest.mark.store_backends
-
-
-def store_counts() -> dict[str, int]:
-    store = Store()
-    try:
-        return store.counts()
-    finally:
-        store.close()
 
 
 @pytest.fixture

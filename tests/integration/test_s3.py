@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 import artifactfs
-from artifactfs.store import Store
-from tests.conftest import make_tree
+from tests.support.stores import make_local_store, store_counts
 
 pytestmark = pytest.mark.s3
 
@@ -41,21 +40,6 @@ def track(url: str, field: str = "data", project: str = "ml/cls") -> artifactfs.
 
 def files_by_path(run: artifactfs.Run, field: str = "data") -> dict[str, Any]:
     return {f.file_path: f for f in run[field].fetch_files_list()}
-
-
-def store_counts() -> dict[str, int]:
-    store = Store()
-    try:
-        return store.counts()
-    finally:
-        store.close()
-
-
-def make_local_store(cli: Any, tmp_path: Path) -> None:
-    """Create the default store with one local run, so 'store unchanged' means something."""
-    local = make_tree(tmp_path / "local", {"seed.txt": b"seed"})
-    result = cli("--project", "seed", "track", "seed", str(local))
-    assert result.returncode == 0, result.stderr
 
 
 def assert_one_line_refusal(result: Any, code: int = 2) -> str:

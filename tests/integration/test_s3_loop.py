@@ -11,11 +11,9 @@ block (building the client, learning a bucket's route) runs on the loop.
 from __future__ import annotations
 
 import hashlib
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +40,7 @@ from tests.support.s3_helpers import (
     tls_server_with_one_object,
     track,
 )
-from tests.support.servers import accepted
+from tests.support.servers import ScriptedHttpServer
 
 pytestmark = pytest.mark.s3
 
@@ -203,36 +201,17 @@ def test_a_fault_leaves_that_object_to_the_reader_and_holds_up_no_other(
     assert took < 10.0, took  # the time limit (5 s) holds, whatever the server does
 
 
-class ScriptedServer:
+class ScriptedServer(ScriptedHttpServer):
     """Answers every request on a connection with `answer(body)`, as given: answers no S3
     server should send, to see that none of them is taken for the object's bytes."""
 
     def __init__(self, answer: Callable[[bytes], bytes], body: bytes) -> None:
         self._answer = answer
         self._body = body
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        for client in accepted(self._listener, self._stop):
-            with client, suppress(OSError):
-                client.settimeout(5)
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    piece = client.recv(4096)
-                    if not piece:
-                        break
-                    head += piece
-                client.sendall(self._answer(self._body))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self._listener.close()
+    def answer(self, request: str) -> bytes:
+        return self._answer(self._body)
 
 
 def _etag(body: bytes) -> str:

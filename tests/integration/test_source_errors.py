@@ -15,13 +15,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -31,31 +29,16 @@ import artifactfs
 from artifactfs.checks import verify_entries
 from artifactfs.entries import ArtifactFileData
 from artifactfs.sources import reset_sources, source_for_type
-from artifactfs.store import Store
 from tests.conftest import CliResult, GCSBucket, S3Bucket, make_tree
 from tests.support.faultproxy import fault_proxy
-from tests.support.servers import accepted
+from tests.support.servers import ScriptedHttpServer
+from tests.support.stores import make_local_store, store_counts
 
 CHECK_DEADLINE = 3.0  # the check deadline these tests set (30 s by default)
 BOUND = 15.0  # a check cut off at CHECK_DEADLINE ends well within this
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def store_counts() -> dict[str, int]:
-    store = Store()
-    try:
-        return store.counts()
-    finally:
-        store.close()
-
-
-def make_local_store(cli: Any, tmp_path: Path) -> None:
-    """The default store with one local run, so that 'store unchanged' means something."""
-    local = make_tree(tmp_path / "seed", {"seed.txt": b"seed"})
-    result = cli("--project", "seed", "track", "seed", str(local))
-    assert result.returncode == 0, result.stderr
 
 
 def one_line(result: CliResult, code: int) -> str:
@@ -105,7 +88,7 @@ def short_check_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gcs, "CHECK_DEADLINE", CHECK_DEADLINE)
 
 
-class ScriptedS3:
+class ScriptedS3(ScriptedHttpServer):
     """A plain-HTTP S3 look-alike for one bucket `bkt` and object `obj` (path style), one
     request per connection. `head_length`: whether a HEAD says the object's Content-Length;
     `cut_gets`: how many GETs of the object get a body cut in half, with no Content-Length
@@ -120,26 +103,9 @@ class ScriptedS3:
         self.head_length = True
         self.cut_gets = 0
         self.gets = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        for client in accepted(self._listener, self._stop):
-            with client, suppress(OSError):
-                client.settimeout(5)
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    piece = client.recv(4096)
-                    if not piece:
-                        break
-                    head += piece
-                client.sendall(self._answer(head.decode("latin-1")))
-
-    def _answer(self, request: str) -> bytes:
+    def answer(self, request: str) -> bytes:
         lines = request.split("\r\n")
         method, target, _ = lines[0].split(" ", 2)
         headers = {
@@ -174,11 +140,6 @@ class ScriptedS3:
 
     def object_url(self) -> str:
         return f"s3://{self.BUCKET}/{self.KEY}"
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self._listener.close()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -39,6 +39,39 @@ def accepted(listener: socket.socket, stop: threading.Event) -> Iterator[socket.
         except TimeoutError:
             continue
         yield client
+
+
+class ScriptedHttpServer:
+    """An in-process HTTP server on 127.0.0.1 that answers each connection's one request with
+    `answer(request head)`: for answers no real server gives. Stop it with `close()`."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def answer(self, request: str) -> bytes:
+        raise NotImplementedError
+
+    def _serve(self) -> None:
+        for client in accepted(self._listener, self._stop):
+            with client, suppress(OSError):
+                client.settimeout(5)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    piece = client.recv(4096)
+                    if not piece:
+                        break
+                    head += piece
+                client.sendall(self.answer(head.decode("latin-1")))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._listener.close()
 
 
 def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:

@@ -82,6 +82,11 @@ def parse_run_id(text: str) -> tuple[str, int]:
     return match.group(1), number
 
 
+def field_namespace_conflict(field_path: str, other: str) -> bool:
+    """Whether one of two fields of a run would be a namespace of the other (`a`, `a/b`)."""
+    return other.startswith(field_path + "/") or field_path.startswith(other + "/")
+
+
 def validate_field_path(path: str) -> str:
     """A field path like `data_versions` or `datasets/train`, outside the reserved `sys/`."""
     problem = path_problem(path)

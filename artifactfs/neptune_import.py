@@ -25,7 +25,13 @@ from artifactfs.entries import (
     path_problem,
 )
 from artifactfs.errors import ArtifactfsError, NotFoundError
-from artifactfs.naming import ProjectName, parse_project, parse_run_id, validate_field_path
+from artifactfs.naming import (
+    ProjectName,
+    field_namespace_conflict,
+    parse_project,
+    parse_run_id,
+    validate_field_path,
+)
 from artifactfs.store import Store
 
 FILES_LIST = "files_list.json"
@@ -206,9 +212,7 @@ def _import_field(
     if dry_run_plan is not None:
         planned = dry_run_plan.setdefault(exported.run_id, [])
         for other in [*stored, *planned]:
-            if other.startswith(exported.field_path + "/") or exported.field_path.startswith(
-                other + "/"
-            ):
+            if field_namespace_conflict(exported.field_path, other):
                 raise ArtifactfsError(
                     f"field {exported.field_path!r} conflicts with field {other!r} of run "
                     f"{exported.run_id}: a field cannot be a namespace of another"

@@ -42,6 +42,7 @@ from artifactfs.naming import (
     MAX_RUN_NUMBER,
     ProjectName,
     derive_project_key,
+    field_namespace_conflict,
     parse_run_id,
     validate_project_key,
 )
@@ -553,7 +554,7 @@ class Store:
         for other in self._field_names(conn, run.id):
             if other == field_path:
                 continue
-            if other.startswith(field_path + "/") or field_path.startswith(other + "/"):
+            if field_namespace_conflict(field_path, other):
                 raise ArtifactfsError(
                     f"field {field_path!r} conflicts with field {other!r} of run {run.run_id}: "
                     "a field cannot be a namespace of another"

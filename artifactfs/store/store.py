@@ -244,12 +244,16 @@ class Store:
                     )
 
     def _needs_tables(self, conn: Connection) -> bool:
-        """True for an empty database, False for a store of this schema; anything else is
-        refused (another application's database, another version, a pre-release layout)."""
+        """True for an empty database (or a PostgreSQL one that others share: its tables are
+        left as they are, ours go beside them), False for a store of this schema; anything
+        else is refused (an SQLite file of another application, another schema version, a
+        pre-release layout, some of our tables without the rest)."""
         inspector = inspect(conn)
         names = set(inspector.get_table_names()) | set(inspector.get_view_names())
         if schema.meta.name not in names:
-            if not names:
+            ours = names & {table.name for table in schema.metadata.sorted_tables}
+            shared = self.engine.dialect.name == "postgresql" and not ours
+            if not names or shared:
                 return True
             shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
             raise ArtifactfsError(

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, func, inspect, select, text
@@ -164,6 +165,8 @@ SPOILED = {
 def test_a_store_artifactfs_cannot_use_is_refused_and_left_table_for_table_unchanged(
     cli, tmp_path: Path, data: Path, case: str, store_backend: str
 ) -> None:
+    if case == "another application" and store_backend == "postgresql":
+        pytest.skip("a PostgreSQL database may be shared: test_a_shared_postgresql_database_...")
     statements, words = SPOILED[case]
     uri = resolve_store_uri(None)  # this test's store: a file, or a fresh PostgreSQL database
     path = Path(uri.removeprefix("sqlite:///")) if store_backend == "sqlite" else None
@@ -185,6 +188,21 @@ def test_a_store_artifactfs_cannot_use_is_refused_and_left_table_for_table_uncha
     assert database_snapshot(uri) == before
     if path is not None:
         assert path.read_bytes() == bytes_before
+
+
+def test_a_shared_postgresql_database_gets_artifactfs_tables_beside_its_own(
+    cli, postgres: Any, data: Path
+) -> None:
+    """A team may point artifactfs at a database other applications use too: its tables go
+    beside theirs, which are left exactly as they were."""
+    uri = postgres.uri(postgres.create_database())
+    run_sql(uri, *SPOILED["another application"][0])
+    users_before = database_snapshot(uri)["users"]
+    tracked = cli("--store", uri, "--project", "p", "track", "f", str(data))
+    assert tracked.returncode == 0, tracked.stderr
+    after = database_snapshot(uri)
+    assert after["users"] == users_before
+    assert "artifactfs_meta" in after and after["runs"][1] == 1
 
 
 # -- read-only stores ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from artifactfs.entries import ArtifactFileData
-from artifactfs.errors import ArtifactfsError, SourceChangedError
+from artifactfs.errors import AccessDeniedError, ArtifactfsError, SourceChangedError
 from artifactfs.progress import progress_bar
 from artifactfs.sources import source_for_entry
 
@@ -25,6 +25,8 @@ class VerifyProblem:
 def _problem(entry: ArtifactFileData) -> VerifyProblem | None:
     try:
         source_for_entry(entry).check(entry)
+    except AccessDeniedError as exc:
+        return VerifyProblem(str(exc), changed=False)
     except SourceChangedError as exc:
         return VerifyProblem(str(exc), changed=True)
     except ArtifactfsError as exc:

@@ -34,5 +34,11 @@ class SourceChangedError(CheckFailedError):
         self.reason = reason
 
 
+class AccessDeniedError(SourceChangedError):
+    """The source refuses this user (403, a file it may not read): no read can succeed, so a
+    read fails for good as for a changed source; but `verify` cannot tell whether the bytes
+    are still the tracked ones."""
+
+
 class TransientSourceError(ArtifactfsError):
     """A source could not be read this time (network, throttling, timeouts): worth a retry."""

@@ -239,6 +239,13 @@ def current_deadline() -> RequestDeadline | None:
     return found
 
 
+def within_current_deadline(seconds: float) -> float:
+    """`seconds`, or less if this thread's scope ends sooner: a scope opened inside another
+    (a check run by a read) must not outlast it."""
+    outer = current_deadline()
+    return seconds if outer is None else max(0.0, min(seconds, outer.remaining()))
+
+
 def deadline_passed() -> bool:
     """Whether this thread's scope (if any) has passed its deadline."""
     deadline = current_deadline()

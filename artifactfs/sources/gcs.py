@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from artifactfs.entries import TYPE_GCS, ArtifactFileData
 from artifactfs.errors import (
+    AccessDeniedError,
     ArtifactfsError,
     CredentialsError,
     NotFoundError,
@@ -40,6 +41,7 @@ from artifactfs.sources.base import (
     parse_bucket_url,
     timeout_within_deadline,
     watched_pool_classes,
+    within_current_deadline,
 )
 from artifactfs.verification import GCS_HASH_KEY
 
@@ -282,7 +284,7 @@ class GCSSource(Source):
         # As a read's, the metadata answer must come whole in time (one trickled a byte at a
         # time never trips a socket timeout), and the library's retries (120 s by default)
         # end with it: every request after the deadline fails at once.
-        with RequestDeadline(CHECK_DEADLINE, entry.source_url):
+        with RequestDeadline(within_current_deadline(CHECK_DEADLINE), entry.source_url):
             return self._check(entry, retry=DEFAULT_RETRY.with_timeout(CHECK_DEADLINE))
 
     def _check(self, entry: ArtifactFileData, retry: Any) -> int:
@@ -324,7 +326,9 @@ class GCSSource(Source):
             raise SourceChangedError(
                 entry.source_url, f"{algorithm} is {current_hash}, tracked {entry.file_hash}"
             )
-        size = int(blob.size or 0)
+        if blob.size is None:  # the size of a file tracked without one comes from here
+            raise TransientSourceError(f"{entry.source_url}: the object's metadata has no size")
+        size = int(blob.size)
         if entry.size is not None and size != entry.size:
             raise SourceChangedError(
                 entry.source_url, f"size is {size} bytes, tracked {entry.size}"
@@ -341,7 +345,7 @@ def _status_error(entry: ArtifactFileData, status: int) -> ArtifactfsError:
     if status == 416:
         return SourceChangedError(entry.source_url, "object is shorter than tracked")
     if status in (401, 403):
-        return SourceChangedError(entry.source_url, f"access denied: HTTP {status}")
+        return AccessDeniedError(entry.source_url, f"access denied: HTTP {status}")
     return TransientSourceError(f"{entry.source_url}: cannot read: HTTP {status}")
 
 

@@ -14,7 +14,12 @@ from datetime import datetime, timezone
 from typing import BinaryIO, ClassVar
 
 from artifactfs.entries import TYPE_LOCAL, ArtifactFileData
-from artifactfs.errors import ArtifactfsError, NotFoundError, SourceChangedError
+from artifactfs.errors import (
+    AccessDeniedError,
+    ArtifactfsError,
+    NotFoundError,
+    SourceChangedError,
+)
 from artifactfs.hashcache import HashCache
 from artifactfs.sources.base import STREAM_CHUNK, ProgressCallback, Source
 
@@ -212,6 +217,8 @@ class LocalSource(Source):
             info = os.stat(path)
         except FileNotFoundError:
             raise SourceChangedError(entry.source_url, "file no longer exists") from None
+        except PermissionError as exc:
+            raise AccessDeniedError(entry.source_url, f"cannot read: {exc.strerror}") from None
         except OSError as exc:
             raise SourceChangedError(entry.source_url, f"cannot read: {exc.strerror}") from None
         if entry.size is not None and info.st_size != entry.size:
@@ -225,7 +232,9 @@ class LocalSource(Source):
                 digest = sha1_of_file(path)
             except FileNotFoundError:
                 raise SourceChangedError(entry.source_url, "file no longer exists") from None
-            except OSError as exc:  # no permission to read it now, say
+            except PermissionError as exc:  # no permission to read it now
+                raise AccessDeniedError(entry.source_url, f"cannot read: {exc.strerror}") from None
+            except OSError as exc:
                 raise SourceChangedError(entry.source_url, f"cannot read: {exc.strerror}") from None
             self.hash_cache.remember([(key, digest)])
         if digest != entry.file_hash:

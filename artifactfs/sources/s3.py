@@ -40,6 +40,7 @@ from artifactfs.sources.base import (
     deadline_passed,
     parse_bucket_url,
     watched_pool_classes,
+    within_current_deadline,
 )
 from artifactfs.sources.s3_get import (
     LeanGetter,
@@ -183,6 +184,8 @@ def _call_failed(url: str, exc: Exception) -> ArtifactfsError:
         ProfileNotFound,
     )
 
+    if isinstance(exc, ArtifactfsError):
+        return exc  # ours already (s3_client's CredentialsError): said as it is, not retried
     deadline = current_deadline()
     if deadline is not None and deadline.expired:
         return TransientSourceError(deadline.message())  # cut off: nothing else is meant
@@ -452,7 +455,7 @@ class S3Source(Source):
             args["VersionId"] = entry.metadata["version_id"]
         # As a read's, the HEAD's answer must come whole in time: one trickled a byte at a
         # time never trips botocore's read timeout.
-        with RequestDeadline(CHECK_DEADLINE, entry.source_url):
+        with RequestDeadline(within_current_deadline(CHECK_DEADLINE), entry.source_url):
             try:
                 head = s3_client().head_object(**args)
             except ClientError as exc:

@@ -58,7 +58,12 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from artifactfs.entries import ArtifactFileData
-from artifactfs.errors import ArtifactfsError, SourceChangedError, TransientSourceError
+from artifactfs.errors import (
+    AccessDeniedError,
+    ArtifactfsError,
+    SourceChangedError,
+    TransientSourceError,
+)
 from artifactfs.sources.base import (
     check_deadline,
     current_deadline,
@@ -127,7 +132,7 @@ def error_for_code(url: str, code: str, detail: str) -> ArtifactfsError:
     if code in ("InvalidRange", "416"):
         return SourceChangedError(url, "object is shorter than tracked")
     if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        return SourceChangedError(url, f"access denied: {code}")
+        return AccessDeniedError(url, f"access denied: {code}")
     return TransientSourceError(f"{url}: cannot read: {detail}")
 
 

@@ -26,8 +26,10 @@ from typing import Any
 import pytest
 
 import artifactfs
+from artifactfs.cache import ChunkCache
 from artifactfs.checks import verify_entries
 from artifactfs.entries import ArtifactFileData
+from artifactfs.reader import Reader, ReadError
 from artifactfs.sources import reset_sources, source_for_type
 from tests.conftest import CliResult, GCSBucket, S3Bucket, make_tree
 from tests.support.faultproxy import fault_proxy
@@ -78,6 +80,11 @@ def s3_entry(url: str, body: bytes) -> ArtifactFileData:
         len(body),
         {"file_path": url, "location": url, "last_modified": "2025-01-01 00:00:00"},
     )
+
+
+def unsized_entry(entry: ArtifactFileData) -> ArtifactFileData:
+    """The entry as an import without a size records it."""
+    return ArtifactFileData(entry.file_path, entry.file_hash, entry.type, None, entry.metadata)
 
 
 @pytest.fixture
@@ -362,6 +369,7 @@ def test_an_unreadable_local_file_is_refused_by_track_and_reported_by_verify(
         assert "Traceback" not in verified.stderr
         output = verified.stdout + verified.stderr
         assert "secret.txt" in output and "cannot read" in output
+        assert "UNCHECKED f/secret.txt" in verified.stdout  # it may be as tracked
         assert "ok.txt" not in output
     finally:
         secret.chmod(0o644)
@@ -392,3 +400,63 @@ def test_verify_tells_a_source_it_could_not_check_from_one_that_changed(
     assert [line.split(":")[0] for line in lines] == ["UNCHECKED f/a.bin", "UNCHECKED f/b.bin"]
     assert all("127.0.0.1:1" in line for line in lines)
     assert one_line(unreachable, 1).endswith(f"2 of 2 file(s) in {run_id} could not be checked")
+
+
+@pytest.mark.s3
+def test_credentials_that_cannot_be_had_fail_a_check_at_once_as_themselves(
+    s3: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing profile is no reason to retry: `verify` says UNCHECKED with the credentials
+    message as it is, and a read of a file tracked without a size fails at once."""
+    s3.put("creds/a.bin", b"tracked bytes")
+    entry = s3_entry(s3.url("creds/a.bin"), b"tracked bytes")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    reset_sources()
+    problems, took = in_time(lambda: verify_entries([entry], show_progress=False), BOUND)
+    assert took < 5.0, took  # not retried until a deadline
+    (problem,) = problems.values()
+    assert not problem.changed and "no-such-profile" in problem.reason
+    assert "cannot read" not in problem.reason  # not passed off as a transient failure
+    unsized = unsized_entry(entry)
+    reader = Reader(ChunkCache(Path(os.environ["HOME"]) / "cache", 1 << 26), deadline=20.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ReadError, match="no-such-profile"):
+            reader.read(unsized, 0, 5)
+        assert time.monotonic() - started < 5.0  # not retried until the deadline
+    finally:
+        reader.close()
+        reader.cache.close()
+
+
+@pytest.mark.s3
+def test_a_size_that_cannot_be_learned_fails_at_once_for_a_while_and_within_the_deadline(
+    s3: S3Bucket, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file tracked without a size, its server trickling the HEAD that says the size: the
+    read fails within the reader's deadline (not the 30 s of a check), and every stat or
+    read right after fails at once instead of asking again."""
+    s3.put("unsized/slow.bin", b"tracked bytes")
+    entry = unsized_entry(s3_entry(s3.url("unsized/slow.bin"), b"tracked bytes"))
+    with fault_proxy(s3_endpoint) as proxy:
+        proxy.add("trickle", f"HEAD /{s3.name}/unsized/slow.bin", piece=1, interval=0.5)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        reset_sources()
+        reader = Reader(ChunkCache(Path(os.environ["HOME"]) / "cache", 1 << 26), deadline=3.0)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ReadError):
+                in_time(lambda: reader.read(entry, 0, 5), BOUND)
+            assert time.monotonic() - started < 3.0 + 5  # the read's deadline, not a check's
+            heads = len(proxy.requests(f"HEAD /{s3.name}/unsized/slow.bin"))
+            started = time.monotonic()
+            for _ in range(3):
+                with pytest.raises(ReadError):
+                    reader.read(entry, 0, 5)
+            assert time.monotonic() - started < 1.0
+            assert len(proxy.requests(f"HEAD /{s3.name}/unsized/slow.bin")) == heads
+        finally:
+            reader.close()
+            reader.cache.close()

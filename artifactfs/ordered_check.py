@@ -49,7 +49,8 @@ import crc32c
 from cachetools import LRUCache
 
 from artifactfs.entries import ArtifactFileData
-from artifactfs.verification import ContentCheck, FileId, file_identity
+from artifactfs.identity import FileId, file_identity
+from artifactfs.verification import ContentCheck
 
 log = logging.getLogger(__name__)
 

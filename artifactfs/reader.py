@@ -55,11 +55,12 @@ from cachetools import LRUCache, TTLCache
 from artifactfs.cache import ChunkCache, chunk_key
 from artifactfs.entries import TYPE_LOCAL, ArtifactFileData
 from artifactfs.errors import ArtifactfsError, CheckFailedError, TransientSourceError
+from artifactfs.identity import FileId, content_identity, file_identity
 from artifactfs.ordered_check import OrderedChecks
 from artifactfs.sources import source_for_entry
 from artifactfs.sources.base import RequestDeadline
 from artifactfs.sources.local import LocalSource, local_path_of
-from artifactfs.verification import ContentCheck, FileId, content_identity, file_identity
+from artifactfs.verification import ContentCheck
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +126,8 @@ class Reader:
         memory_bytes: int = DEFAULT_MEMORY_BYTES,
         verify_before_serving_bytes: int = VERIFY_BEFORE_SERVING_BYTES,
         direct_reads: bool = True,
-        failure_memory: float | None = None,  # FAILURE_MEMORY
+        failure_memory: float = FAILURE_MEMORY,
     ) -> None:
-        if failure_memory is None:
-            failure_memory = FAILURE_MEMORY
         self.cache = cache
         self.chunk_size = chunk_size
         self.readahead_chunks = readahead_chunks
@@ -169,6 +168,7 @@ class Reader:
         self._verified_local: set[tuple[str, int, int, int, int, int, str]] = set()
         # Sizes learned for entries tracked without one (a few ints each).
         self._learned_sizes: LRUCache[FileId, int] = LRUCache(maxsize=65_536)
+        self._failed_sizes: TTLCache[FileId, str] = TTLCache(maxsize=4096, ttl=failure_memory)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -327,10 +327,20 @@ class Reader:
             return entry
         size = self.known_size(entry)
         if size is None:
-            source = source_for_entry(entry)
-            size = _with_retries(lambda: source.check(entry), self.deadline, entry.source_url)
+            file_id = file_identity(entry)
             with self._lock:
-                self._learned_sizes[file_identity(entry)] = size
+                failed = self._failed_sizes.get(file_id)
+            if failed is not None:  # each stat of it asks: not the source each time
+                raise ReadError(failed)
+            source = source_for_entry(entry)
+            try:
+                size = _with_retries(lambda: source.check(entry), self.deadline, entry.source_url)
+            except ArtifactfsError as exc:
+                with self._lock:
+                    self._failed_sizes[file_id] = str(exc)
+                raise
+            with self._lock:
+                self._learned_sizes[file_id] = size
         return entry.with_size(size)
 
     def known_size(self, entry: ArtifactFileData) -> int | None:

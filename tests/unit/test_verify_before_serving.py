@@ -154,12 +154,11 @@ def test_direct_reads_never_bypass_the_check_before_serving(
 
 
 def test_a_failed_file_is_served_once_fetched_anew_and_right(
-    source: LyingS3, cache: ChunkCache, readers: list[Reader], monkeypatch: pytest.MonkeyPatch
+    source: LyingS3, cache: ChunkCache, readers: list[Reader]
 ) -> None:
-    monkeypatch.setattr("artifactfs.reader.FAILURE_MEMORY", 0.05)  # instead of 5 s
     entry, body = put(source, "flaky.bin", 2 * CHUNK + 1)
     source.lie_at = {CHUNK}
-    reader = new_reader(readers, cache)
+    reader = new_reader(readers, cache, failure_memory=0.05)  # instead of 5 s
     with pytest.raises(ReadError):
         reader.read(entry, 0, 10)
     fetches = len(source.fetched(entry))

@@ -18,7 +18,7 @@ import click
 
 from artifactfs import __version__
 from artifactfs.api import project_from_environment
-from artifactfs.cache import ChunkCache, cache_usage
+from artifactfs.cache import CacheBusyError, ChunkCache, cache_usage
 from artifactfs.cache.location import DEFAULT_CACHE_SIZE, chunk_directory, parse_size
 from artifactfs.checks import diff_entries, verify_entries
 from artifactfs.download import download_entries
@@ -175,9 +175,10 @@ def verify(ctx: Context, run_id: str, field_path: str | None) -> None:
         entries = _entries(ctx, run_id, path)
         checked += len(entries)
         for file_path, problem in sorted(verify_entries(entries).items()):
-            changed += problem.changed
-            unchecked += not problem.changed
-            label = "CHANGED" if problem.changed else "UNCHECKED"
+            if problem.changed:
+                changed, label = changed + 1, "CHANGED"
+            else:
+                unchecked, label = unchecked + 1, "UNCHECKED"
             click.echo(f"{label} {path}/{file_path}: {problem.reason}")
     found = []
     if changed:
@@ -317,7 +318,11 @@ def _chunk_directory(group_dir: str | None, command_dir: str | None) -> Path:
 def _open_cache(group_dir: str | None, command_dir: str | None) -> ChunkCache:
     """The cache, for a change to it: taken from any other process (a mount's cache is
     refused while it runs), and opened with no limit, so that opening it evicts nothing."""
-    return ChunkCache(_chunk_directory(group_dir, command_dir), sys.maxsize, free_floor_bytes=0)
+    try:
+        return ChunkCache(_chunk_directory(group_dir, command_dir), sys.maxsize, free_floor_bytes=0)
+    except CacheBusyError as exc:
+        advice = "unmount it (or end that download) first"
+        raise CacheBusyError(exc.directory, exc.holder, advice) from None
 
 
 cache_dir_option = click.option("--cache-dir", "command_dir", metavar="D", help=CACHE_DIR_HELP)

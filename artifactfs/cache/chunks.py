@@ -93,10 +93,18 @@ DIRECT_WRITE_BYTES = 1024 * 1024
 DIRECT_BUFFERS = 4
 DIRECT_ALIGN = 4096  # what O_DIRECT asks of buffers, offsets and lengths on common disks
 LOCK_NAME = "LOCK"
+CLOSE_WAIT = 30.0  # seconds `close` waits for writes under way (a stuck disk: let go anyway)
 
 
 class CacheBusyError(ArtifactfsError):
     """Another process uses the cache directory."""
+
+    def __init__(self, directory: Path, holder: str, advice: str) -> None:
+        super().__init__(
+            f"cache {directory} is in use by another artifactfs process (pid {holder}): {advice}"
+        )
+        self.directory = directory
+        self.holder = holder
 
 
 def block_count(length: int) -> int:
@@ -173,6 +181,8 @@ class ChunkCache:
         self.stats = CacheStats(cache_limit=limit_bytes)
         self._lock = threading.Lock()
         self._reserved = 0  # bytes of chunks being written, counted against the limit
+        self._no_writes = threading.Condition(self._lock)  # notified as writes end
+        self._closed = False
         self._chunks_dir = str(directory / "chunks")
         self._tmp_dir = str(directory / "tmp")
         self._temp_names = itertools.count()
@@ -197,7 +207,12 @@ class ChunkCache:
             raise
 
     def close(self) -> None:
-        """Let another process use the directory; this object must not be used after."""
+        """Let another process use the directory. Writes under way end first (each is one
+        local file: quick), so that no chunk appears in it after; later ones are refused,
+        and reads find nothing (threads of a closed reader may still be at work)."""
+        with self._lock:
+            self._closed = True
+            self._no_writes.wait_for(lambda: self._reserved == 0, timeout=CLOSE_WAIT)
         self._release()
 
     # -- layout -----------------------------------------------------------------------------
@@ -290,6 +305,8 @@ class ChunkCache:
         return self._read(key, 0, None)
 
     def _read(self, key: bytes, start: int, end: int | None) -> bytes | None:
+        if self._closed:
+            return None
         path = self._path(key)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -348,6 +365,8 @@ class ChunkCache:
         if size > self.limit:
             return False
         with self._lock:
+            if self._closed:
+                return False
             if key in self._index:
                 return True  # content-addressed: the same key holds the same bytes
             # Reserve the bytes before writing, evicting to make room, so that the directory
@@ -365,6 +384,7 @@ class ChunkCache:
             # One locked step from "reserved" to "indexed": never a moment uncounted.
             with self._lock:
                 self._reserved -= size
+                self._no_writes.notify_all()
                 if written:
                     self._index[key] = size
                     while self._index.currsize + self._reserved > self.limit:
@@ -468,6 +488,8 @@ class ChunkCache:
 
     def drop(self, key: bytes) -> None:
         with self._lock:
+            if self._closed:
+                return
             # Under the lock, as eviction does: once the bytes are uncounted a put may take
             # them, so the file must be gone by then.
             self._index.pop(key, None)
@@ -670,14 +692,17 @@ def _take_directory(directory: Path) -> int:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
         raise CacheBusyError(
-            f"cache {directory} is in use by another artifactfs process (pid {holder}): "
-            "stop it, or give this one another --cache-dir"
+            directory, holder, "stop it, or give this one another --cache-dir"
         ) from None
     except OSError as exc:
         os.close(fd)
         raise ArtifactfsError(f"cannot lock cache {directory}: {exc.strerror}") from exc
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError:
+        os.close(fd)  # and the lock with it
+        raise
     return fd
 
 
@@ -687,19 +712,19 @@ def _unusable(directory: Path, exc: OSError) -> ArtifactfsError:
 
 def cache_usage(directory: Path) -> tuple[int, int]:
     """(chunks, bytes) in a cache directory, read without taking it (see `ChunkCache`)."""
+    chunks = total = 0
     try:
-        subdirectories = list(os.scandir(directory / "chunks"))
+        with os.scandir(directory / "chunks") as subdirectories:
+            for sub in subdirectories:
+                if not sub.is_dir(follow_symlinks=False):
+                    continue
+                with contextlib.suppress(FileNotFoundError), os.scandir(sub.path) as items:
+                    for item in items:
+                        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile
+                            total += item.stat(follow_symlinks=False).st_size
+                            chunks += 1
     except FileNotFoundError:
         return 0, 0
     except OSError as exc:
         raise _unusable(directory, exc) from exc
-    chunks = total = 0
-    for sub in subdirectories:
-        if not sub.is_dir(follow_symlinks=False):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            for item in os.scandir(sub.path):
-                with contextlib.suppress(FileNotFoundError):  # evicted meanwhile
-                    total += item.stat(follow_symlinks=False).st_size
-                    chunks += 1
     return chunks, total

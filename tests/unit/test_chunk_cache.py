@@ -858,6 +858,36 @@ def test_a_cache_directory_is_used_by_one_process_at_a_time(cache_dir: Path) -> 
     assert new_cache(cache_dir).get(key(1)) == payload(1)
 
 
+def test_closing_waits_for_writes_under_way_and_refuses_later_ones(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A closed cache lets another process have the directory: no chunk of this one may
+    appear in it after, not even from a fetch thread still at work."""
+    cache = new_cache(cache_dir)
+    writing, finish = threading.Event(), threading.Event()
+    real_write_file = cache._write_file
+
+    def slow_write_file(temp: str, header: bytes, payload: bytes) -> None:
+        writing.set()
+        finish.wait(10)
+        real_write_file(temp, header, payload)
+
+    monkeypatch.setattr(cache, "_write_file", slow_write_file)
+    putting = threading.Thread(target=cache.put, args=(key(1), payload(1)))
+    putting.start()
+    assert writing.wait(10)
+    closing = threading.Thread(target=cache.close)
+    closing.start()
+    closing.join(0.3)
+    assert closing.is_alive(), "close let go of the directory while a write was under way"
+    finish.set()
+    closing.join(10)
+    putting.join(10)
+    assert not cache.put(key(2), payload(2))  # after close: refused, nothing written
+    assert [p.name for p in chunk_files(cache_dir)] == [key(1).hex()]
+    assert new_cache(cache_dir).get(key(1)) == payload(1)
+
+
 def test_a_dropped_chunks_bytes_are_free_only_once_its_file_is_gone(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from artifactfs.entries import path_problem
@@ -82,9 +83,15 @@ def parse_run_id(text: str) -> tuple[str, int]:
     return match.group(1), number
 
 
-def field_namespace_conflict(field_path: str, other: str) -> bool:
-    """Whether one of two fields of a run would be a namespace of the other (`a`, `a/b`)."""
-    return other.startswith(field_path + "/") or field_path.startswith(other + "/")
+def refuse_field_namespace_conflict(field_path: str, others: Iterable[str], run_id: str) -> None:
+    """Refuse `field_path` if it would be a namespace of another field of the run (`a` and
+    `a/b`), or one of them a namespace of it."""
+    for other in others:
+        if other.startswith(field_path + "/") or field_path.startswith(other + "/"):
+            raise ArtifactfsError(
+                f"field {field_path!r} conflicts with field {other!r} of run {run_id}: "
+                "a field cannot be a namespace of another"
+            )
 
 
 def validate_field_path(path: str) -> str:

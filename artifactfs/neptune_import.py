@@ -27,9 +27,9 @@ from artifactfs.entries import (
 from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.naming import (
     ProjectName,
-    field_namespace_conflict,
     parse_project,
     parse_run_id,
+    refuse_field_namespace_conflict,
     validate_field_path,
 )
 from artifactfs.store import Store
@@ -175,7 +175,7 @@ def import_export(
         raise NotFoundError(f"no such directory: {root}")
     report = ImportReport()
     found = False
-    planned: dict[str, list[str]] = {}  # run id -> fields a dry run would have imported
+    plan = _DryRunPlan() if dry_run else None
     for path in find_exports(root):
         found = True
         label = str(path.relative_to(root).parent)
@@ -185,7 +185,7 @@ def import_export(
             report.failed[str(path)] = str(exc)
             continue
         try:
-            outcome = _import_field(store, exported, planned if dry_run else None)
+            outcome = _import_field(store, exported, plan)
         except ArtifactfsError as exc:
             report.skipped[label] = str(exc)
             continue
@@ -195,29 +195,37 @@ def import_export(
     return report
 
 
-def _import_field(
-    store: Store, exported: ExportedField, dry_run_plan: dict[str, list[str]] | None
-) -> str:
-    """Import one field; with a dry run's plan (the fields it would have imported so far, by
-    run), only say what the import would do, refusing what the store would refuse."""
-    stored = _stored_fields(store, exported)
-    existing = stored.get(exported.field_path)
+@dataclass
+class _DryRunPlan:
+    """What a dry run would have imported so far: it counts as stored, so that the dry run
+    refuses what the import would refuse."""
+
+    projects: dict[str, ProjectName] = field(default_factory=dict)  # run id -> its project
+    fields: dict[str, dict[str, str]] = field(default_factory=dict)  # run id -> field -> id
+
+
+def _import_field(store: Store, exported: ExportedField, plan: _DryRunPlan | None) -> str:
+    """Import one field; with a dry run's plan, only say what the import would do."""
+    fields = _stored_fields(store, exported)
+    planned: dict[str, str] = {}
+    if plan is not None:
+        project = plan.projects.setdefault(exported.run_id, exported.project)
+        if project != exported.project:
+            raise ArtifactfsError(f"run {exported.run_id} exists in project {project}")
+        planned = plan.fields.setdefault(exported.run_id, {})
+        fields = {**fields, **planned}
+    wanted = artifact_id(exported.entries)
+    existing = fields.get(exported.field_path)
     if existing is not None:
-        if existing == artifact_id(exported.entries):
+        if existing == wanted:
             return "unchanged"
         raise ArtifactfsError(
             f"run {exported.run_id} already has field {exported.field_path!r} "
             "with other content: not overwritten"
         )
-    if dry_run_plan is not None:
-        planned = dry_run_plan.setdefault(exported.run_id, [])
-        for other in [*stored, *planned]:
-            if field_namespace_conflict(exported.field_path, other):
-                raise ArtifactfsError(
-                    f"field {exported.field_path!r} conflicts with field {other!r} of run "
-                    f"{exported.run_id}: a field cannot be a namespace of another"
-                )
-        planned.append(exported.field_path)
+    if plan is not None:
+        refuse_field_namespace_conflict(exported.field_path, fields, exported.run_id)
+        planned[exported.field_path] = wanted
         return "imported"
     run, _created = store.ensure_run(exported.project, exported.run_id)
     store.update_field(run, exported.field_path, lambda _old: exported.entries)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,8 +42,8 @@ from artifactfs.naming import (
     MAX_RUN_NUMBER,
     ProjectName,
     derive_project_key,
-    field_namespace_conflict,
     parse_run_id,
+    refuse_field_namespace_conflict,
     validate_project_key,
 )
 from artifactfs.store import schema
@@ -233,8 +233,13 @@ class Store:
         writer, and works on a store this user may only read."""
         with self._translated("open"):
             with self._transaction(write=False) as conn:
-                if not self._needs_tables(conn):
-                    return
+                needs_tables = self._needs_tables(conn)
+            if not needs_tables:
+                # Ours: back to WAL if someone switched it off (a copy, a restore), where
+                # the file may be written; a store this user may only read stays as it is.
+                with suppress(DBAPIError):
+                    self._use_wal()
+                return
             self._use_wal()
             with self._transaction(write=True, lock="schema") as conn:
                 if self._needs_tables(conn):  # unless another process made them meanwhile
@@ -289,18 +294,19 @@ class Store:
         if version < SCHEMA_VERSION:
             raise ArtifactfsError(
                 f"store {self.uri} has schema version {version}, older than this artifactfs "
-                f"can use ({SCHEMA_VERSION})"
+                f"can use ({SCHEMA_VERSION}): move it away or pass another --store"
             )
         return version
 
     def _use_wal(self) -> None:
-        """A new SQLite store is put in WAL mode (it stays so), where readers never wait for
-        a writer. Only for a store being created: on any other file it would be a write."""
+        """Put an SQLite store in WAL mode (it stays so), where readers never wait for a
+        writer. Only on a file known to be a store (ours, or one being made): a write."""
         if self.engine.dialect.name != "sqlite":
             return
         with self.engine.connect() as conn:
             conn.execution_options(sqlite_begin="")  # cannot change inside a transaction
-            conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+            if conn.exec_driver_sql("PRAGMA journal_mode").scalar() != "wal":
+                conn.exec_driver_sql("PRAGMA journal_mode = WAL")
             conn.commit()
 
     def close(self) -> None:
@@ -555,14 +561,7 @@ class Store:
         return [_entry_from_row(row) for row in rows]
 
     def _check_field_conflict(self, conn: Connection, run: RunRecord, field_path: str) -> None:
-        for other in self._field_names(conn, run.id):
-            if other == field_path:
-                continue
-            if field_namespace_conflict(field_path, other):
-                raise ArtifactfsError(
-                    f"field {field_path!r} conflicts with field {other!r} of run {run.run_id}: "
-                    "a field cannot be a namespace of another"
-                )
+        refuse_field_namespace_conflict(field_path, self._field_names(conn, run.id), run.run_id)
 
     @staticmethod
     def _artifact_in(conn: Connection, artifact_id: str) -> ArtifactRecord | None:

@@ -165,6 +165,24 @@ def test_dry_run_says_what_the_import_would_do(cli, export: dict) -> None:
         assert dry_text.replace("would import", "imported") == real_text
 
 
+def test_dry_run_of_one_run_exported_in_two_projects_says_what_the_import_does(
+    cli, export: dict
+) -> None:
+    """Run CLS-45 under two projects: the import makes it in the first and skips it in the
+    second (a run belongs to one project); so does the dry run's report."""
+    write_export(
+        export["root"],
+        "ml-team/segmentation/CLS-45/other",
+        [local_entry("test/sample.csv", LOCAL_FILES["test/sample.csv"])],
+    )
+    dry = cli("import-neptune", "--dry-run", str(export["root"]), *export["rebases"])
+    real = cli("import-neptune", str(export["root"]), *export["rebases"])
+    assert "exists in project ml-team/classification" in real.stderr, real
+    for dry_text, real_text in ((dry.stdout, real.stdout), (dry.stderr, real.stderr)):
+        assert dry_text.replace("would import", "imported") == real_text
+    assert dry.returncode == real.returncode
+
+
 def test_a_remote_file_of_unknown_size_downloads_whole(cli, tmp_path: Path, s3: S3Bucket) -> None:
     """Neptune's entries may have no size: such a file is downloaded whole, not as an empty
     file reported written (the reader cuts files into chunks by their size)."""

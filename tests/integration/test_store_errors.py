@@ -190,6 +190,22 @@ def test_a_store_artifactfs_cannot_use_is_refused_and_left_table_for_table_uncha
         assert path.read_bytes() == bytes_before
 
 
+def test_a_store_taken_out_of_wal_mode_is_put_back(cli, tmp_path: Path, data: Path) -> None:
+    """In WAL mode readers never wait for a writer: a store copied or restored without it
+    gets it back when artifactfs opens it (where the file may be written)."""
+    path = tmp_path / "store.db"
+    make_store(cli, path, data)
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0] == "delete"
+    conn.close()
+    Store(str(path)).close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
 def test_a_shared_postgresql_database_gets_artifactfs_tables_beside_its_own(
     cli, postgres: Any, data: Path
 ) -> None:

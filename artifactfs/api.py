@@ -10,6 +10,7 @@ every call reads or writes the store directly, so `stop()` only closes the handl
 
 from __future__ import annotations
 
+import logging
 import os
 from types import TracebackType
 from typing import Any
@@ -20,6 +21,8 @@ from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.naming import RESERVED_NAMESPACE, parse_project, validate_field_path
 from artifactfs.store import ArtifactRecord, RunRecord, Store
 from artifactfs.tracking import PendingTrack
+
+log = logging.getLogger(__name__)
 
 # Neptune's modes that record (there is no server: "offline" records here, as the others do).
 # A mode of None is Neptune's default: NEPTUNE_MODE, else "async".
@@ -43,7 +46,13 @@ def init_run(
 ) -> Run:
     """Open run `with_id`, or create one in `project` (else ARTIFACTFS_PROJECT, NEPTUNE_PROJECT)."""
     del api_token
-    mode = mode or os.environ.get("NEPTUNE_MODE") or "async"
+    if mode is None:
+        mode = os.environ.get("NEPTUNE_MODE") or "async"
+        if mode not in (*WRITE_MODES, READ_ONLY_MODE):
+            # Set for Neptune ("debug": record nothing), which it was written for: code that
+            # ran with it before must not break here; it records, as it did before.
+            log.warning("NEPTUNE_MODE=%s has no meaning here: recording as mode 'async'", mode)
+            mode = "async"
     if mode not in (*WRITE_MODES, READ_ONLY_MODE):
         raise ArtifactfsError(
             f"unsupported mode {mode!r}: use 'async', 'sync', 'offline' or 'read-only'"

@@ -42,6 +42,18 @@ def test_no_mode_follows_neptune_mode(monkeypatch: pytest.MonkeyPatch, datasets:
     assert Store().counts() == before
 
 
+def test_a_neptune_mode_without_meaning_here_records_as_async(
+    monkeypatch: pytest.MonkeyPatch, datasets: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NEPTUNE_MODE=debug exported for Neptune: code that ran before keeps running (and says
+    so in the log), rather than failing on a variable set for another tool."""
+    monkeypatch.setenv("NEPTUNE_MODE", "debug")
+    run = artifactfs.init_run(project="ml/modes")
+    run["data"].track_files(str(datasets))
+    assert len(run["data"].fetch_files_list()) == 2
+    assert "NEPTUNE_MODE=debug" in caplog.text
+
+
 def test_an_unknown_mode_is_refused_in_one_line_and_records_nothing() -> None:
     before = Store().counts()
     with pytest.raises(artifactfs.ArtifactfsError) as refused:

@@ -1,8 +1,9 @@
 """Writing an artifact's files to a directory, every byte checked against the tracked hash.
 
 Remote bytes come through the same chunk cache as the mount's (a file downloaded twice, or
-downloaded and then read through a mount, is fetched once); local files are copied in place.
-While another process uses that cache (a mount), they come through a temporary one beside it.
+downloaded and then read through a mount, is fetched once), unless another process (a
+mount) uses that cache meanwhile: then through a temporary one beside it. Local files are
+copied in place.
 
 Paths from the store are validated again here: a store written by someone else must not make us
 write outside the destination (no `..`, no absolute paths, no following a symlink that an

@@ -234,13 +234,14 @@ class Store:
         with self._translated("open"):
             with self._transaction(write=False) as conn:
                 needs_tables = self._needs_tables(conn)
+            # WAL where it can be set: on a store of ours switched out of it (a copy, a
+            # restore), or one being made. Not always: a store this user may only read stays
+            # as it is, and so does one another process is making at this moment (SQLite
+            # answers "locked" at once there; that process sets it).
+            with suppress(DBAPIError):
+                self._use_wal()
             if not needs_tables:
-                # Ours: back to WAL if someone switched it off (a copy, a restore), where
-                # the file may be written; a store this user may only read stays as it is.
-                with suppress(DBAPIError):
-                    self._use_wal()
                 return
-            self._use_wal()
             with self._transaction(write=True, lock="schema") as conn:
                 if self._needs_tables(conn):  # unless another process made them meanwhile
                     schema.metadata.create_all(conn, checkfirst=False)

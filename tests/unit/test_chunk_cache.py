@@ -810,7 +810,9 @@ def test_free_space_floor_holds_with_writes_in_flight(tmp_path: Path) -> None:
             writer.join(60)
         usage = os.statvfs(target)
         assert usage.f_bavail * usage.f_frsize >= floor
-        assert 0 < sum(kept.values()) < 8
+        # Not all eight: together they do not fit. (How many do depends on the order the
+        # threads take the lock: each refused one gives its reservation back only after.)
+        assert sum(kept.values()) < 8
         assert all(cache.get(key(n)) == bodies[n] for n in range(8) if kept[n])
         cache.close()
     finally:

@@ -142,9 +142,9 @@ class Reader:
         self._lock = threading.Lock()
         self._memory: LRUCache[bytes, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
         # Files whose whole-file check failed (served again only once checked anew), those
-        # that failed it lately, and chunks that just failed to fetch: the kernel retries a
-        # failed read at once, and it should get its EIO at once too, not a new fetch of all
-        # of a large file for every retry.
+        # that failed it or the learning of their size lately, and chunks that just failed to
+        # fetch: the kernel retries a failed read at once, and it should get its EIO at once
+        # too, not a new fetch of all of a large file (or a new ask of its size) each time.
         self._failed_files: dict[FileId, str] = {}
         self._failed_lately: TTLCache[FileId, str] = TTLCache(maxsize=4096, ttl=failure_memory)
         # Files a read is fetching anew and hashing (`_reverify`), by how many reads: that read
@@ -168,7 +168,6 @@ class Reader:
         self._verified_local: set[tuple[str, int, int, int, int, int, str]] = set()
         # Sizes learned for entries tracked without one (a few ints each).
         self._learned_sizes: LRUCache[FileId, int] = LRUCache(maxsize=65_536)
-        self._failed_sizes: TTLCache[FileId, str] = TTLCache(maxsize=4096, ttl=failure_memory)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -329,7 +328,7 @@ class Reader:
         if size is None:
             file_id = file_identity(entry)
             with self._lock:
-                failed = self._failed_sizes.get(file_id)
+                failed = self._failed_lately.get(file_id)
             if failed is not None:  # each stat of it asks: not the source each time
                 raise ReadError(failed)
             source = source_for_entry(entry)
@@ -337,7 +336,7 @@ class Reader:
                 size = _with_retries(lambda: source.check(entry), self.deadline, entry.source_url)
             except ArtifactfsError as exc:
                 with self._lock:
-                    self._failed_sizes[file_id] = str(exc)
+                    self._failed_lately[file_id] = str(exc)
                 raise
             with self._lock:
                 self._learned_sizes[file_id] = size

@@ -34,6 +34,15 @@ def project_from_environment(project: str | None) -> str | None:
     return project or os.environ.get("ARTIFACTFS_PROJECT") or os.environ.get("NEPTUNE_PROJECT")
 
 
+def run_in_project(store: Store, run_id: str, project: str | None) -> RunRecord:
+    """Run `run_id`; when a project is named with it (not from the environment), the run
+    must be in that project."""
+    record = store.get_run(run_id)
+    if project is not None and parse_project(project) != record.project:
+        raise NotFoundError(f"run {run_id} is not in project {parse_project(project)}")
+    return record
+
+
 def init_run(
     project: str | None = None,
     *,
@@ -60,9 +69,7 @@ def init_run(
     the_store = store if isinstance(store, Store) else Store(store)
     project_name = project_from_environment(project)
     if with_id is not None:
-        record = the_store.get_run(with_id)
-        if project is not None and parse_project(project) != record.project:
-            raise NotFoundError(f"run {with_id} is not in project {parse_project(project)}")
+        record = run_in_project(the_store, with_id, project)
     else:
         if mode == READ_ONLY_MODE:
             raise ArtifactfsError("mode='read-only' needs with_id: a new run cannot be read-only")

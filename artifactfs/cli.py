@@ -17,12 +17,12 @@ from typing import Any
 import click
 
 from artifactfs import __version__
-from artifactfs.api import project_from_environment
+from artifactfs.api import project_from_environment, run_in_project
 from artifactfs.cache import CacheBusyError, ChunkCache, cache_usage
 from artifactfs.cache.location import DEFAULT_CACHE_SIZE, chunk_directory, parse_size
 from artifactfs.checks import diff_entries, verify_entries
 from artifactfs.download import download_entries
-from artifactfs.errors import ArtifactfsError, CheckFailedError, NotFoundError
+from artifactfs.errors import ArtifactfsError, CheckFailedError
 from artifactfs.fs import daemon
 from artifactfs.fs.daemon import MountOptions
 from artifactfs.naming import parse_project, validate_field_path
@@ -99,12 +99,7 @@ def track(
         raise ArtifactfsError("no project: pass --project or set ARTIFACTFS_PROJECT (or --run)")
     pending = PendingTrack(location, destination)
     if run_id is not None:
-        record = ctx.run(run_id)
-        # As init_run(with_id=..., project=...) does: a project named with the run must be its.
-        if ctx.project_given is not None and parse_project(ctx.project_given) != record.project:
-            raise NotFoundError(
-                f"run {run_id} is not in project {parse_project(ctx.project_given)}"
-            )
+        record = run_in_project(ctx.store, run_id, ctx.project_given)
     else:
         assert ctx.project is not None
         # List and hash first: a refused location must not leave a new, empty run behind.
@@ -258,7 +253,7 @@ def mount(
         field_path=field_path,
         cache_dir=cache_dir,
         cache_size=parse_size(cache_size),
-        chunk_size=parse_size(chunk_size),
+        chunk_size=daemon.parse_chunk_size(chunk_size),
         read_deadline=daemon.parse_read_deadline(read_deadline),
         allow_other="allow_other" in extra,
         log_file=log_file,

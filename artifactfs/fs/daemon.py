@@ -70,8 +70,9 @@ def parse_read_deadline(text: str) -> float:
     return seconds
 
 
-def check_chunk_size(size: int) -> int:
-    """`size` if it is within CHUNK_SIZE_RANGE, else a one-line error."""
+def parse_chunk_size(text: str) -> int:
+    """Bytes, such as `8M`, within CHUNK_SIZE_RANGE."""
+    size = parse_size(text)
     low, high = CHUNK_SIZE_RANGE
     if not low <= size <= high:
         raise ArtifactfsError(f"invalid chunk size ({size} bytes): {CHUNK_SIZE_TEXT}")
@@ -90,9 +91,6 @@ class MountOptions:
     read_deadline: float = DEFAULT_DEADLINE
     allow_other: bool = False
     log_file: str | None = None
-
-    def __post_init__(self) -> None:
-        check_chunk_size(self.chunk_size)
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -163,8 +161,9 @@ def _daemon_dead(path: str) -> bool:
 def _check_mountpoint(mountpoint: str) -> str:
     path = resolve_mountpoint(mountpoint)
     # Before anything stats it: a dead daemon's mount point fails every stat (ENOTCONN).
-    if is_mounted(path):
-        if mount_type(path) == FS_TYPE and _daemon_dead(path):
+    kind = mount_type(path)
+    if kind is not None:
+        if kind == FS_TYPE and _daemon_dead(path):
             raise ArtifactfsError(
                 f"mount point {path} was left by a daemon that died: "
                 f"run `artifactfs unmount {shlex.quote(path)}`"
@@ -183,7 +182,6 @@ def _check_mountpoint(mountpoint: str) -> str:
 def mount(options: MountOptions, foreground: bool) -> None:
     # Everything the daemon writes (cache, logs, hash cache) is private to the mounting user.
     os.umask(0o077)
-    check_chunk_size(options.chunk_size)  # also when set after the options were made
     options.mountpoint = _check_mountpoint(options.mountpoint)
     if shutil.which("fusermount3") is None:
         raise ArtifactfsError("fusermount3 not found: install the 'fuse3' package")

@@ -38,7 +38,7 @@ def options_from(spec: str, mountpoint: str, option_text: str) -> daemon.MountOp
         elif name == "cache_size" and value:
             options.cache_size = parse_size(value)
         elif name == "chunk_size" and value:
-            options.chunk_size = daemon.check_chunk_size(parse_size(value))
+            options.chunk_size = daemon.parse_chunk_size(value)
         elif name == "read_deadline" and value:
             options.read_deadline = daemon.parse_read_deadline(value)
         else:

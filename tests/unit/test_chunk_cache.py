@@ -895,13 +895,7 @@ def test_a_dropped_chunks_bytes_are_free_only_once_its_file_is_gone(
 ) -> None:
     """A put that needs the bytes of a chunk being dropped must wait for its file to go: the
     directory never holds more than the limit, even for a moment."""
-    size = stored(1000)
-    limit = 4 * size
-    cache = new_cache(cache_dir, limit)
-    for n in range(4):
-        assert cache.put(key(n), payload(n))
-    ledger = DiskLedger(cache_dir, monkeypatch)
-    ledger.files = {str(p): p.stat().st_size for p in chunk_files(cache_dir)}
+    cache, ledger, limit = full_cache_with_ledger(cache_dir, monkeypatch)
     put_done = threading.Event()
     real_remove = cache._remove_file
 
@@ -954,6 +948,19 @@ class DiskLedger:
         monkeypatch.setattr(os, "unlink", unlink)
 
 
+def full_cache_with_ledger(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[ChunkCache, DiskLedger, int]:
+    """A cache of four chunks' limit holding four, and a ledger of its bytes from now on."""
+    limit = 4 * stored(1000)
+    cache = new_cache(cache_dir, limit)
+    for n in range(4):
+        assert cache.put(key(n), payload(n))
+    ledger = DiskLedger(cache_dir, monkeypatch)
+    ledger.files = {str(p): p.stat().st_size for p in chunk_files(cache_dir)}
+    return cache, ledger, limit
+
+
 def test_two_concurrent_puts_never_exceed_limit_on_disk(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -962,13 +969,7 @@ def test_two_concurrent_puts_never_exceed_limit_on_disk(
     The two puts are held just before they write (after their make-room step), then let go
     together: the directory must stay within the limit while both chunk files are published.
     """
-    size = stored(1000)
-    limit = 4 * size
-    cache = new_cache(cache_dir, limit)
-    for n in range(4):
-        assert cache.put(key(n), payload(n))
-    ledger = DiskLedger(cache_dir, monkeypatch)
-    ledger.files = {str(p): p.stat().st_size for p in chunk_files(cache_dir)}
+    cache, ledger, limit = full_cache_with_ledger(cache_dir, monkeypatch)
     ready = threading.Barrier(2, timeout=10)
     real_room = cache._room_on_disk
 

@@ -813,7 +813,12 @@ def test_free_space_floor_holds_with_writes_in_flight(tmp_path: Path) -> None:
         # Not all eight: together they do not fit. (How many do depends on the order the
         # threads take the lock: each refused one gives its reservation back only after.)
         assert sum(kept.values()) < 8
-        assert all(cache.get(key(n)) == bodies[n] for n in range(8) if kept[n])
+        # A kept chunk may since have been evicted by a later write keeping the floor; what the
+        # cache still holds is each one's own bytes, and only chunks it reported kept.
+        held = {n: cache.get(key(n)) for n in range(8)}
+        assert any(held.values())
+        assert all(held[n] == bodies[n] for n in range(8) if held[n] is not None)
+        assert all(kept[n] for n in range(8) if held[n] is not None)
         cache.close()
     finally:
         if subprocess.run(["umount", str(target)], capture_output=True).returncode != 0:

@@ -68,11 +68,14 @@ def download_entries(
         path, problem = bad[0]
         raise ArtifactfsError(f"refusing to download: invalid file path {path!r} ({problem})")
     root = os.path.realpath(destination)
-    os.makedirs(root, exist_ok=True)
     report = DownloadReport()
+    created: set[str] = set()  # directories this download made, removed again if left empty
     with contextlib.ExitStack() as stack:
         remote = any(e.type != TYPE_LOCAL for e in entries)
+        # The cache first: if it cannot be opened, nothing below DEST has been made yet.
         reader = stack.enter_context(_cached_reader()) if remote else None
+        _make_directory(root, created)
+        stack.callback(_remove_empty, created)
         total = sum(e.size or 0 for e in entries)
         with (
             progress_bar(
@@ -82,7 +85,7 @@ def download_entries(
         ):
             for entry, outcome in zip(
                 entries,
-                pool.map(lambda e: _download_one(e, root, symlink_local, reader), entries),
+                pool.map(lambda e: _download_one(e, root, created, symlink_local, reader), entries),
                 strict=True,
             ):
                 bar.update(entry.size or 0)
@@ -98,7 +101,31 @@ def download_entries(
     return report
 
 
-def _safe_target(root: str, file_path: str) -> str:
+def _make_directory(path: str, created: set[str]) -> None:
+    """Make `path` and its missing parents, adding those made to `created`."""
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.isdir(parent):
+        _make_directory(parent, created)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise ArtifactfsError(f"{path} exists and is not a directory") from None
+        return  # there before, or made meanwhile by another file's thread
+    except OSError as exc:
+        raise ArtifactfsError(f"cannot create directory {path}: {exc.strerror}") from None
+    created.add(path)
+
+
+def _remove_empty(created: set[str]) -> None:
+    """Remove the directories this download made that hold nothing (every file in them
+    failed): a download that writes nothing leaves DEST as it found it. Deepest first."""
+    for path in sorted(created, key=lambda p: p.count(os.sep), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: it holds files written
+            os.rmdir(path)
+
+
+def _safe_target(root: str, file_path: str, created: set[str]) -> str:
     """The target path, with every parent created as a real directory inside root."""
     parts = file_path.split("/")
     current = root
@@ -106,7 +133,7 @@ def _safe_target(root: str, file_path: str) -> str:
         current = os.path.join(current, part)
         if os.path.islink(current) or (os.path.exists(current) and not os.path.isdir(current)):
             raise ArtifactfsError(f"{current} exists and is not a directory")
-        os.makedirs(current, exist_ok=True)
+        _make_directory(current, created)
     target = os.path.join(current, parts[-1])
     if os.path.commonpath([root, os.path.realpath(current)]) != root:
         raise ArtifactfsError(f"{file_path} would land outside {root}")
@@ -134,11 +161,15 @@ def _cached_reader() -> Iterator[Reader]:
 
 
 def _download_one(
-    entry: ArtifactFileData, root: str, symlink_local: bool, reader: Reader | None
+    entry: ArtifactFileData,
+    root: str,
+    created: set[str],
+    symlink_local: bool,
+    reader: Reader | None,
 ) -> str | None:
     """None when written, 'unchanged' when already there, else why it failed."""
     try:
-        target = _safe_target(root, entry.file_path)
+        target = _safe_target(root, entry.file_path, created)
         if symlink_local and entry.type == TYPE_LOCAL:
             return _link_local(entry, target)
         if _already_there(entry, target):

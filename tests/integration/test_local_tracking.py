@@ -344,6 +344,44 @@ def test_cli_download_and_verify_fail_when_a_source_changed(
     assert "test/c.csv" in verified.stdout + verified.stderr
 
 
+def test_a_download_that_writes_nothing_leaves_the_destination_as_it_was(
+    cli, datasets: Path, tmp_path: Path
+) -> None:
+    run_id = track(cli, "data", str(datasets))
+    for name in FILES:
+        (datasets / name).unlink()  # every source gone: every file fails
+    fresh = tmp_path / "out" / "deep"
+    failed = cli("download", run_id, "data", str(fresh))
+    assert failed.returncode == 1, failed
+    assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+    assert "no longer exists" in failed.stderr
+    assert not (tmp_path / "out").exists()  # no empty directories made for nothing
+
+    kept = make_tree(tmp_path / "kept", {"mine.txt": b"mine", "train/old.csv": b"old"})
+    before = read_tree(kept)
+    failed = cli("download", run_id, "data", str(kept))
+    assert failed.returncode == 1, failed
+    assert read_tree(kept) == before
+    assert sorted(p.name for p in (kept).iterdir()) == ["mine.txt", "train"]
+    assert sorted(p.name for p in (kept / "train").iterdir()) == ["old.csv"]
+
+
+def test_download_into_a_destination_that_cannot_be_made_is_one_line(
+    cli, datasets: Path, tmp_path: Path
+) -> None:
+    run_id = track(cli, "data", str(datasets))
+    (tmp_path / "a-file").write_bytes(b"x")
+    for destination, reason in (
+        (tmp_path / "a-file" / "out", "is not a directory"),
+        (Path("/proc/artifactfs-no-such/out"), "cannot create directory"),
+    ):
+        result = cli("download", run_id, "data", str(destination))
+        assert result.returncode == 2, result
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+        assert reason in result.stderr, result.stderr
+    assert (tmp_path / "a-file").read_bytes() == b"x"
+
+
 def test_cli_diff(cli, tmp_path: Path) -> None:
     old = make_tree(
         tmp_path / "old", {"same.txt": b"same", "gone.txt": b"gone", "changed/x.csv": b"1"}

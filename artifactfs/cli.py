@@ -133,7 +133,13 @@ def files(ctx: Context, run_id: str, field_path: str, as_json: bool) -> None:
         return
     rows = [("PATH", "SIZE", "TYPE", "HASH", "SOURCE")]
     rows += [
-        (e.file_path, "-" if e.size is None else str(e.size), e.type, e.file_hash, e.source_url)
+        (
+            shown(e.file_path),
+            "-" if e.size is None else str(e.size),
+            e.type,
+            e.file_hash,
+            shown(e.source_url),
+        )
         for e in entries
     ]
     _print_table(rows)
@@ -174,7 +180,7 @@ def verify(ctx: Context, run_id: str, field_path: str | None) -> None:
                 changed, label = changed + 1, "CHANGED"
             else:
                 unchecked, label = unchecked + 1, "UNCHECKED"
-            click.echo(f"{label} {path}/{file_path}: {problem.reason}")
+            click.echo(f"{label} {shown(f'{path}/{file_path}')}: {one_line(problem.reason)}")
     found = []
     if changed:
         found.append(f"{changed} of {checked} file(s) in {run_id} no longer match what was tracked")
@@ -195,7 +201,7 @@ def diff(ctx: Context, run_a: str, run_b: str, field_path: str) -> None:
     changes = diff_entries(_entries(ctx, run_a, field_path), _entries(ctx, run_b, field_path))
     for marker, paths in (("A", changes.added), ("D", changes.removed), ("M", changes.changed)):
         for path in paths:
-            click.echo(f"{marker}\t{path}")
+            click.echo(f"{marker}\t{shown(path)}")
     click.echo(
         f"{len(changes.added)} added, {len(changes.removed)} removed, "
         f"{len(changes.changed)} changed",
@@ -286,13 +292,13 @@ def import_neptune(ctx: Context, export_dir: str, rebases: tuple[str, ...], dry_
     report = import_export(ctx.store, Path(export_dir), parsed, dry_run=dry_run)
     verb = "would import" if dry_run else "imported"
     for label in report.imported:
-        click.echo(f"{verb} {label}")
+        click.echo(f"{verb} {shown(label)}")
     for label in report.unchanged:
-        click.echo(f"unchanged {label} (already imported)")
+        click.echo(f"unchanged {shown(label)} (already imported)")
     for label, why in report.skipped.items():
-        click.echo(f"skipped {label}: {why}", err=True)
+        click.echo(f"skipped {shown(label)}: {one_line(why)}", err=True)
     for path, why in report.failed.items():
-        click.echo(f"failed {path}: {why}", err=True)
+        click.echo(f"failed {shown(path)}: {one_line(why)}", err=True)
     summary = (
         f"{len(report.imported)} field(s) {verb}, {len(report.unchanged)} unchanged, "
         f"{len(report.skipped)} skipped, {len(report.failed)} failed"
@@ -372,6 +378,32 @@ def cache_fsck(group_dir: str | None, command_dir: str | None) -> None:
 def _entries(ctx: Context, run_id: str, field_path: str) -> list[Any]:
     validate_field_path(field_path)
     return ctx.store.entries(ctx.store.field_artifact(ctx.run(run_id), field_path).id)
+
+
+# Escaped by `shown`, as C and git write them; other control characters in octal.
+_ESCAPES = {"\a": "a", "\b": "b", "\t": "t", "\n": "n", "\v": "v", "\f": "f", "\r": "r"}
+_QUOTING = {'"': '"', "\\": "\\"}
+
+
+def shown(path: str) -> str:
+    """`path` as one line of output, quoted as git quotes paths: when it holds a control
+    character (a newline would split it in two), a double quote or a backslash, it is printed
+    in double quotes with C escapes (`"a\\nb"`); any other path as it is."""
+    escaped = "".join(_escaped(char, _ESCAPES | _QUOTING) for char in path)
+    return path if escaped == path else f'"{escaped}"'
+
+
+def one_line(text: str) -> str:
+    """A message (which may name paths) with its control characters escaped, unquoted."""
+    return "".join(_escaped(char, _ESCAPES) for char in text)
+
+
+def _escaped(char: str, escapes: dict[str, str]) -> str:
+    if char in escapes:
+        return f"\\{escapes[char]}"
+    if char < " " or char == "\x7f":
+        return f"\\{ord(char):03o}"
+    return char
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:

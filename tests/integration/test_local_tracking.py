@@ -403,6 +403,37 @@ def test_cli_diff(cli, tmp_path: Path) -> None:
     assert same.stdout.strip() == ""
 
 
+def test_names_with_newlines_and_quotes_are_one_quoted_line_each(cli, tmp_path: Path) -> None:
+    """A newline in a file name would split `files`, `diff` and `verify` lines in two: such
+    names (and any with a control character, a quote or a backslash) print as git prints them."""
+    names = {
+        "line\nbreak.txt": b"1",
+        'say "hi".txt': b"2",
+        "tab\tand\\.txt": b"3",
+        "plain.txt": b"4",
+    }
+    old = make_tree(tmp_path / "old", names)
+    run_a = track(cli, "data", str(old))
+    listed = cli("files", run_a, "data")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.strip().splitlines()
+    assert len(lines) == 1 + len(names), lines
+    paths = sorted(line.split("  ")[0].rstrip() for line in lines[1:])
+    assert paths == ['"line\\nbreak.txt"', '"say \\"hi\\".txt"', '"tab\\tand\\\\.txt"', "plain.txt"]
+
+    new = make_tree(tmp_path / "new", {**names, "line\nbreak.txt": b"changed"})
+    run_b = track(cli, "data", str(new))
+    changed = cli("diff", run_a, run_b, "data")
+    assert changed.stdout.splitlines() == ['M\t"line\\nbreak.txt"'], changed.stdout
+
+    (old / "line\nbreak.txt").write_bytes(b"x")  # same size, new bytes
+    os.utime(old / "line\nbreak.txt", (KNOWN_MTIME, KNOWN_MTIME))
+    verified = cli("verify", run_a, "data")
+    assert verified.returncode == 1, verified
+    [reported] = verified.stdout.splitlines()
+    assert reported.startswith('CHANGED "data/line\\nbreak.txt": '), reported
+
+
 def test_same_content_tracked_from_two_places_keeps_each_source(tmp_path: Path) -> None:
     """One artifact hash (content only), but each run reads from where it was tracked."""
     first = make_tree(tmp_path / "first", {"a.csv": b"same bytes"})

@@ -38,6 +38,8 @@ PREPARED_LISTING_ENTRIES = 200_000
 
 # One listing entry as readdir replies it.
 Prepared = tuple[bytes, pyfuse3.EntryAttributes, Node]
+# `.` and `..`, replied before the children: readdir offsets 1 and 2; child i gets DOTS + i + 1.
+DOTS = 2
 
 
 class ArtifactOperations(pyfuse3.Operations):
@@ -51,6 +53,7 @@ class ArtifactOperations(pyfuse3.Operations):
         self._lookups: dict[int, int] = {}
         self._open_files: dict[int, Node] = {}
         self._listings: dict[int, list[Prepared]] = {}
+        self._dots: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
         # A warm `find -ls` lists every directory again: inside an artifact nothing changes,
         # so each listing is prepared once (bounded by entries, not directories).
         self._prepared_listings: LRUCache[int, list[Prepared]] = LRUCache(
@@ -206,18 +209,35 @@ class ArtifactOperations(pyfuse3.Operations):
             if node.immutable and len(prepared) <= PREPARED_LISTING_ENTRIES:
                 self._prepared_listings[inode] = prepared
         self._listings[handle] = prepared
+        self._dots[handle] = self._dot_entries(node)
         return handle
 
+    def _dot_entries(self, directory: Node) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        """`.` and `..` (the root's parent is itself) as `ls -a` expects them. Every directory
+        has the same attributes but its inode; the kernel takes only the inode and type of
+        these two, and never counts them as lookups: they are not remembered."""
+        parent = self._build_attributes(directory)  # a copy: the cached one is shared
+        parent.st_ino = self.tree.parent_inode(directory)
+        return [(b".", self._entry_attributes(directory)), (b"..", parent)]
+
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        listing = self._listings.get(fh, [])
-        for index in range(start_id, len(listing)):
-            name, attributes, child = listing[index]
+        # The offset after each entry is its place in `.`, `..`, children: a listing read
+        # in several calls resumes where the last one stopped.
+        dots = self._dots.get(fh, [])
+        for index in range(start_id, len(dots)):
+            name, attributes = dots[index]
             if not pyfuse3.readdir_reply(token, name, attributes, index + 1):
+                return
+        listing = self._listings.get(fh, [])
+        for index in range(max(start_id - DOTS, 0), len(listing)):
+            name, attributes, child = listing[index]
+            if not pyfuse3.readdir_reply(token, name, attributes, DOTS + index + 1):
                 return
             self._remember(child)
 
     async def releasedir(self, fh: int) -> None:
         self._listings.pop(fh, None)
+        self._dots.pop(fh, None)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()

@@ -375,6 +375,17 @@ class Tree:
         return None
 
     @staticmethod
+    def parent_inode(node: Node) -> int:
+        """The inode of the directory holding `node` (the root's is the root), from the node
+        alone: the parent need not be remembered."""
+        if node.inode == ROOT_INODE:
+            return ROOT_INODE
+        if node.immutable and node.dir_path != "":  # inside an artifact, below its root
+            return Tree._directory_of(node).inode
+        parent_path = node.path.rpartition("/")[0]
+        return inode_for(parent_path) if parent_path else ROOT_INODE
+
+    @staticmethod
     def _directory_of(node: Node) -> Node:
         """The artifact directory holding `node`."""
         path = node.path.rpartition("/")[0]

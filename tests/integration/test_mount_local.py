@@ -3,6 +3,7 @@ sha1sum, getfattr, writes that must fail, signals to the daemon, errors of the m
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -680,3 +681,88 @@ def test_five_thousand_files_in_one_directory(cli: Any, tmp_path: Path) -> None:
         for name in sorted(bodies)[::499]:
             assert (directory / name).read_bytes() == bodies[name]
         assert mount.xattr("", "file_count") == str(count)
+
+
+# -- 12. `.` and `..` -----------------------------------------------------------------------
+
+
+def ls_a(directory: Path) -> list[str]:
+    """The names `ls -a` prints, in its order."""
+    env = {**os.environ, "LC_ALL": "C.UTF-8"}
+    listing = subprocess.run(
+        ["ls", "-a", "-1", "--quoting-style=literal", str(directory)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert listing.returncode == 0, listing.stderr
+    return listing.stdout.splitlines()
+
+
+class Dirent(ctypes.Structure):
+    """glibc's `struct dirent` on 64-bit Linux."""
+
+    _fields_ = [
+        ("d_ino", ctypes.c_uint64),
+        ("d_off", ctypes.c_int64),
+        ("d_reclen", ctypes.c_ushort),
+        ("d_type", ctypes.c_ubyte),
+        ("d_name", ctypes.c_char * 256),
+    ]
+
+
+def readdir_inodes(directory: Path) -> list[tuple[str, int]]:
+    """(name, d_ino) as readdir(3) returns them, `.` and `..` included: os.scandir leaves
+    those out, and `ls -i` stats directories instead of trusting d_ino."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.opendir.argtypes = [ctypes.c_char_p]
+    libc.readdir.restype = ctypes.POINTER(Dirent)
+    libc.readdir.argtypes = [ctypes.c_void_p]
+    libc.closedir.argtypes = [ctypes.c_void_p]
+    handle = libc.opendir(os.fsencode(directory))
+    assert handle, os.strerror(ctypes.get_errno())
+    found = []
+    try:
+        while entry := libc.readdir(handle):
+            found.append((os.fsdecode(entry.contents.d_name), entry.contents.d_ino))
+    finally:
+        libc.closedir(handle)
+    return found
+
+
+def test_ls_a_shows_dot_and_dotdot_once_each(cli: Any, tmp_path: Path) -> None:
+    # Enough names in one directory that the kernel reads its listing in many readdir calls.
+    many = {f"sub/deep/{i:04d}.txt": b"%d\n" % i for i in range(600)}
+    files = {"a.txt": b"a\n", "sub/b.txt": b"bee\n", **many}
+    run_id = track(cli, "ml/cls", "data", make_tree(tmp_path / "src", files))
+
+    with mounted(tmp_path / "mnt") as mount:
+        run_dir = mount.path / "ml" / "cls" / run_id
+        nested = run_dir / "data" / "sub" / "deep"
+        children = {
+            mount.path: ["ml"],
+            run_dir: ["data"],
+            run_dir / "data" / "sub": ["b.txt", "deep"],
+            nested: sorted(name.rsplit("/", 1)[-1] for name in many),
+        }
+        for directory, names in children.items():
+            assert sorted(ls_a(directory)) == sorted([".", "..", *names]), directory
+            assert sorted(os.listdir(directory)) == names, directory  # Python leaves them out
+            listed = readdir_inodes(directory)
+            assert sorted(name for name, _ in listed) == sorted([".", "..", *names])
+            inodes = dict(listed)
+            assert inodes["."] == os.stat(directory).st_ino, directory
+            if directory == mount.path:  # its `..` is outside the mount: it lists itself
+                assert inodes[".."] == inodes["."], directory
+            else:
+                assert inodes[".."] == os.stat(directory / "..").st_ino, directory
+                assert inodes[".."] == os.stat(directory.parent).st_ino, directory
+
+        # `find` still shows each path once, no `.` or `..` among them.
+        found = subprocess.run(
+            ["find", str(run_dir)], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        expected = {"", "data", "data/sub", "data/sub/deep"} | {f"data/{rel}" for rel in files}
+        assert len(found) == len(expected)
+        assert {str(Path(p).relative_to(run_dir)).removeprefix(".") for p in found} == expected

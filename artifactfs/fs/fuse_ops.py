@@ -300,6 +300,11 @@ class ArtifactOperations(pyfuse3.Operations):
         values = self.tree.xattrs(node)
         if node.kind is Kind.FILE and node.entry is not None:
             values["cached"] = str(self.reader.cached_bytes(node.entry))
+        if _size_untracked(node):
+            assert node.entry is not None
+            learned = self.reader.known_size(node.entry)  # as stat shows it, once learned
+            if learned is not None:
+                values["size"] = str(learned)
         if node.inode == ROOT_INODE:
             snapshot = self.reader.cache.snapshot()
             for key in ("cache_bytes", "cache_limit", "hits", "misses", "fetched_bytes", "errors"):

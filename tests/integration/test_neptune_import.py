@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,45 @@ def test_files_of_unknown_size_read_whole_through_the_mount(
         with open(base / "remote.bin", "rb") as handle:
             handle.seek(100_000)
             assert handle.read(5000) == remote_body[100_000:105_000]
+
+
+def test_the_size_xattr_of_a_file_of_unknown_size_is_the_learned_one(
+    cli, tmp_path: Path, s3: S3Bucket
+) -> None:
+    """`user.artifactfs.size` says what stat says once the source told the size, and stays
+    empty while it cannot be learned (a source that is gone)."""
+    local_body = b"local, of unknown size\n" * 100
+    local = make_tree(tmp_path / "data", {"local.txt": local_body}) / "local.txt"
+    remote_body = bytes(range(256)) * 300
+    etag = s3.put("unsized/remote.bin", remote_body)["ETag"].strip('"')
+    entries = [
+        wire_entry(
+            "local.txt",
+            hashlib.sha1(local_body).hexdigest(),
+            "Local",
+            0,
+            file_path=f"file://{local}",
+        ),
+        wire_entry("gone.txt", "0" * 40, "Local", 0, file_path=f"file://{tmp_path}/gone.txt"),
+        wire_entry("remote.bin", etag, "S3", 0, location=s3.url("unsized/remote.bin")),
+    ]
+    for entry in entries:
+        entry["size"] = None
+    write_export(tmp_path / "export", "ml/p/P-5/data", entries)
+    assert cli("import-neptune", str(tmp_path / "export")).returncode == 0
+    with mounted(tmp_path / "mnt", "--cache-dir", str(tmp_path / "cache")) as mount:
+        base = mount.path / "ml" / "p" / "P-5" / "data"
+        for name, body in (("local.txt", local_body), ("remote.bin", remote_body)):
+            assert (base / name).stat().st_size == len(body), name
+            assert mount.xattr(f"ml/p/P-5/data/{name}", "size") == str(len(body)), name
+            shown = subprocess.run(
+                ["getfattr", "--only-values", "-n", "user.artifactfs.size", str(base / name)],
+                capture_output=True,
+                text=True,
+            )
+            assert (shown.returncode, shown.stdout) == (0, str(len(body))), shown
+        assert (base / "gone.txt").stat().st_size == 0
+        assert mount.xattr("ml/p/P-5/data/gone.txt", "size") == ""
 
 
 def test_conflicting_run_is_reported_and_not_overwritten(cli, export: dict) -> None:

@@ -382,14 +382,14 @@ def _entries(ctx: Context, run_id: str, field_path: str) -> list[Any]:
 
 # Escaped by `shown`, as C and git write them; other control characters in octal.
 _ESCAPES = {"\a": "a", "\b": "b", "\t": "t", "\n": "n", "\v": "v", "\f": "f", "\r": "r"}
-_QUOTING = {'"': '"', "\\": "\\"}
+_PATH_ESCAPES = _ESCAPES | {'"': '"', "\\": "\\"}  # in a quoted path, its quotes too
 
 
 def shown(path: str) -> str:
     """`path` as one line of output, quoted as git quotes paths: when it holds a control
     character (a newline would split it in two), a double quote or a backslash, it is printed
     in double quotes with C escapes (`"a\\nb"`); any other path as it is."""
-    escaped = "".join(_escaped(char, _ESCAPES | _QUOTING) for char in path)
+    escaped = "".join(_escaped(char, _PATH_ESCAPES) for char in path)
     return path if escaped == path else f'"{escaped}"'
 
 

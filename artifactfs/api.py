@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 # A mode of None is Neptune's default: NEPTUNE_MODE, else "async".
 WRITE_MODES = ("async", "sync", "offline")
 READ_ONLY_MODE = "read-only"
+_SYSTEM_FIELDS = ("sys/id", "sys/creation_time", "sys/project")
 
 
 def project_from_environment(project: str | None) -> str | None:
@@ -44,28 +46,51 @@ def run_in_project(store: Store, run_id: str, project: str | None) -> RunRecord:
 
 
 def init_run(
-    project: str | None = None,
-    *,
     with_id: str | None = None,
-    mode: str | None = None,
+    *,
+    project: str | None = None,
     api_token: str | None = None,  # accepted so Neptune code runs unchanged; there is no server
+    custom_run_id: str | None = None,
+    mode: str | None = None,
     store: str | Store | None = None,
     project_key: str | None = None,
-    **_neptune_options: Any,  # name, tags, capture_stdout, ...: no meaning without a server
+    # Neptune's other options: no meaning without a server.
+    name: str | None = None,
+    description: str | None = None,
+    tags: Any = None,
+    source_files: Any = None,
+    capture_stdout: bool | None = None,
+    capture_stderr: bool | None = None,
+    capture_hardware_metrics: bool | None = None,
+    fail_on_exception: bool = True,
+    monitoring_namespace: str | None = None,
+    flush_period: float = 5.0,
+    proxies: dict[str, str] | None = None,
+    capture_traceback: bool = True,
+    git_ref: Any = None,
+    dependencies: Any = None,
+    async_lag_callback: Any = None,
+    async_lag_threshold: float | None = None,
+    async_no_progress_callback: Any = None,
+    async_no_progress_threshold: float | None = None,
+    run: str | None = None,  # Neptune 0.x's name for with_id
 ) -> Run:
-    """Open run `with_id`, or create one in `project` (else ARTIFACTFS_PROJECT, NEPTUNE_PROJECT)."""
-    del api_token
-    if mode is None:
-        mode = os.environ.get("NEPTUNE_MODE") or "async"
-        if mode not in (*WRITE_MODES, READ_ONLY_MODE):
-            # Set for Neptune ("debug": record nothing), which it was written for: code that
-            # ran with it before must not break here; it records, as it did before.
-            log.warning("NEPTUNE_MODE=%s has no meaning here: recording as mode 'async'", mode)
-            mode = "async"
-    if mode not in (*WRITE_MODES, READ_ONLY_MODE):
+    """Open run `with_id`, or create one in `project` (else ARTIFACTFS_PROJECT, NEPTUNE_PROJECT).
+
+    The signature is Neptune 1.x's: the one positional argument is the run id (`init_run("CLS-1")`);
+    an argument Neptune did not have is a TypeError, not silently ignored.
+    """
+    if run is not None:
+        if with_id is not None:
+            raise ArtifactfsError("pass the run id once: with_id (run is its old name)")
+        log.warning("init_run(run=...) is deprecated in Neptune: use with_id")
+        with_id = run
+    if with_id is not None and "/" in str(with_id):
         raise ArtifactfsError(
-            f"unsupported mode {mode!r}: use 'async', 'sync', 'offline' or 'read-only'"
+            f"invalid run id {with_id!r}: init_run's first argument is with_id, as in Neptune "
+            "1.x; pass a project by name (project='workspace/name')"
         )
+    mode = _mode(mode)
     the_store = store if isinstance(store, Store) else Store(store)
     project_name = project_from_environment(project)
     if with_id is not None:
@@ -79,6 +104,22 @@ def init_run(
             )
         record = the_store.create_run(parse_project(project_name), project_key)
     return Run(the_store, record, read_only=mode == READ_ONLY_MODE)
+
+
+def _mode(mode: str | None) -> str:
+    """The mode asked for, else NEPTUNE_MODE's, else "async"; refused if unknown."""
+    if mode is None:
+        mode = os.environ.get("NEPTUNE_MODE") or "async"
+        if mode not in (*WRITE_MODES, READ_ONLY_MODE):
+            # Set for Neptune ("debug": record nothing), which it was written for: code that
+            # ran with it before must not break here; it records, as it did before.
+            log.warning("NEPTUNE_MODE=%s has no meaning here: recording as mode 'async'", mode)
+            mode = "async"
+    if mode not in (*WRITE_MODES, READ_ONLY_MODE):
+        raise ArtifactfsError(
+            f"unsupported mode {mode!r}: use 'async', 'sync', 'offline' or 'read-only'"
+        )
+    return mode
 
 
 class Run:
@@ -97,7 +138,7 @@ class Run:
         return self._store
 
     def __getitem__(self, path: str) -> FieldHandle:
-        return FieldHandle(self, path)
+        return FieldHandle(self, _field_path(path))
 
     def __repr__(self) -> str:
         return f"<Run {self.id} of {self._record.project}>"
@@ -108,13 +149,23 @@ class Run:
         if self.read_only:
             raise ArtifactfsError(f"run {self.id} is open read-only: cannot track files")
 
-    def stop(self) -> None:
+    def stop(self, *, seconds: float | None = None) -> None:
+        del seconds  # Neptune's wait for queued writes: there are none
         self._stopped = True
 
-    def wait(self) -> None:
+    def wait(self, *, disk_only: bool = False) -> None:
         """Neptune's flush: writes here are synchronous, so there is nothing to wait for."""
 
-    sync = wait
+    def sync(self, *, wait: bool = True) -> None:
+        """Neptune's refresh from the server: every read here goes to the store already."""
+
+    def exists(self, path: str) -> bool:
+        """Whether `path` is a field of this run or a namespace holding one (`sys/id`...)."""
+        path = _field_path(path).strip("/")
+        if path in _SYSTEM_FIELDS or path == RESERVED_NAMESPACE:
+            return True
+        fields = self._store.get_run(self.id).fields
+        return any(field == path or field.startswith(path + "/") for field in fields)
 
     def __enter__(self) -> Run:
         return self
@@ -129,19 +180,46 @@ class Run:
 
     # -- system fields ----------------------------------------------------------------------
 
-    def _system_value(self, path: str) -> str:
-        values = {
-            "sys/id": self._record.run_id,
-            "sys/creation_time": self._record.created_at,
-            "sys/project": str(self._record.project),
-        }
-        if path not in values:
-            raise NotFoundError(f"unknown system field {path!r}: known are {', '.join(values)}")
-        return values[path]
+    def _system_value(self, path: str) -> str | datetime:
+        if path not in _SYSTEM_FIELDS:
+            shown = ", ".join(_SYSTEM_FIELDS)
+            raise NotFoundError(f"unknown system field {path!r}: known are {shown}")
+        if path == "sys/id":
+            return self._record.run_id
+        if path == "sys/project":
+            return str(self._record.project)
+        # A datetime, as Neptune's fetch() gives it (UTC here).
+        created = datetime.strptime(self._record.created_at, "%Y-%m-%d %H:%M:%S")
+        return created.replace(tzinfo=timezone.utc)
 
     @property
     def record(self) -> RunRecord:
         return self._record
+
+
+class ArtifactValue(str):
+    """An artifact field's `fetch()`: its hash, with Neptune's `.hash` attribute."""
+
+    @property
+    def hash(self) -> str:
+        return str(self)
+
+
+def _field_path(path: object) -> str:
+    if not isinstance(path, str):
+        raise ArtifactfsError(
+            f"a field path is a string like 'data_versions', not {type(path).__name__}"
+        )
+    return path
+
+
+def _text_argument(name: str, value: object) -> str:
+    """A path argument as text: a str or os.PathLike (pathlib.Path), else refused."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ArtifactfsError(f"{name} must be a string or a path, not {type(value).__name__}")
+    return value
 
 
 class FieldHandle:
@@ -152,22 +230,31 @@ class FieldHandle:
         self.path = path.strip("/")
 
     def __getitem__(self, sub_path: str) -> FieldHandle:
-        return FieldHandle(self._run, f"{self.path}/{sub_path.strip('/')}")
+        return FieldHandle(self._run, f"{self.path}/{_field_path(sub_path).strip('/')}")
 
     def __repr__(self) -> str:
         return f"<Field {self.path!r} of run {self._run.id}>"
 
-    def fetch(self) -> str:
+    def fetch(self) -> str | datetime:
+        """A `sys/` value; for an artifact field its hash, as a string that also has Neptune's
+        `.hash` (`run["data"].fetch().hash`)."""
         if self.path.split("/")[0] == RESERVED_NAMESPACE:
             return self._run._system_value(self.path)
-        return self.fetch_hash()
+        return ArtifactValue(self.fetch_hash())
 
-    def track_files(self, path: str, destination: str | None = None, wait: bool = False) -> None:
+    def track_files(
+        self,
+        path: str | os.PathLike[str],
+        destination: str | os.PathLike[str] | None = None,
+        wait: bool = False,
+    ) -> None:
         """Record every file at `path` (local path, file://, s3://, gs://) in this field."""
         del wait  # tracking is synchronous already
         self._run._check_writable()
         validate_field_path(self.path)
-        PendingTrack(path, destination).record(self._run.store, self._run.record, self.path)
+        location = _text_argument("path", path)
+        prefix = None if destination is None else _text_argument("destination", destination)
+        PendingTrack(location, prefix).record(self._run.store, self._run.record, self.path)
 
     def fetch_hash(self) -> str:
         return self._artifact().hash

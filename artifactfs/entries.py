@@ -98,6 +98,16 @@ def validate_path(path: str) -> str:
     return path
 
 
+def normal_destination(destination: str | None) -> str | None:
+    """`destination` as Neptune's client made it with pathlib: `.` and empty segments dropped
+    (`./a//b/` is `a/b`; `.`, `./` and `""` are no prefix). A leading `/` stays, to be refused;
+    so does `..`."""
+    if destination is None or destination.startswith("/"):
+        return destination
+    kept = [part for part in destination.split("/") if part not in ("", ".")]
+    return "/".join(kept) or None
+
+
 def join_destination(destination: str | None, path: str) -> str:
     """Prefix `path` with `destination` (`x/y`), validating both."""
     if not destination:

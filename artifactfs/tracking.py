@@ -16,6 +16,7 @@ from artifactfs.entries import (
     artifact_id,
     find_file_dir_conflict,
     join_destination,
+    normal_destination,
     validate_path,
 )
 from artifactfs.errors import ArtifactfsError, NotFoundError
@@ -31,6 +32,7 @@ class PendingTrack:
     def __init__(
         self, location: str, destination: str | None = None, show_progress: bool | None = None
     ) -> None:
+        destination = normal_destination(destination)
         if destination is not None:
             validate_path(destination.rstrip("/"))  # refuse before hashing a large tree
         self.location = location

@@ -102,8 +102,6 @@ CASES = [
     ("destination ..", ["track", "f", "{data}", "--destination", "../up"], [".."]),
     ("destination .. inside", ["track", "f", "{data}", "--destination", "a/../../b"], [".."]),
     ("destination absolute", ["track", "f", "{data}", "--destination", "/abs"], ["abs"]),
-    ("destination empty segment", ["track", "f", "{data}", "--destination", "a//b"], ["a//b"]),
-    ("destination dot", ["track", "f", "{data}", "--destination", "./a"], ["./a"]),
     ("destination long", ["track", "f", "{data}", "--destination", "d" * 256], ["255"]),
     # Unknown schemes.
     ("ftp", ["track", "f", "ftp://h/x"], ["ftp"]),
@@ -161,7 +159,7 @@ def test_read_only_run_is_refused(world: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "destination", ["../up", "a/../../b", "/abs", "a//b", "./a", "a\x00b", "d" * 256, "é" * 128]
+    "destination", ["../up", "a/../../b", "/abs", "a\x00b", "d" * 256, "é" * 128]
 )
 def test_api_refuses_destinations_escaping_the_tree(
     world: dict[str, str], destination: str

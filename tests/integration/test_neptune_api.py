@@ -1,0 +1,134 @@
+"""Neptune 1.x code runs unchanged: `init_run`'s signature, the run's methods, what `fetch`
+returns, and how `track_files` takes its arguments."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+import artifactfs
+from artifactfs.errors import ArtifactfsError
+from artifactfs.store import Store
+from tests.conftest import make_tree
+
+pytestmark = pytest.mark.store_backends
+
+PROJECT = "ml-team/classification"
+
+
+def run_ids() -> list[str]:
+    return [record.run_id for record in Store().list_runs()]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return make_tree(tmp_path / "data", {"train/a.csv": b"a\n", "b.csv": b"b\n"})
+
+
+def test_the_one_positional_argument_is_the_run_id(data: Path) -> None:
+    first = artifactfs.init_run(project=PROJECT)
+    first["data"].track_files(str(data))
+    reopened = artifactfs.init_run("CLS-1")  # Neptune 1.x: init_run(with_id=None, *, ...)
+    assert reopened.id == "CLS-1"
+    assert reopened["data"].fetch_hash() == first["data"].fetch_hash()
+    with pytest.raises(ArtifactfsError, match="with_id") as refused:
+        artifactfs.init_run(PROJECT)  # Neptune 0.x code: the project was first
+    assert "project=" in str(refused.value)
+    assert run_ids() == ["CLS-1"]
+
+
+def test_neptunes_options_are_taken_and_others_are_a_type_error(data: Path) -> None:
+    run = artifactfs.init_run(
+        project=PROJECT,
+        name="baseline",
+        description="first try",
+        tags=["a", "b"],
+        source_files=["*.py"],
+        capture_stdout=False,
+        capture_stderr=False,
+        capture_hardware_metrics=False,
+        fail_on_exception=True,
+        monitoring_namespace="monitoring",
+        flush_period=1.0,
+        proxies={},
+        capture_traceback=False,
+        git_ref=False,
+        dependencies="infer",
+    )
+    assert run.id == "CLS-1"
+    with pytest.raises(TypeError, match="projcet"):
+        artifactfs.init_run(projcet=PROJECT)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="with_idd"):
+        artifactfs.init_run(with_idd="CLS-1")  # type: ignore[call-arg]
+    assert run_ids() == ["CLS-1"]  # nothing made by the refused calls
+    assert artifactfs.init_run(run="CLS-1").id == "CLS-1"  # Neptune 0.x's name for with_id
+
+
+def test_stop_wait_and_sync_take_neptunes_arguments() -> None:
+    run = artifactfs.init_run(project=PROJECT)
+    run.wait(disk_only=True)
+    run.sync(wait=False)
+    run.stop(seconds=5)
+    with pytest.raises(ArtifactfsError, match="stopped"):
+        run["data"].track_files("anything")
+
+
+def test_exists_knows_fields_their_namespaces_and_sys(data: Path) -> None:
+    run = artifactfs.init_run(project=PROJECT)
+    run["datasets/train"].track_files(str(data))
+    assert run.exists("datasets/train")
+    assert run.exists("datasets")
+    assert run.exists("sys/id")
+    assert not run.exists("datasets/tr")
+    assert not run.exists("other")
+    assert not run.exists("sys/nothing")
+
+
+def test_fetch_gives_neptunes_types(data: Path) -> None:
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    run = artifactfs.init_run(project=PROJECT)
+    run["data"].track_files(str(data))
+    fetched = run["data"].fetch()
+    assert fetched == run["data"].fetch_hash()  # still the hash string, as before
+    assert fetched.hash == run["data"].fetch_hash()  # type: ignore[union-attr]
+    created = run["sys/creation_time"].fetch()
+    assert isinstance(created, datetime)
+    assert before <= created <= datetime.now(timezone.utc) + timedelta(seconds=1)
+
+
+def test_paths_may_be_pathlib_paths_and_field_paths_must_be_strings(data: Path) -> None:
+    run = artifactfs.init_run(project=PROJECT)
+    run["data"].track_files(data, destination=Path("set"))
+    assert sorted(f.file_path for f in run["data"].fetch_files_list()) == [
+        "set/b.csv",
+        "set/train/a.csv",
+    ]
+    for wrong in (3, None, b"data"):
+        with pytest.raises(ArtifactfsError, match="field path is a string"):
+            run[wrong]  # type: ignore[index]
+    with pytest.raises(ArtifactfsError, match="path must be a string"):
+        run["other"].track_files(42)  # type: ignore[arg-type]
+    assert Store().get_run(run.id).fields == ("data",)
+
+
+@pytest.mark.parametrize(
+    ("destination", "prefix"),
+    [("./a//b/", "a/b/"), (".", ""), ("", ""), ("./", ""), ("x/./y", "x/y/")],
+)
+def test_destinations_are_taken_as_neptunes_pathlib_made_them(
+    data: Path, destination: str, prefix: str
+) -> None:
+    run = artifactfs.init_run(project=PROJECT)
+    run["data"].track_files(str(data), destination=destination)
+    paths = sorted(f.file_path for f in run["data"].fetch_files_list())
+    assert paths == [f"{prefix}b.csv", f"{prefix}train/a.csv"]
+
+
+@pytest.mark.parametrize("destination", ["../up", "a/../../b", "/abs"])
+def test_destinations_that_escape_are_still_refused(data: Path, destination: str) -> None:
+    run = artifactfs.init_run(project=PROJECT)
+    with pytest.raises(ArtifactfsError):
+        run["data"].track_files(str(data), destination=destination)
+    assert Store().get_run(run.id).fields == ()

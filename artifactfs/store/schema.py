@@ -20,9 +20,12 @@ from sqlalchemy import (
 
 from artifactfs.naming import MAX_FIELD_PATH_CHARS
 
-# Bump when the tables change; `Store` refuses a store of any other version (there is no
-# upgrade yet: the first schema change must add one).
-SCHEMA_VERSION = 1
+MAX_CUSTOM_RUN_ID_CHARS = 36  # Neptune's limit
+
+# Bump when the tables change, and add the new tables to ADDED_IN: `Store` upgrades a store of
+# an older version when it opens one it may write (a read-only one is read at its own version)
+# and refuses a newer one.
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -103,3 +106,20 @@ fields = Table(
     Column("artifact_id", String(64), ForeignKey("artifacts.id"), nullable=False),
     Column("updated_at", String(32), nullable=False),
 )
+
+# Neptune's `init_run(custom_run_id=...)`: the processes of one distributed job share one run.
+custom_run_ids = Table(
+    "custom_run_ids",
+    metadata,
+    Column("project_id", Integer, ForeignKey("projects.id"), primary_key=True),
+    Column("custom_id", String(MAX_CUSTOM_RUN_ID_CHARS), primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id"), nullable=False, unique=True),
+)
+
+# The schema version that added each table; tables not named here are version 1's.
+ADDED_IN: dict[str, int] = {custom_run_ids.name: 2}
+
+
+def tables_of_version(version: int) -> list[Table]:
+    """The tables a store of `version` has, in creation order."""
+    return [table for table in metadata.sorted_tables if ADDED_IN.get(table.name, 1) <= version]

@@ -3,9 +3,10 @@
 One code path for SQLite (the embedded default) and PostgreSQL (a team's shared store). Writes
 that must not race run in one transaction each. On SQLite it starts with `BEGIN IMMEDIATE`, so
 concurrent writers queue on the database lock instead of failing half-way. On PostgreSQL, run
-ids come from a single `UPDATE ... RETURNING` (which locks the project row), project creation
-and schema set-up take a transaction-scoped advisory lock, and a field update locks its run row
-(`SELECT ... FOR UPDATE`), so no read-then-write can interleave with another host's.
+ids come from a single `UPDATE ... RETURNING` (which locks the project row), project creation,
+schema set-up and upgrade, and a custom run id's get-or-create take a transaction-scoped
+advisory lock, and a field update locks its run row (`SELECT ... FOR UPDATE`), so no
+read-then-write can interleave with another host's.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from artifactfs.naming import (
     validate_project_key,
 )
 from artifactfs.store import schema
-from artifactfs.store.schema import SCHEMA_VERSION
+from artifactfs.store.schema import MAX_CUSTOM_RUN_ID_CHARS, SCHEMA_VERSION
 
 _INSERT_BATCH = 5000
 
@@ -136,6 +137,7 @@ class Store:
         real_uri = resolve_store_uri(uri)
         self.uri = _redact(real_uri)  # for messages and logs: never the password
         self.engine = self._make_engine(real_uri)
+        self._version: int  # the store's schema version: older than ours on a read-only store
         try:
             self._ensure_schema()
         except BaseException:  # a refused store: no pooled connection stays open on it
@@ -228,55 +230,100 @@ class Store:
             raise _store_error(self.uri, doing, exc) from None
 
     def _ensure_schema(self) -> None:
-        """Refuse anything but an empty database or a store of this schema, and only then
-        create the tables (in an empty one). The check is a read: it never waits for a
-        writer, and works on a store this user may only read."""
+        """Refuse anything but an empty database or a store of a schema version this
+        artifactfs knows; create the tables in an empty one, and upgrade an older store where
+        it may be written. The first check is a read: it never waits for a writer, and works
+        on a store this user may only read, which is then used at its own version."""
         with self._translated("open"):
             with self._transaction(write=False) as conn:
-                needs_tables = self._needs_tables(conn)
+                version = self._store_version(conn)
             # WAL where it can be set: on a store of ours switched out of it (a copy, a
             # restore), or one being made. Not always: a store this user may only read stays
             # as it is, and so does one another process is making at this moment (SQLite
             # answers "locked" at once there; that process sets it).
             with suppress(DBAPIError):
                 self._use_wal()
-            if not needs_tables:
-                return
-            with self._transaction(write=True, lock="schema") as conn:
-                if self._needs_tables(conn):  # unless another process made them meanwhile
-                    schema.metadata.create_all(conn, checkfirst=False)
-                    conn.execute(
-                        schema.meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
-                    )
+            if version is None:
+                version = self._create_tables()
+        self._version = version
+        if version < SCHEMA_VERSION:
+            # Reading needs no upgrade: a store this user cannot write still opens, and only
+            # what needs the new tables fails (see `_require_upgrade`).
+            with suppress(DBAPIError):
+                self._upgrade()
 
-    def _needs_tables(self, conn: Connection) -> bool:
-        """True for an empty database (or a PostgreSQL one that others share: its tables are
-        left as they are, ours go beside them), False for a store of this schema; anything
-        else is refused (an SQLite file of another application, another schema version, a
-        pre-release layout, some of our tables without the rest)."""
+    def _create_tables(self) -> int:
+        """Make an empty database a store of this version; the version of the store found
+        instead when another process made one meanwhile (possibly an older artifactfs)."""
+        with self._transaction(write=True, lock="schema") as conn:
+            version = self._store_version(conn)
+            if version is not None:
+                return version
+            schema.metadata.create_all(conn, checkfirst=False)
+            conn.execute(
+                schema.meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
+            )
+            return SCHEMA_VERSION
+
+    def _upgrade(self) -> None:
+        """Bring an older store to this version: its new tables and version number in one
+        write transaction, under the schema lock (on SQLite the write lock), so of several
+        processes opening it at once one upgrades and the others find it done. Errors come
+        untranslated: opening a store this user may only read ignores them."""
+        with self._transaction(write=True, lock="schema") as conn:
+            version = self._store_version(conn)
+            if version is not None and version < SCHEMA_VERSION:
+                have = set(schema.tables_of_version(version))
+                new = [t for t in schema.metadata.sorted_tables if t not in have]
+                # checkfirst: a table the layout check found complete stays as it is.
+                schema.metadata.create_all(conn, tables=new, checkfirst=True)
+                m = schema.meta
+                conn.execute(
+                    update(m).where(m.c.key == "schema_version").values(value=str(SCHEMA_VERSION))
+                )
+        self._version = SCHEMA_VERSION
+
+    def _require_upgrade(self, needed_for: str) -> None:
+        """Upgrade a store opened at an older version now, or say in one line why not."""
+        if self._version >= SCHEMA_VERSION:
+            return
+        try:
+            self._upgrade()
+        except DBAPIError as exc:
+            reason = _store_error(self.uri, "upgrade", exc)
+            raise ArtifactfsError(
+                f"{reason} ({needed_for} need schema version {SCHEMA_VERSION}; this store has "
+                f"version {self._version} and upgrading it writes to it)"
+            ) from None
+
+    def _store_version(self, conn: Connection) -> int | None:
+        """None for an empty database (or a PostgreSQL one that others share: its tables are
+        left as they are, ours go beside them), else the store's schema version. Anything
+        else is refused (an SQLite file of another application, an unknown schema version, a
+        pre-release layout, some of a version's tables without the rest)."""
         inspector = inspect(conn)
         names = set(inspector.get_table_names()) | set(inspector.get_view_names())
         if schema.meta.name not in names:
             ours = names & {table.name for table in schema.metadata.sorted_tables}
             shared = self.engine.dialect.name == "postgresql" and not ours
             if not names or shared:
-                return True
+                return None
             shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
             raise ArtifactfsError(
                 f"store {self.uri} is not an artifactfs store: the database has other tables "
                 f"({shown}) and no {schema.meta.name}; pass another --store"
             )
         version = self._schema_version(conn)
-        problem = _layout_problem(inspector, names)
+        problem = _layout_problem(inspector, names, version)
         if problem is not None:
             raise ArtifactfsError(
                 f"store {self.uri} says schema version {version} but has {problem}: it was "
                 "written by a pre-release artifactfs; move it away or pass another --store"
             )
-        return False
+        return version
 
     def _schema_version(self, conn: Connection) -> int:
-        """The store's schema version, refused unless it is this artifactfs's."""
+        """The store's schema version, refused unless this artifactfs can use it."""
         m = schema.meta
         value = conn.execute(select(m.c.value).where(m.c.key == "schema_version")).scalar()
         text_value = str(value).strip() if value is not None else ""
@@ -292,7 +339,7 @@ class Store:
                 f"store {self.uri} has schema version {version}, newer than this artifactfs "
                 f"understands ({SCHEMA_VERSION}): upgrade artifactfs"
             )
-        if version < SCHEMA_VERSION:
+        if version < 1:  # there never was one: the first store was version 1
             raise ArtifactfsError(
                 f"store {self.uri} has schema version {version}, older than this artifactfs "
                 f"can use ({SCHEMA_VERSION}): move it away or pass another --store"
@@ -371,25 +418,75 @@ class Store:
     def create_run(self, project: ProjectName, key: str | None = None) -> RunRecord:
         """A new run with the next number of its project: unique and gap-free under concurrency."""
         record = self.ensure_project(project, key)
-        p = schema.projects
         with self._write() as conn:
-            number = conn.execute(
-                update(p)
-                .where(p.c.id == record.id, p.c.last_number < MAX_RUN_NUMBER)
-                .values(last_number=p.c.last_number + 1)
-                .returning(p.c.last_number)
-            ).scalar_one_or_none()
-            if number is None:  # the same refusal on both backends, before INTEGER overflows
-                raise ArtifactfsError(f"project {project} has used every run number")
-            run_id = f"{record.key}-{number}"
-            created = now_text()
-            result = conn.execute(
-                schema.runs.insert().values(
-                    project_id=record.id, number=number, run_key=run_id, created_at=created
+            return self._insert_next_run(conn, record)
+
+    @staticmethod
+    def _insert_next_run(conn: Connection, record: ProjectRecord) -> RunRecord:
+        """Insert the project's next run; the number comes from one atomic UPDATE ... RETURNING
+        (which also locks the project row on PostgreSQL)."""
+        p = schema.projects
+        number = conn.execute(
+            update(p)
+            .where(p.c.id == record.id, p.c.last_number < MAX_RUN_NUMBER)
+            .values(last_number=p.c.last_number + 1)
+            .returning(p.c.last_number)
+        ).scalar_one_or_none()
+        if number is None:  # the same refusal on both backends, before INTEGER overflows
+            raise ArtifactfsError(f"project {record.project} has used every run number")
+        run_id = f"{record.key}-{number}"
+        created = now_text()
+        result = conn.execute(
+            schema.runs.insert().values(
+                project_id=record.id, number=number, run_key=run_id, created_at=created
+            )
+        )
+        assert result.inserted_primary_key is not None
+        return RunRecord(int(result.inserted_primary_key[0]), run_id, record.project, created)
+
+    def run_for_custom_id(
+        self, project: ProjectName, custom_id: str, key: str | None = None
+    ) -> RunRecord:
+        """The run of `project` known by `custom_id` (Neptune's `custom_run_id`), created as
+        `create_run` creates one if no run has it yet: the processes of one distributed job
+        that pass the same id share one run, and exactly one is created.
+
+        Refused in one line: an id that is not a string of 1 to 36 characters without NUL; a
+        store of an older schema that cannot be upgraded (one this user may only read)."""
+        _validate_custom_run_id(custom_id)
+        self._require_upgrade("custom run ids")
+        record = self.ensure_project(project, key)  # idempotent, and atomic on its own
+        # One transaction looks the id up and, if it is new, inserts the run and the id. On
+        # SQLite its write lock serialises it with every other writer. On PostgreSQL the
+        # advisory lock on (project, id) does, only among callers with that id: the second
+        # one waits, then finds the first one's run. A lock rather than inserting and
+        # retrying on the primary key's conflict: no failed statement to recover from, and a
+        # caller that finds the run never takes a run number (which would leave a gap).
+        with self._write(lock=f"custom-run-id:{record.id}:{custom_id}") as conn:
+            found = self._run_of_custom_id(conn, record, custom_id)
+            if found is not None:
+                return found
+            run = self._insert_next_run(conn, record)
+            conn.execute(
+                schema.custom_run_ids.insert().values(
+                    project_id=record.id, custom_id=custom_id, run_id=run.id
                 )
             )
-            assert result.inserted_primary_key is not None
-            return RunRecord(int(result.inserted_primary_key[0]), run_id, project, created)
+            return run
+
+    def _run_of_custom_id(
+        self, conn: Connection, record: ProjectRecord, custom_id: str
+    ) -> RunRecord | None:
+        r, c = schema.runs, schema.custom_run_ids
+        row = conn.execute(
+            select(r.c.id, r.c.run_key, r.c.created_at)
+            .join(c, c.c.run_id == r.c.id)
+            .where(c.c.project_id == record.id, c.c.custom_id == custom_id)
+        ).first()
+        if row is None:
+            return None
+        names = self._field_names(conn, row.id)
+        return RunRecord(row.id, row.run_key, record.project, row.created_at, names)
 
     def ensure_run(self, project: ProjectName, run_id: str) -> tuple[RunRecord, bool]:
         """The run `run_id` of `project`, created with exactly that id if it is new.
@@ -682,8 +779,32 @@ class Store:
         with self._read() as conn:
             return {
                 table.name: conn.execute(select(func.count()).select_from(table)).scalar_one()
-                for table in schema.metadata.sorted_tables
+                for table in schema.tables_of_version(self._version)
             }
+
+
+def _validate_custom_run_id(custom_id: object) -> None:
+    """Neptune's limits, and what both backends store alike (PostgreSQL refuses NUL and
+    text that is not UTF-8; its VARCHAR(36) counts characters, as `len` does)."""
+    if not isinstance(custom_id, str):
+        raise ArtifactfsError(
+            f"invalid custom run id: a string is needed, not {type(custom_id).__name__}"
+        )
+    if not custom_id:
+        raise ArtifactfsError("invalid custom run id: it is empty")
+    if len(custom_id) > MAX_CUSTOM_RUN_ID_CHARS:
+        raise ArtifactfsError(
+            f"invalid custom run id {custom_id[:MAX_CUSTOM_RUN_ID_CHARS]!r}...: it has "
+            f"{len(custom_id)} characters, at most {MAX_CUSTOM_RUN_ID_CHARS} are allowed"
+        )
+    if "\0" in custom_id:
+        raise ArtifactfsError(f"invalid custom run id {custom_id!r}: it contains a NUL character")
+    try:
+        custom_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ArtifactfsError(
+            f"invalid custom run id {custom_id!r}: it is not valid Unicode text"
+        ) from None
 
 
 def _entry_from_row(row: Any) -> ArtifactFileData:
@@ -728,17 +849,18 @@ def _insert_rows(conn: Connection, table: Table, rows: Sequence[tuple[Any, ...]]
         conn.exec_driver_sql(sql, params)
 
 
-def _layout_problem(inspector: Inspector, names: set[str]) -> str | None:
-    """The first column or table this schema needs that the database lacks, if any: a store
-    made by a development build under the same version number is refused clearly, not met
-    with SQL errors later (nor "repaired" with tables it never had)."""
+def _layout_problem(inspector: Inspector, names: set[str], version: int) -> str | None:
+    """The first column or table schema `version` needs that the database lacks, if any: a
+    store made by a development build under the same version number is refused clearly, not
+    met with SQL errors later (nor "repaired" with tables it never had). Tables of later
+    versions are missing legitimately; where present they must be complete."""
     for table in schema.metadata.sorted_tables:
         if table.name in names:
             found = {column["name"] for column in inspector.get_columns(table.name)}
             for column in table.columns:
                 if column.name not in found:
                     return f"no column {table.name}.{column.name}"
-    for table in schema.metadata.sorted_tables:
+    for table in schema.tables_of_version(version):
         if table.name not in names:
             return f"no table {table.name}"
     return None

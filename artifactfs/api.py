@@ -90,10 +90,13 @@ def init_run(
             f"invalid run id {with_id!r}: init_run's first argument is with_id, as in Neptune "
             "1.x; pass a project by name (project='workspace/name')"
         )
+    if with_id is not None and custom_run_id is not None:
+        raise ArtifactfsError("pass with_id or custom_run_id, not both: each names the run")
     mode = _mode(mode)
     the_store = store if isinstance(store, Store) else Store(store)
     project_name = project_from_environment(project)
     if with_id is not None:
+        # A run named by its id: NEPTUNE_CUSTOM_RUN_ID, set for the whole job, does not apply.
         record = run_in_project(the_store, with_id, project)
     else:
         if mode == READ_ONLY_MODE:
@@ -102,7 +105,16 @@ def init_run(
             raise ArtifactfsError(
                 "no project: pass project='workspace/name' or set ARTIFACTFS_PROJECT"
             )
-        record = the_store.create_run(parse_project(project_name), project_key)
+        custom_id = custom_run_id
+        if custom_id is None:
+            custom_id = os.environ.get("NEPTUNE_CUSTOM_RUN_ID") or None
+        if custom_id is not None:
+            # The processes of one job share the run their id names: the first one makes it.
+            record = the_store.run_for_custom_id(
+                parse_project(project_name), custom_id, project_key
+            )
+        else:
+            record = the_store.create_run(parse_project(project_name), project_key)
     return Run(the_store, record, read_only=mode == READ_ONLY_MODE)
 
 

@@ -3,6 +3,8 @@ returns, and how `track_files` takes its arguments."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -132,3 +134,54 @@ def test_destinations_that_escape_are_still_refused(data: Path, destination: str
     with pytest.raises(ArtifactfsError):
         run["data"].track_files(str(data), destination=destination)
     assert Store().get_run(run.id).fields == ()
+
+
+# -- custom run ids: the processes of one job share a run --------------------------------------
+
+RANK = """
+import sys
+import artifactfs
+run = artifactfs.init_run(project="ml/ddp")  # the id comes from NEPTUNE_CUSTOM_RUN_ID
+run[f"data/rank{sys.argv[1]}"].track_files(sys.argv[2])
+print(run["sys/id"].fetch())
+"""
+
+
+def test_processes_of_one_job_share_the_run_of_their_custom_id(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NEPTUNE_CUSTOM_RUN_ID", "job-7")
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK, str(rank), str(data)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(4)
+    ]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), outputs
+    assert {out.strip() for out, _ in outputs} == {"DPD-1"}
+    shared = artifactfs.init_run("DPD-1", mode="read-only")
+    assert Store().get_run("DPD-1").fields == tuple(f"data/rank{rank}" for rank in range(4))
+    assert shared.exists("data/rank3")
+    # The next job (another id) and a run without one get runs of their own.
+    monkeypatch.setenv("NEPTUNE_CUSTOM_RUN_ID", "job-8")
+    assert artifactfs.init_run(project="ml/ddp").id == "DPD-2"
+    assert artifactfs.init_run(project="ml/ddp", custom_run_id="job-7").id == "DPD-1"
+    monkeypatch.delenv("NEPTUNE_CUSTOM_RUN_ID")
+    assert artifactfs.init_run(project="ml/ddp").id == "DPD-3"
+    # Resuming by id ignores the job's id; naming both is refused.
+    monkeypatch.setenv("NEPTUNE_CUSTOM_RUN_ID", "job-9")
+    assert artifactfs.init_run("DPD-1").id == "DPD-1"
+    with pytest.raises(ArtifactfsError, match="not both"):
+        artifactfs.init_run("DPD-1", custom_run_id="job-7")
+    assert run_ids() == ["DPD-1", "DPD-2", "DPD-3"]
+
+
+@pytest.mark.parametrize("custom_id", ["", "x" * 37, "a\x00b"])
+def test_an_invalid_custom_run_id_is_one_line_and_makes_nothing(custom_id: str) -> None:
+    with pytest.raises(ArtifactfsError, match="custom run id"):
+        artifactfs.init_run(project=PROJECT, custom_run_id=custom_id)
+    assert run_ids() == []

@@ -202,44 +202,11 @@ def test_files_of_unknown_size_read_whole_through_the_mount(
     cli, tmp_path: Path, s3: S3Bucket
 ) -> None:
     """Entries without a size, local and remote: the mount shows the size their source says
-    (checked to be the tracked bytes) and reads them whole, not as empty files."""
+    (checked to be the tracked bytes) in stat and in the `size` xattr, and reads them whole,
+    not as empty files. One whose source is gone shows 0 and an empty `size`."""
     local_body = b"local, of unknown size\n" * 100
     local = make_tree(tmp_path / "data", {"local.txt": local_body}) / "local.txt"
     remote_body = bytes(range(256)) * 3000
-    etag = s3.put("unsized/remote.bin", remote_body)["ETag"].strip('"')
-    entries = [
-        wire_entry(
-            "local.txt",
-            hashlib.sha1(local_body).hexdigest(),
-            "Local",
-            0,
-            file_path=f"file://{local}",
-        ),
-        wire_entry("remote.bin", etag, "S3", 0, location=s3.url("unsized/remote.bin")),
-    ]
-    for entry in entries:
-        entry["size"] = None
-    write_export(tmp_path / "export", "ml/p/P-4/data", entries)
-    assert cli("import-neptune", str(tmp_path / "export")).returncode == 0
-    with mounted(tmp_path / "mnt", "--cache-dir", str(tmp_path / "cache")) as mount:
-        base = mount.path / "ml" / "p" / "P-4" / "data"
-        listed = {p.name: p.stat().st_size for p in base.iterdir()}
-        assert listed == {"local.txt": len(local_body), "remote.bin": len(remote_body)}
-        assert (base / "local.txt").read_bytes() == local_body
-        assert (base / "remote.bin").read_bytes() == remote_body
-        with open(base / "remote.bin", "rb") as handle:
-            handle.seek(100_000)
-            assert handle.read(5000) == remote_body[100_000:105_000]
-
-
-def test_the_size_xattr_of_a_file_of_unknown_size_is_the_learned_one(
-    cli, tmp_path: Path, s3: S3Bucket
-) -> None:
-    """`user.artifactfs.size` says what stat says once the source told the size, and stays
-    empty while it cannot be learned (a source that is gone)."""
-    local_body = b"local, of unknown size\n" * 100
-    local = make_tree(tmp_path / "data", {"local.txt": local_body}) / "local.txt"
-    remote_body = bytes(range(256)) * 300
     etag = s3.put("unsized/remote.bin", remote_body)["ETag"].strip('"')
     entries = [
         wire_entry(
@@ -254,21 +221,27 @@ def test_the_size_xattr_of_a_file_of_unknown_size_is_the_learned_one(
     ]
     for entry in entries:
         entry["size"] = None
-    write_export(tmp_path / "export", "ml/p/P-5/data", entries)
+    write_export(tmp_path / "export", "ml/p/P-4/data", entries)
     assert cli("import-neptune", str(tmp_path / "export")).returncode == 0
     with mounted(tmp_path / "mnt", "--cache-dir", str(tmp_path / "cache")) as mount:
-        base = mount.path / "ml" / "p" / "P-5" / "data"
-        for name, body in (("local.txt", local_body), ("remote.bin", remote_body)):
-            assert (base / name).stat().st_size == len(body), name
-            assert mount.xattr(f"ml/p/P-5/data/{name}", "size") == str(len(body)), name
+        base = mount.path / "ml" / "p" / "P-4" / "data"
+        listed = {p.name: p.stat().st_size for p in base.iterdir()}
+        sizes = {"local.txt": len(local_body), "remote.bin": len(remote_body)}
+        assert listed == {**sizes, "gone.txt": 0}
+        for name, size in sizes.items():
+            assert mount.xattr(f"ml/p/P-4/data/{name}", "size") == str(size), name
             shown = subprocess.run(
                 ["getfattr", "--only-values", "-n", "user.artifactfs.size", str(base / name)],
                 capture_output=True,
                 text=True,
             )
-            assert (shown.returncode, shown.stdout) == (0, str(len(body))), shown
-        assert (base / "gone.txt").stat().st_size == 0
-        assert mount.xattr("ml/p/P-5/data/gone.txt", "size") == ""
+            assert (shown.returncode, shown.stdout) == (0, str(size)), shown
+        assert mount.xattr("ml/p/P-4/data/gone.txt", "size") == ""
+        assert (base / "local.txt").read_bytes() == local_body
+        assert (base / "remote.bin").read_bytes() == remote_body
+        with open(base / "remote.bin", "rb") as handle:
+            handle.seek(100_000)
+            assert handle.read(5000) == remote_body[100_000:105_000]
 
 
 def test_conflicting_run_is_reported_and_not_overwritten(cli, export: dict) -> None:

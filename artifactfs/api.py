@@ -14,11 +14,11 @@ import logging
 import os
 from datetime import datetime, timezone
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from artifactfs.download import download_entries
 from artifactfs.entries import ArtifactFileData
-from artifactfs.errors import ArtifactfsError, NotFoundError
+from artifactfs.errors import ArtifactfsError, NotFoundError, NotKeptError
 from artifactfs.naming import RESERVED_NAMESPACE, parse_project, validate_field_path
 from artifactfs.store import ArtifactRecord, RunRecord, Store
 from artifactfs.tracking import PendingTrack
@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 WRITE_MODES = ("async", "sync", "offline")
 READ_ONLY_MODE = "read-only"
 _SYSTEM_FIELDS = ("sys/id", "sys/creation_time", "sys/project")
+_NOT_KEPT = (
+    "artifactfs keeps Neptune's artifact fields only (track_files, fetch_hash, "
+    "fetch_files_list, download, fetch): log other metadata elsewhere"
+)
 
 
 def project_from_environment(project: str | None) -> str | None:
@@ -152,6 +156,9 @@ class Run:
     def __getitem__(self, path: str) -> FieldHandle:
         return FieldHandle(self, _field_path(path))
 
+    def __setitem__(self, path: str, value: object) -> None:
+        raise NotKeptError(f"run[{path!r}] = ...: {_NOT_KEPT}")
+
     def __repr__(self) -> str:
         return f"<Run {self.id} of {self._record.project}>"
 
@@ -246,6 +253,14 @@ class FieldHandle:
 
     def __repr__(self) -> str:
         return f"<Field {self.path!r} of run {self._run.id}>"
+
+    if not TYPE_CHECKING:  # a type checker still flags names a field does not have
+
+        def __getattr__(self, name: str) -> Any:
+            # Only for names not defined here: Neptune's append, log, upload, assign, ...
+            if name.startswith("_"):
+                raise AttributeError(name)
+            raise NotKeptError(f"run[{self.path!r}].{name}: {_NOT_KEPT}")
 
     def fetch(self) -> str | datetime:
         """A `sys/` value; for an artifact field its hash, as a string that also has Neptune's

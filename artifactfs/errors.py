@@ -15,6 +15,11 @@ class NotFoundError(ArtifactfsError):
     """A run, field, project or source location that does not exist."""
 
 
+class NotKeptError(ArtifactfsError, AttributeError):
+    """Neptune's metadata API beyond artifacts (`run["lr"] = 0.1`, `.append`, `.upload`): not
+    kept here. An AttributeError too, so `hasattr` stays False for those names."""
+
+
 class CredentialsError(ArtifactfsError):
     """A remote source was named but no credentials for it could be found."""
 

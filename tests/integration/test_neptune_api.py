@@ -185,3 +185,21 @@ def test_an_invalid_custom_run_id_is_one_line_and_makes_nothing(custom_id: str) 
     with pytest.raises(ArtifactfsError, match="custom run id"):
         artifactfs.init_run(project=PROJECT, custom_run_id=custom_id)
     assert run_ids() == []
+
+
+def test_neptunes_other_metadata_is_refused_in_one_clear_line(data: Path) -> None:
+    """`run["lr"] = 0.1`, `.append(...)`, `.upload(...)`: not kept here, and said so (not an
+    AttributeError from deep inside), with nothing written."""
+    run = artifactfs.init_run(project=PROJECT)
+    with pytest.raises(ArtifactfsError, match="artifact fields only"):
+        run["parameters"] = {"lr": 0.1}
+    for call in (
+        lambda: run["train/loss"].append(0.9),  # type: ignore[attr-defined]
+        lambda: run["model"].upload("model.pt"),  # type: ignore[attr-defined]
+        lambda: run["data"].log(1),  # type: ignore[attr-defined]
+    ):
+        with pytest.raises(ArtifactfsError, match="artifact fields only"):
+            call()
+    assert not hasattr(run["data"], "append")
+    run["data"].track_files(str(data))  # the artifact API is untouched
+    assert Store().get_run(run.id).fields == ("data",)

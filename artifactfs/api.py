@@ -97,18 +97,17 @@ def init_run(
     if with_id is not None and custom_run_id is not None:
         raise ArtifactfsError("pass with_id or custom_run_id, not both: each names the run")
     mode = _mode(mode)
-    the_store = store if isinstance(store, Store) else Store(store)
     project_name = project_from_environment(project)
+    if with_id is None and mode == READ_ONLY_MODE:
+        raise ArtifactfsError("mode='read-only' needs with_id: a new run cannot be read-only")
+    if with_id is None and project_name is None:
+        raise ArtifactfsError("no project: pass project='workspace/name' or set ARTIFACTFS_PROJECT")
+    the_store = store if isinstance(store, Store) else Store(store)  # refusals above make none
     if with_id is not None:
         # A run named by its id: NEPTUNE_CUSTOM_RUN_ID, set for the whole job, does not apply.
         record = run_in_project(the_store, with_id, project)
     else:
-        if mode == READ_ONLY_MODE:
-            raise ArtifactfsError("mode='read-only' needs with_id: a new run cannot be read-only")
-        if project_name is None:
-            raise ArtifactfsError(
-                "no project: pass project='workspace/name' or set ARTIFACTFS_PROJECT"
-            )
+        assert project_name is not None
         custom_id = custom_run_id
         if custom_id is None:
             custom_id = os.environ.get("NEPTUNE_CUSTOM_RUN_ID") or None

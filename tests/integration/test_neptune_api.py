@@ -203,3 +203,14 @@ def test_neptunes_other_metadata_is_refused_in_one_clear_line(data: Path) -> Non
     assert not hasattr(run["data"], "append")
     run["data"].track_files(str(data))  # the artifact API is untouched
     assert Store().get_run(run.id).fields == ("data",)
+
+
+def test_a_refused_init_run_makes_no_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ARTIFACTFS_PROJECT", raising=False)
+    monkeypatch.delenv("NEPTUNE_PROJECT", raising=False)
+    fresh = tmp_path / "fresh" / "store.db"
+    with pytest.raises(ArtifactfsError, match="needs with_id"):
+        artifactfs.init_run(project=PROJECT, mode="read-only", store=str(fresh))
+    with pytest.raises(ArtifactfsError, match="no project"):
+        artifactfs.init_run(store=str(fresh))
+    assert not (tmp_path / "fresh").exists()

@@ -236,8 +236,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from tests.support.mounts import artifactfs_mounts, force_unmount
 
     # Only this session's mounts: other pytest sessions may be running on this machine.
-    base = str(session.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
-    left = [path for path in artifactfs_mounts() if path.startswith(base)]
+    base = session.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    # Below base itself: `.../pytest-83` is no prefix of another session's `.../pytest-830`.
+    left = [path for path in artifactfs_mounts() if Path(path).is_relative_to(base)]
     for path in left:
         force_unmount(Path(path), None)
     if left:

@@ -223,8 +223,9 @@ def test_a_stalled_answer_in_a_batch_holds_up_no_other(
         took = time.monotonic() - start
     assert got[0] is None
     assert got[1:] == [bodies[key] for key in keys[1:]]
-    # The seven were read before the stalled one was given up, not after it.
-    assert len(answered) == 7 and max(answered.values()) < 2.0, answered
+    # The seven were read before the stalled one was given up (at the 4 s deadline), not
+    # after it; the margin is for a loaded machine.
+    assert len(answered) == 7 and max(answered.values()) < 3.5, answered
     assert 3.5 < took < 8.0, took
 
 

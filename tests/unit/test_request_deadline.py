@@ -47,6 +47,7 @@ class TrickleServer:
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.ended: list[float] = []
+        self.connections: list[float] = []  # when each connection was accepted
         self._stop = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.1)
@@ -71,6 +72,7 @@ class TrickleServer:
             thread.start()
 
     def _serve(self, client: socket.socket) -> None:
+        self.connections.append(time.monotonic())
         give_up = time.monotonic() + SERVER_LIMIT
         with client:
             client.settimeout(1.0)
@@ -148,10 +150,15 @@ def test_an_s3_read_is_cut_off_at_the_deadline(
         monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
         source = s3_module.S3Source()
         entry = entry_for("s3://bucket/f.bin", "S3")
+        # Made before the deadline's scope: on a loaded machine making the client alone can
+        # take the whole second, and the read would then be cut off before it is sent.
+        s3_module.s3_client()
+        s3_module.lean_getter()
         with RequestDeadline(1.0, entry.source_url):
             error, seconds = timed_failure(lambda: source.read_range(entry, 0, len(BODY)))
         assert isinstance(error, TransientSourceError), repr(error)
         assert "s3://bucket/f.bin" in str(error)
+        assert server.connections, "the read never reached the server"
         # Cut off near the 1 s deadline, not left to trickle on: botocore may make its second
         # attempt (which fails before it is sent) after up to 1 s; a loaded machine adds more.
         assert 0.9 < seconds < 8.0, seconds
@@ -189,12 +196,14 @@ def test_a_gcs_read_is_cut_off_at_the_deadline(monkeypatch: pytest.MonkeyPatch, 
             # not what this test is about.
             monkeypatch.setattr(source, "_metadata_problem", lambda entry: None)
             entry = entry_for("gs://bucket/f.bin", "GCS")
+            gcs_module.gcs_client()  # made before the scope, as for S3 above
             with RequestDeadline(1.0, entry.source_url):
                 error, seconds = timed_failure(lambda: source.read_range(entry, 0, len(BODY)))
         finally:
             reset_sources()
         assert isinstance(error, TransientSourceError), repr(error)
         assert "gs://bucket/f.bin" in str(error)
+        assert server.connections, "the read never reached the server"
         assert 0.9 < seconds < 8.0, seconds
         assert wait_for(lambda: len(server.ended) > 0, 2.0), "the server still trickles"
 

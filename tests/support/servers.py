@@ -8,6 +8,7 @@ Each is started as a subprocess on a free port, polled until it answers, and sto
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,10 +25,31 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# Below the ephemeral range: a port the kernel hands to a port-0 bind is also one it may give
+# any outgoing connection as its source port in the second or two before a server started on
+# it binds. Chosen by the system's randomness, so that xdist workers do not follow one sequence.
+_PORTS = range(20000, max(20001, _ephemeral_low()))
+_CHOOSE = random.SystemRandom()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on now, for a server about to be started on it."""
+    for _ in range(200):
+        port = _CHOOSE.choice(_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
 
 
 def accepted(listener: socket.socket, stop: threading.Event) -> Iterator[socket.socket]:

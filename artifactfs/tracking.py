@@ -32,9 +32,9 @@ class PendingTrack:
     def __init__(
         self, location: str, destination: str | None = None, show_progress: bool | None = None
     ) -> None:
-        destination = normal_destination(destination)
+        destination = normal_destination(destination)  # no trailing or doubled '/' left
         if destination is not None:
-            validate_path(destination.rstrip("/"))  # refuse before hashing a large tree
+            validate_path(destination)  # refuse before hashing a large tree
         self.location = location
         self.destination = destination
         self.show_progress = show_progress

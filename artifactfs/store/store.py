@@ -196,13 +196,19 @@ class Store:
         return engine
 
     @contextmanager
-    def _transaction(self, write: bool, lock: str | None = None) -> Iterator[Connection]:
+    def _transaction(
+        self, write: bool, lock: str | None = None, snapshot: bool = False
+    ) -> Iterator[Connection]:
         """A transaction, errors untranslated. A write one on SQLite holds the database's write
         lock from its first statement; on PostgreSQL, with `lock`, it first takes that advisory
-        lock. A read one never waits for a writer (SQLite in WAL mode, PostgreSQL's MVCC)."""
+        lock. A read one never waits for a writer (SQLite in WAL mode, PostgreSQL's MVCC).
+        `snapshot`: every statement sees the database as the first one did (SQLite's read
+        transactions always do; PostgreSQL's READ COMMITTED takes a new snapshot each time)."""
         with self.engine.connect() as conn:
             if write:
                 conn.execution_options(sqlite_begin="IMMEDIATE")
+            if snapshot and self.engine.dialect.name == "postgresql":
+                conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():
                 if write and lock is not None and self.engine.dialect.name == "postgresql":
                     conn.execute(
@@ -235,7 +241,9 @@ class Store:
         it may be written. The first check is a read: it never waits for a writer, and works
         on a store this user may only read, which is then used at its own version."""
         with self._translated("open"):
-            with self._transaction(write=False) as conn:
+            # One snapshot: a store upgraded by another process between reading its tables
+            # and its version would otherwise look like a version without its tables.
+            with self._transaction(write=False, snapshot=True) as conn:
                 version = self._store_version(conn)
             # WAL where it can be set: on a store of ours switched out of it (a copy, a
             # restore), or one being made. Not always: a store this user may only read stays

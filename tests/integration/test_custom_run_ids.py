@@ -281,6 +281,38 @@ def test_processes_opening_a_version_1_store_at_once_upgrade_it_once(
         store.close()
 
 
+@pytest.mark.store_backends
+def test_a_store_upgraded_while_another_process_checks_it_opens(
+    cli: Any, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interleaving made certain: this open has read the store's tables (version 1's),
+    then another process upgrades the store, then this open reads the version. Reading both
+    in one snapshot, it sees version 1 and its tables (PostgreSQL's READ COMMITTED gave a
+    new snapshot per statement: "version 2 but no table custom_run_ids")."""
+    seed(cli, data)
+    uri = resolve_store_uri(None)
+    make_version_1(uri)
+    real = Store._schema_version
+    upgraded: list[Store] = []
+    not_yet = [True]  # cleared before the other open, whose own check must not recurse
+
+    def upgraded_meanwhile(self: Store, conn: Any) -> int:
+        if not_yet:
+            not_yet.clear()
+            upgraded.append(Store(uri))  # the other process's open: it upgrades the store now
+        return real(self, conn)
+
+    monkeypatch.setattr(Store, "_schema_version", upgraded_meanwhile)
+    store = Store(uri)
+    try:
+        assert schema_version_of(uri) == "2"
+        assert [run.run_id for run in store.list_runs()] == ["P-1"]
+        assert store.run_for_custom_id(parse_project("p"), "job").run_id == "P-2"
+    finally:
+        store.close()
+        upgraded[0].close()
+
+
 def test_a_read_only_version_1_store_is_read_and_mounted_and_refuses_only_custom_ids(
     cli: Any, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -22,9 +22,9 @@ from artifactfs.naming import MAX_FIELD_PATH_CHARS
 
 MAX_CUSTOM_RUN_ID_CHARS = 36  # Neptune's limit
 
-# Bump when the tables change, and add the new tables to ADDED_IN: `Store` upgrades a store of
-# an older version when it opens one it may write (a read-only one is read at its own version)
-# and refuses a newer one.
+# Bump when the tables change, and add the new tables to ADDED_IN: `Store` uses an older
+# store at its own version and upgrades it when something first needs the new tables; it
+# refuses a newer one.
 SCHEMA_VERSION = 2
 
 metadata = MetaData()

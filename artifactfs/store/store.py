@@ -237,9 +237,8 @@ class Store:
 
     def _ensure_schema(self) -> None:
         """Refuse anything but an empty database or a store of a schema version this
-        artifactfs knows; create the tables in an empty one, and upgrade an older store where
-        it may be written. The first check is a read: it never waits for a writer, and works
-        on a store this user may only read, which is then used at its own version."""
+        artifactfs knows, and create the tables in an empty one. The check is a read: it never
+        waits for a writer, and works on a store this user may only read."""
         with self._translated("open"):
             # One snapshot: a store upgraded by another process between reading its tables
             # and its version would otherwise look like a version without its tables.
@@ -253,12 +252,10 @@ class Store:
                 self._use_wal()
             if version is None:
                 version = self._create_tables()
+        # An older store is used at its own version, and upgraded only by what needs the new
+        # tables (`_require_upgrade`): opening stays a read (no wait for writers), a store this
+        # user cannot write opens, and older clients keep the store until a feature needs it.
         self._version = version
-        if version < SCHEMA_VERSION:
-            # Reading needs no upgrade: a store this user cannot write still opens, and only
-            # what needs the new tables fails (see `_require_upgrade`).
-            with suppress(DBAPIError):
-                self._upgrade()
 
     def _create_tables(self) -> int:
         """Make an empty database a store of this version; the version of the store found
@@ -276,8 +273,8 @@ class Store:
     def _upgrade(self) -> None:
         """Bring an older store to this version: its new tables and version number in one
         write transaction, under the schema lock (on SQLite the write lock), so of several
-        processes opening it at once one upgrades and the others find it done. Errors come
-        untranslated: opening a store this user may only read ignores them."""
+        processes needing it at once one upgrades and the others find it done. Errors come
+        untranslated (`_require_upgrade` says them in one line)."""
         with self._transaction(write=True, lock="schema") as conn:
             version = self._store_version(conn)
             if version is not None and version < SCHEMA_VERSION:

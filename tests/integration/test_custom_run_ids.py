@@ -282,6 +282,24 @@ def test_processes_opening_a_version_1_store_at_once_upgrade_it_once(
 
 
 @pytest.mark.store_backends
+def test_opening_a_version_1_store_leaves_it_at_version_1(cli: Any, data: Path) -> None:
+    """Only what needs the new table upgrades a store: reading (`runs`, a mount) leaves it to
+    older clients, and takes no write lock."""
+    seed(cli, data)
+    uri = resolve_store_uri(None)
+    make_version_1(uri)
+    assert cli("runs").returncode == 0
+    store = Store(uri)
+    try:
+        assert [run.run_id for run in store.list_runs()] == ["P-1"]
+        assert schema_version_of(uri) == "1"
+        assert store.run_for_custom_id(parse_project("p"), "job").run_id == "P-2"
+        assert schema_version_of(uri) == "2"
+    finally:
+        store.close()
+
+
+@pytest.mark.store_backends
 def test_a_store_upgraded_while_another_process_checks_it_opens(
     cli: Any, data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -293,24 +311,27 @@ def test_a_store_upgraded_while_another_process_checks_it_opens(
     uri = resolve_store_uri(None)
     make_version_1(uri)
     real = Store._schema_version
-    upgraded: list[Store] = []
+    others: list[Store] = []
     not_yet = [True]  # cleared before the other open, whose own check must not recurse
 
     def upgraded_meanwhile(self: Store, conn: Any) -> int:
         if not_yet:
             not_yet.clear()
-            upgraded.append(Store(uri))  # the other process's open: it upgrades the store now
+            other = Store(uri)  # another process, which upgrades the store now
+            others.append(other)
+            assert other.run_for_custom_id(parse_project("p"), "first").run_id == "P-2"
         return real(self, conn)
 
     monkeypatch.setattr(Store, "_schema_version", upgraded_meanwhile)
     store = Store(uri)
     try:
         assert schema_version_of(uri) == "2"
-        assert [run.run_id for run in store.list_runs()] == ["P-1"]
-        assert store.run_for_custom_id(parse_project("p"), "job").run_id == "P-2"
+        assert [run.run_id for run in store.list_runs()] == ["P-1", "P-2"]
+        assert store.run_for_custom_id(parse_project("p"), "first").run_id == "P-2"
+        assert store.run_for_custom_id(parse_project("p"), "job").run_id == "P-3"
     finally:
         store.close()
-        upgraded[0].close()
+        others[0].close()
 
 
 def test_a_read_only_version_1_store_is_read_and_mounted_and_refuses_only_custom_ids(

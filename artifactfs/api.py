@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 from artifactfs.download import download_entries
 from artifactfs.entries import ArtifactFileData
 from artifactfs.errors import ArtifactfsError, NotFoundError, NotKeptError
-from artifactfs.naming import RESERVED_NAMESPACE, parse_project, validate_field_path
+from artifactfs.naming import (
+    RESERVED_NAMESPACE,
+    parse_project,
+    parse_run_id,
+    validate_custom_run_id,
+    validate_field_path,
+    validate_project_key,
+)
 from artifactfs.store import ArtifactRecord, RunRecord, Store
 from artifactfs.tracking import PendingTrack
 
@@ -89,36 +96,48 @@ def init_run(
             raise ArtifactfsError("pass the run id once: with_id (run is its old name)")
         log.warning("init_run(run=...) is deprecated in Neptune: use with_id")
         with_id = run
-    if with_id is not None and "/" in str(with_id):
-        raise ArtifactfsError(
-            f"invalid run id {with_id!r}: init_run's first argument is with_id, as in Neptune "
-            "1.x; pass a project by name (project='workspace/name')"
-        )
     if with_id is not None and custom_run_id is not None:
         raise ArtifactfsError("pass with_id or custom_run_id, not both: each names the run")
     mode = _mode(mode)
-    project_name = project_from_environment(project)
-    if with_id is None and mode == READ_ONLY_MODE:
-        raise ArtifactfsError("mode='read-only' needs with_id: a new run cannot be read-only")
-    if with_id is None and project_name is None:
-        raise ArtifactfsError("no project: pass project='workspace/name' or set ARTIFACTFS_PROJECT")
-    the_store = store if isinstance(store, Store) else Store(store)  # refusals above make none
+    # Every refusal before the store is opened: a refused call makes or changes no store.
     if with_id is not None:
+        _check_run_id(with_id)
+        if project is not None:
+            parse_project(project)
+        the_store = store if isinstance(store, Store) else Store(store)
         # A run named by its id: NEPTUNE_CUSTOM_RUN_ID, set for the whole job, does not apply.
-        record = run_in_project(the_store, with_id, project)
-    else:
-        assert project_name is not None
-        custom_id = custom_run_id
-        if custom_id is None:
-            custom_id = os.environ.get("NEPTUNE_CUSTOM_RUN_ID") or None
-        if custom_id is not None:
-            # The processes of one job share the run their id names: the first one makes it.
-            record = the_store.run_for_custom_id(
-                parse_project(project_name), custom_id, project_key
-            )
-        else:
-            record = the_store.create_run(parse_project(project_name), project_key)
-    return Run(the_store, record, read_only=mode == READ_ONLY_MODE)
+        return Run(the_store, run_in_project(the_store, with_id, project), mode == READ_ONLY_MODE)
+    if mode == READ_ONLY_MODE:
+        raise ArtifactfsError("mode='read-only' needs with_id: a new run cannot be read-only")
+    project_name = project_from_environment(project)
+    if project_name is None:
+        raise ArtifactfsError("no project: pass project='workspace/name' or set ARTIFACTFS_PROJECT")
+    parsed = parse_project(project_name)
+    if project_key is not None:
+        validate_project_key(project_key)
+    custom_id = custom_run_id
+    if custom_id is None:
+        custom_id = os.environ.get("NEPTUNE_CUSTOM_RUN_ID") or None
+    if custom_id is not None:
+        validate_custom_run_id(custom_id)
+    the_store = store if isinstance(store, Store) else Store(store)
+    if custom_id is not None:
+        # The processes of one job share the run their id names: the first one makes it.
+        return Run(the_store, the_store.run_for_custom_id(parsed, custom_id, project_key))
+    return Run(the_store, the_store.create_run(parsed, project_key))
+
+
+def _check_run_id(run_id: object) -> None:
+    """Refuse a run id that is not KEY-N, saying that it is init_run's first argument (Neptune
+    0.x code passed the project there)."""
+    try:
+        parse_run_id(run_id if isinstance(run_id, str) else "")
+    except ArtifactfsError:
+        raise ArtifactfsError(
+            f"invalid run id {run_id!r}: expected KEY-N, like 'CLS-4' (init_run's first "
+            "argument is with_id, as in Neptune 1.x; pass a project by name: "
+            "project='workspace/name')"
+        ) from None
 
 
 def _mode(mode: str | None) -> str:
@@ -207,7 +226,12 @@ class Run:
         if path == "sys/project":
             return str(self._record.project)
         # A datetime, as Neptune's fetch() gives it (UTC here).
-        created = datetime.strptime(self._record.created_at, "%Y-%m-%d %H:%M:%S")
+        try:
+            created = datetime.strptime(self._record.created_at, "%Y-%m-%d %H:%M:%S")
+        except ValueError:  # not written by artifactfs
+            raise ArtifactfsError(
+                f"run {self.id} has an unreadable creation time {self._record.created_at!r}"
+            ) from None
         return created.replace(tzinfo=timezone.utc)
 
     @property

@@ -21,6 +21,7 @@ _VOWELS = set("AEIOU")
 # both backends accept and refuse the same names, with the same message.
 MAX_RUN_NUMBER = 2**31 - 1  # runs.number and projects.last_number are 32-bit INTEGER
 MAX_FIELD_PATH_CHARS = 1024  # fields.path is VARCHAR(1024): characters, not bytes
+MAX_CUSTOM_RUN_ID_CHARS = 36  # Neptune's limit; custom_run_ids.custom_id is VARCHAR(36)
 
 
 @dataclass(frozen=True)
@@ -107,3 +108,27 @@ def validate_field_path(path: str) -> str:
     if path.split("/")[0] == RESERVED_NAMESPACE:
         raise ArtifactfsError(f"invalid field {path!r}: the 'sys' namespace is reserved")
     return path
+
+
+def validate_custom_run_id(custom_id: object) -> None:
+    """Neptune's limits, and what both backends store alike (PostgreSQL refuses NUL and
+    text that is not UTF-8; its VARCHAR(36) counts characters, as `len` does)."""
+    if not isinstance(custom_id, str):
+        raise ArtifactfsError(
+            f"invalid custom run id: a string is needed, not {type(custom_id).__name__}"
+        )
+    if not custom_id:
+        raise ArtifactfsError("invalid custom run id: it is empty")
+    if len(custom_id) > MAX_CUSTOM_RUN_ID_CHARS:
+        raise ArtifactfsError(
+            f"invalid custom run id {custom_id[:MAX_CUSTOM_RUN_ID_CHARS]!r}...: it has "
+            f"{len(custom_id)} characters, at most {MAX_CUSTOM_RUN_ID_CHARS} are allowed"
+        )
+    if "\0" in custom_id:
+        raise ArtifactfsError(f"invalid custom run id {custom_id!r}: it contains a NUL character")
+    try:
+        custom_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ArtifactfsError(
+            f"invalid custom run id {custom_id!r}: it is not valid Unicode text"
+        ) from None

@@ -18,9 +18,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-from artifactfs.naming import MAX_FIELD_PATH_CHARS
-
-MAX_CUSTOM_RUN_ID_CHARS = 36  # Neptune's limit
+from artifactfs.naming import MAX_CUSTOM_RUN_ID_CHARS, MAX_FIELD_PATH_CHARS
 
 # Bump when the tables change, and add the new tables to ADDED_IN: `Store` uses an older
 # store at its own version and upgrades it when something first needs the new tables; it

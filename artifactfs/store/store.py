@@ -45,10 +45,11 @@ from artifactfs.naming import (
     derive_project_key,
     parse_run_id,
     refuse_field_namespace_conflict,
+    validate_custom_run_id,
     validate_project_key,
 )
 from artifactfs.store import schema
-from artifactfs.store.schema import MAX_CUSTOM_RUN_ID_CHARS, SCHEMA_VERSION
+from artifactfs.store.schema import SCHEMA_VERSION
 
 _INSERT_BATCH = 5000
 
@@ -458,7 +459,7 @@ class Store:
 
         Refused in one line: an id that is not a string of 1 to 36 characters without NUL; a
         store of an older schema that cannot be upgraded (one this user may only read)."""
-        _validate_custom_run_id(custom_id)
+        validate_custom_run_id(custom_id)
         self._require_upgrade("custom run ids")
         record = self.ensure_project(project, key)  # idempotent, and atomic on its own
         # One transaction looks the id up and, if it is new, inserts the run and the id. On
@@ -786,30 +787,6 @@ class Store:
                 table.name: conn.execute(select(func.count()).select_from(table)).scalar_one()
                 for table in schema.tables_of_version(self._version)
             }
-
-
-def _validate_custom_run_id(custom_id: object) -> None:
-    """Neptune's limits, and what both backends store alike (PostgreSQL refuses NUL and
-    text that is not UTF-8; its VARCHAR(36) counts characters, as `len` does)."""
-    if not isinstance(custom_id, str):
-        raise ArtifactfsError(
-            f"invalid custom run id: a string is needed, not {type(custom_id).__name__}"
-        )
-    if not custom_id:
-        raise ArtifactfsError("invalid custom run id: it is empty")
-    if len(custom_id) > MAX_CUSTOM_RUN_ID_CHARS:
-        raise ArtifactfsError(
-            f"invalid custom run id {custom_id[:MAX_CUSTOM_RUN_ID_CHARS]!r}...: it has "
-            f"{len(custom_id)} characters, at most {MAX_CUSTOM_RUN_ID_CHARS} are allowed"
-        )
-    if "\0" in custom_id:
-        raise ArtifactfsError(f"invalid custom run id {custom_id!r}: it contains a NUL character")
-    try:
-        custom_id.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ArtifactfsError(
-            f"invalid custom run id {custom_id!r}: it is not valid Unicode text"
-        ) from None
 
 
 def _entry_from_row(row: Any) -> ArtifactFileData:

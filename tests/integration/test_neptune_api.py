@@ -3,14 +3,17 @@ returns, and how `track_files` takes its arguments."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import artifactfs
+from artifactfs.api import Run
 from artifactfs.errors import ArtifactfsError
 from artifactfs.store import Store
 from tests.conftest import make_tree
@@ -208,9 +211,36 @@ def test_neptunes_other_metadata_is_refused_in_one_clear_line(data: Path) -> Non
 def test_a_refused_init_run_makes_no_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ARTIFACTFS_PROJECT", raising=False)
     monkeypatch.delenv("NEPTUNE_PROJECT", raising=False)
-    fresh = tmp_path / "fresh" / "store.db"
-    with pytest.raises(ArtifactfsError, match="needs with_id"):
-        artifactfs.init_run(project=PROJECT, mode="read-only", store=str(fresh))
-    with pytest.raises(ArtifactfsError, match="no project"):
-        artifactfs.init_run(store=str(fresh))
+    fresh = str(tmp_path / "fresh" / "store.db")
+    refused: list[tuple[str, dict[str, Any]]] = [
+        ("needs with_id", {"project": PROJECT, "mode": "read-only"}),
+        ("no project", {}),
+        ("custom run id", {"project": PROJECT, "custom_run_id": "x" * 37}),
+        ("custom run id", {"project": PROJECT, "custom_run_id": ""}),
+        ("invalid project", {"project": "a/b/c"}),
+        ("invalid project key", {"project": PROJECT, "project_key": "lower"}),
+        ("invalid run id", {"with_id": "CLS"}),
+        ("invalid project", {"with_id": "CLS-1", "project": "a/b/c"}),
+    ]
+    for words, arguments in refused:
+        with pytest.raises(ArtifactfsError, match=words):
+            artifactfs.init_run(store=fresh, **arguments)
+    monkeypatch.setenv("NEPTUNE_CUSTOM_RUN_ID", "y" * 40)
+    with pytest.raises(ArtifactfsError, match="custom run id"):
+        artifactfs.init_run(project=PROJECT, store=fresh)
     assert not (tmp_path / "fresh").exists()
+
+
+def test_a_run_id_that_is_not_one_says_the_first_argument_is_with_id() -> None:
+    for old_style in ("classification", PROJECT):  # Neptune 0.x: init_run(project, ...)
+        with pytest.raises(ArtifactfsError, match="first argument is with_id") as refused:
+            artifactfs.init_run(old_style)
+        assert "project='workspace/name'" in str(refused.value)
+    assert run_ids() == []
+
+
+def test_an_unreadable_creation_time_is_one_line() -> None:
+    run = artifactfs.init_run(project=PROJECT)
+    odd = Run(run.store, dataclasses.replace(run.record, created_at="2024-01-02T03:04:05Z"))
+    with pytest.raises(ArtifactfsError, match="unreadable creation time"):
+        odd["sys/creation_time"].fetch()

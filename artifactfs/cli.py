@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -401,8 +402,10 @@ def one_line(text: str) -> str:
 def _escaped(char: str, escapes: dict[str, str]) -> str:
     if char in escapes:
         return f"\\{escapes[char]}"
-    if char < " " or char == "\x7f":
-        return f"\\{ord(char):03o}"
+    # Control characters (C0, DEL, C1: U+0085 ends a line, U+009B starts a terminal escape)
+    # and the line and paragraph separators: their UTF-8 bytes in octal, as git writes them.
+    if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+        return "".join(f"\\{byte:03o}" for byte in char.encode("utf-8"))
     return char
 
 

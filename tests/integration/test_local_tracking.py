@@ -411,6 +411,7 @@ def test_names_with_newlines_and_quotes_are_one_quoted_line_each(cli, tmp_path: 
         'say "hi".txt': b"2",
         "tab\tand\\.txt": b"3",
         "plain.txt": b"4",
+        "nel\u0085and\u2028.txt": b"5",  # line ends for Python's splitlines, too
     }
     old = make_tree(tmp_path / "old", names)
     run_a = track(cli, "data", str(old))
@@ -419,7 +420,13 @@ def test_names_with_newlines_and_quotes_are_one_quoted_line_each(cli, tmp_path: 
     lines = listed.stdout.strip().splitlines()
     assert len(lines) == 1 + len(names), lines
     paths = sorted(line.split("  ")[0].rstrip() for line in lines[1:])
-    assert paths == ['"line\\nbreak.txt"', '"say \\"hi\\".txt"', '"tab\\tand\\\\.txt"', "plain.txt"]
+    assert paths == [
+        '"line\\nbreak.txt"',
+        '"nel\\302\\205and\\342\\200\\250.txt"',
+        '"say \\"hi\\".txt"',
+        '"tab\\tand\\\\.txt"',
+        "plain.txt",
+    ]
 
     new = make_tree(tmp_path / "new", {**names, "line\nbreak.txt": b"changed"})
     run_b = track(cli, "data", str(new))

@@ -131,12 +131,13 @@ def _check_run_id(run_id: object) -> None:
     """Refuse a run id that is not KEY-N, saying that it is init_run's first argument (Neptune
     0.x code passed the project there)."""
     try:
-        parse_run_id(run_id if isinstance(run_id, str) else "")
-    except ArtifactfsError:
+        if not isinstance(run_id, str):
+            raise ArtifactfsError(f"invalid run id {run_id!r}: expected KEY-N, like 'CLS-4'")
+        parse_run_id(run_id)
+    except ArtifactfsError as exc:
         raise ArtifactfsError(
-            f"invalid run id {run_id!r}: expected KEY-N, like 'CLS-4' (init_run's first "
-            "argument is with_id, as in Neptune 1.x; pass a project by name: "
-            "project='workspace/name')"
+            f"{exc} (init_run's first argument is with_id, as in Neptune 1.x; pass a project "
+            "by name: project='workspace/name')"
         ) from None
 
 

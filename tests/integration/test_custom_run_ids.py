@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from tests.integration.test_store_errors import (
     run_sql,
     sqlite_edit,
 )
+from tests.support.concurrent import processes_at_once
 from tests.support.mounts import mounted
 from tests.support.postgres import PostgresServer
 
@@ -168,19 +168,11 @@ def test_invalid_custom_ids_are_refused_in_one_line_and_nothing_is_written() -> 
 
 # Imported before the start: importing takes longer than the work, and would spread it out.
 PRELUDE = """
-import os, sys, time
+import sys
 from artifactfs.naming import ProjectName, parse_project
 from artifactfs.store import Store, schema
-
-def wait_for_go(barrier):
-    go = sys.argv[2] + "-" + str(barrier)
-    open(go + "." + str(os.getpid()), "w").close()  # this process is at the start line
-    deadline = time.monotonic() + 60
-    while not os.path.exists(go):  # all go at once, once every process is there
-        if time.monotonic() > deadline:
-            sys.exit("never told to go")
-        time.sleep(0.001)
 """
+
 
 # Each id on its own start line: without one, the first process to create a run is ahead,
 # and the others only find the runs it made.
@@ -197,37 +189,10 @@ SHARE_RUNS = PRELUDE + textwrap.dedent(
 
 
 def run_at_once(tmp_path: Path, script: str, barriers: int = 1) -> list[str]:
-    """PROCESSES interpreters running `script STORE_URI GO`, released together from each of
-    `barriers` start lines in turn: their outputs, once every one has succeeded."""
-    go = tmp_path / "go"
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, resolve_store_uri(None), str(go)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(PROCESSES)
-    ]
-    try:
-        for barrier in range(barriers):
-            give_up = time.monotonic() + 60
-            while time.monotonic() < give_up:
-                if len(list(tmp_path.glob(f"go-{barrier}.*"))) == PROCESSES:
-                    break
-                if any(child.poll() is not None for child in children):
-                    break  # one failed: its output says why, below
-                time.sleep(0.001)
-            (tmp_path / f"go-{barrier}").touch()
-        results = [(child.communicate(timeout=120), child.returncode) for child in children]
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-    for (_out, err), returncode in results:
-        assert returncode == 0, err
-        assert "Traceback" not in err, err
-    return [out for (out, _err), _ in results]
+    """PROCESSES interpreters running `script STORE_URI`, released together from each start
+    line: their outputs."""
+    args = [resolve_store_uri(None)]
+    return processes_at_once(tmp_path, script, args, PROCESSES, barriers)
 
 
 @pytest.mark.store_backends

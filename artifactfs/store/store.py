@@ -138,7 +138,7 @@ class Store:
         real_uri = resolve_store_uri(uri)
         self.uri = _redact(real_uri)  # for messages and logs: never the password
         self.engine = self._make_engine(real_uri)
-        self._version: int  # the store's schema version: older than ours on a read-only store
+        self._version: int  # the store's schema version: older than ours until it is upgraded
         try:
             self._ensure_schema()
         except BaseException:  # a refused store: no pooled connection stays open on it

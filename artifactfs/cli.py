@@ -390,12 +390,16 @@ def shown(path: str) -> str:
     """`path` as one line of output, quoted as git quotes paths: when it holds a control
     character (a newline would split it in two), a double quote or a backslash, it is printed
     in double quotes with C escapes (`"a\\nb"`); any other path as it is."""
+    if path.isprintable() and '"' not in path and "\\" not in path:
+        return path  # nearly every path: no character to look at one by one
     escaped = "".join(_escaped(char, _PATH_ESCAPES) for char in path)
     return path if escaped == path else f'"{escaped}"'
 
 
 def one_line(text: str) -> str:
     """A message (which may name paths) with its control characters escaped, unquoted."""
+    if text.isprintable():  # no control character, no line or paragraph separator
+        return text
     return "".join(_escaped(char, _ESCAPES) for char in text)
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import datetime, timezone
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from artifactfs.download import download_entries
-from artifactfs.entries import ArtifactFileData
+from artifactfs.entries import ArtifactFileData, parse_time
 from artifactfs.errors import ArtifactfsError, NotFoundError, NotKeptError
 from artifactfs.naming import (
     RESERVED_NAMESPACE,
@@ -226,14 +226,12 @@ class Run:
             return self._record.run_id
         if path == "sys/project":
             return str(self._record.project)
-        # A datetime, as Neptune's fetch() gives it (UTC here).
-        try:
-            created = datetime.strptime(self._record.created_at, "%Y-%m-%d %H:%M:%S")
-        except ValueError:  # not written by artifactfs
+        created = parse_time(self._record.created_at)  # a datetime, as Neptune's fetch() gives
+        if created is None:  # not written by artifactfs
             raise ArtifactfsError(
                 f"run {self.id} has an unreadable creation time {self._record.created_at!r}"
-            ) from None
-        return created.replace(tzinfo=timezone.utc)
+            )
+        return created
 
     @property
     def record(self) -> RunRecord:

@@ -20,12 +20,11 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from artifactfs.cache import CacheBusyError, ChunkCache
 from artifactfs.cache.location import DEFAULT_CACHE_SIZE, chunk_directory, parse_size
-from artifactfs.entries import TYPE_LOCAL, ArtifactFileData, path_problem
+from artifactfs.entries import TYPE_LOCAL, ArtifactFileData, parse_time, path_problem
 from artifactfs.errors import ArtifactfsError, CheckFailedError
 from artifactfs.progress import progress_bar
 from artifactfs.reader import Reader
@@ -230,11 +229,6 @@ def _link_local(entry: ArtifactFileData, target: str) -> str | None:
 
 
 def _set_mtime(path: str, entry: ArtifactFileData) -> None:
-    text = entry.metadata.get("last_modified")
-    if not text:
-        return
-    try:
-        when = datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
-    except ValueError:
-        return
-    os.utime(path, (when.timestamp(), when.timestamp()))
+    when = parse_time(entry.metadata.get("last_modified"))
+    if when is not None:
+        os.utime(path, (when.timestamp(), when.timestamp()))

@@ -11,9 +11,28 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from artifactfs.errors import ArtifactfsError
+
+# Neptune's timestamps (an entry's `last_modified`, a run's creation time), UTC here.
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def format_time(when: datetime) -> str:
+    return when.astimezone(timezone.utc).strftime(TIME_FORMAT)
+
+
+def parse_time(text: object) -> datetime | None:
+    """The UTC time `text` says in TIME_FORMAT; None if it says none."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
 
 TYPE_LOCAL = "Local"
 TYPE_S3 = "S3"

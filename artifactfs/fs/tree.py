@@ -22,12 +22,11 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from cachetools import LRUCache
 
 from artifactfs import __version__
-from artifactfs.entries import ArtifactFileData, path_problem
+from artifactfs.entries import ArtifactFileData, parse_time, path_problem
 from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.naming import ProjectName, parse_run_id, validate_field_path
 from artifactfs.store import ArtifactRecord, Store
@@ -112,11 +111,8 @@ def _safe_name(name: str) -> bool:
 
 @functools.lru_cache(maxsize=65536)
 def _parse_time(text: str) -> int:
-    try:
-        when = datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
-    except (TypeError, ValueError):
-        return 0
-    return int(when.timestamp()) * 1_000_000_000
+    when = parse_time(text)
+    return 0 if when is None else int(when.timestamp()) * 1_000_000_000
 
 
 MAX_ENTRY_SIZE = 5 * 1024**4  # S3's and GCS's largest object

@@ -17,11 +17,11 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-from artifactfs.entries import TYPE_GCS, ArtifactFileData
+from artifactfs.entries import TYPE_GCS, ArtifactFileData, format_time
 from artifactfs.errors import (
     AccessDeniedError,
     ArtifactfsError,
@@ -112,7 +112,7 @@ def _b64_to_hex(value: str) -> str:
 def _format_time(value: datetime | None) -> str:
     if value is None:
         return ""
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return format_time(value)
 
 
 def _carries_identity(headers: Any) -> bool:

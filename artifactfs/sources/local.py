@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import BinaryIO, ClassVar
 
-from artifactfs.entries import TYPE_LOCAL, ArtifactFileData
+from artifactfs.entries import TYPE_LOCAL, ArtifactFileData, format_time
 from artifactfs.errors import (
     AccessDeniedError,
     ArtifactfsError,
@@ -48,7 +48,7 @@ def format_mtime(seconds: float) -> str:
 @functools.lru_cache(maxsize=4096)
 def _format_whole_seconds(seconds: int) -> str:
     # Files of one tree share few distinct mtimes: formatting each once saves real time.
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return format_time(datetime.fromtimestamp(seconds, timezone.utc))
 
 
 # One file found by a scan: (path relative to the scanned root, absolute path, size,

@@ -18,10 +18,9 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
 from typing import Any, ClassVar
 
-from artifactfs.entries import TYPE_S3, ArtifactFileData
+from artifactfs.entries import TYPE_S3, ArtifactFileData, format_time
 from artifactfs.errors import (
     ArtifactfsError,
     CredentialsError,
@@ -131,10 +130,6 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 def _error_code(exc: Exception) -> str:
     response = getattr(exc, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
-
-
-def _format_time(value: datetime) -> str:
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _where_credentials_come_from() -> str:
@@ -353,7 +348,7 @@ class S3Source(Source):
         metadata = {
             "file_path": url,
             "location": url,
-            "last_modified": _format_time(_required(obj, "LastModified", url)),
+            "last_modified": format_time(_required(obj, "LastModified", url)),
         }
         version_id = obj.get("VersionId")
         if versioned and version_id and version_id != "null":

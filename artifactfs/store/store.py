@@ -37,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, Inspector, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 
-from artifactfs.entries import ArtifactFileData, artifact_id_and_hash
+from artifactfs.entries import ArtifactFileData, artifact_id_and_hash, format_time
 from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.naming import (
     MAX_RUN_NUMBER,
@@ -99,7 +99,7 @@ def _lock_key(name: str) -> int:
 
 
 def now_text() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return format_time(datetime.now(timezone.utc))
 
 
 @dataclass(frozen=True)

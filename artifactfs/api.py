@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 # A mode of None is Neptune's default: NEPTUNE_MODE, else "async".
 WRITE_MODES = ("async", "sync", "offline")
 READ_ONLY_MODE = "read-only"
-_SYSTEM_FIELDS = ("sys/id", "sys/creation_time", "sys/project")
+_SYSTEM_FIELDS = ("sys/id", "sys/creation_time", "sys/project", "sys/custom_run_id")
+# Neptune has it only for a run created with custom_run_id=.
+_CUSTOM_RUN_ID_FIELD = "sys/custom_run_id"
 _NOT_KEPT = (
     "artifactfs keeps Neptune's artifact fields only (track_files, fetch_hash, "
     "fetch_files_list, download, fetch): log other metadata elsewhere"
@@ -200,6 +202,8 @@ class Run:
     def exists(self, path: str) -> bool:
         """Whether `path` is a field of this run or a namespace holding one (`sys/id`...)."""
         path = _field_path(path).strip("/")
+        if path == _CUSTOM_RUN_ID_FIELD:
+            return self._store.custom_run_id_of(self.id) is not None
         if path in _SYSTEM_FIELDS or path == RESERVED_NAMESPACE:
             return True
         fields = self._store.get_run(self.id).fields
@@ -226,6 +230,11 @@ class Run:
             return self._record.run_id
         if path == "sys/project":
             return str(self._record.project)
+        if path == _CUSTOM_RUN_ID_FIELD:
+            custom_id = self._store.custom_run_id_of(self.id)
+            if custom_id is None:
+                raise NotFoundError(f"run {self.id} has no {path}: it was not created with one")
+            return custom_id
         created = parse_time(self._record.created_at)  # a datetime, as Neptune's fetch() gives
         if created is None:  # not written by artifactfs
             raise ArtifactfsError(

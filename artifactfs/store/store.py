@@ -494,6 +494,19 @@ class Store:
         names = self._field_names(conn, row.id)
         return RunRecord(row.id, row.run_key, record.project, row.created_at, names)
 
+    def custom_run_id_of(self, run_id: str) -> str | None:
+        """The custom run id the run was created for (`run_for_custom_id`), if it has one."""
+        added_in = schema.ADDED_IN[schema.custom_run_ids.name]
+        r, c = schema.runs, schema.custom_run_ids
+        with self._read() as conn:
+            # Opened older: another process may have upgraded it since (and given ids).
+            if self._version < added_in and (self._store_version(conn) or 0) < added_in:
+                return None
+            found = conn.execute(
+                select(c.c.custom_id).join(r, r.c.id == c.c.run_id).where(r.c.run_key == run_id)
+            ).scalar_one_or_none()
+        return None if found is None else str(found)
+
     def ensure_run(self, project: ProjectName, run_id: str) -> tuple[RunRecord, bool]:
         """The run `run_id` of `project`, created with exactly that id if it is new.
 

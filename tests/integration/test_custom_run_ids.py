@@ -292,6 +292,8 @@ def test_a_store_upgraded_while_another_process_checks_it_opens(
     try:
         assert schema_version_of(uri) == "2"
         assert [run.run_id for run in store.list_runs()] == ["P-1", "P-2"]
+        # Opened at version 1, it still finds the ids given since the upgrade.
+        assert store.custom_run_id_of("P-2") == "first"
         assert store.run_for_custom_id(parse_project("p"), "first").run_id == "P-2"
         assert store.run_for_custom_id(parse_project("p"), "job").run_id == "P-3"
     finally:
@@ -315,6 +317,7 @@ def test_a_read_only_version_1_store_is_read_and_mounted_and_refuses_only_custom
         files = store.entries(store.field_artifact(run, "f").id)
         assert [entry.file_path for entry in files] == ["a.csv", "sub/b.csv"]
         assert store.counts()["runs"] == 1  # the tables a version-1 store has
+        assert store.custom_run_id_of("P-1") is None  # none before the table, and no error
         with pytest.raises(ArtifactfsError) as refused:
             store.run_for_custom_id(SEEDED, "job-42")
         one_line(refused, str(path), "read-only", "schema version 2", "version 1")

@@ -14,7 +14,7 @@ import pytest
 
 import artifactfs
 from artifactfs.api import Run
-from artifactfs.errors import ArtifactfsError
+from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.store import Store
 from tests.conftest import make_tree
 
@@ -169,12 +169,19 @@ def test_processes_of_one_job_share_the_run_of_their_custom_id(
     shared = artifactfs.init_run("DPD-1", mode="read-only")
     assert Store().get_run("DPD-1").fields == tuple(f"data/rank{rank}" for rank in range(4))
     assert shared.exists("data/rank3")
+    assert shared.exists("sys/custom_run_id")
+    assert shared["sys/custom_run_id"].fetch() == "job-7"
     # The next job (another id) and a run without one get runs of their own.
     monkeypatch.setenv("NEPTUNE_CUSTOM_RUN_ID", "job-8")
     assert artifactfs.init_run(project="ml/ddp").id == "DPD-2"
     assert artifactfs.init_run(project="ml/ddp", custom_run_id="job-7").id == "DPD-1"
     monkeypatch.delenv("NEPTUNE_CUSTOM_RUN_ID")
-    assert artifactfs.init_run(project="ml/ddp").id == "DPD-3"
+    plain = artifactfs.init_run(project="ml/ddp")
+    assert plain.id == "DPD-3"
+    assert artifactfs.init_run("DPD-2", mode="read-only")["sys/custom_run_id"].fetch() == "job-8"
+    assert not plain.exists("sys/custom_run_id")
+    with pytest.raises(NotFoundError, match="DPD-3 has no sys/custom_run_id"):
+        plain["sys/custom_run_id"].fetch()
     # Resuming by id ignores the job's id; naming both is refused.
     monkeypatch.setenv("NEPTUNE_CUSTOM_RUN_ID", "job-9")
     assert artifactfs.init_run("DPD-1").id == "DPD-1"

@@ -6,7 +6,10 @@ identity each response carries (`x-goog-generation`, and the whole-object hash i
 `x-goog-hash`), because not every server honours a generation pin. Inside a `RequestDeadline`
 (the reader's chunk fetches), the client's connections are cut off when the deadline passes,
 and the metadata request a read may make is not retried by the client library (its default
-retry would keep at it for 120 s): the reader retries within its own deadline.
+retry would keep at it for 120 s): the reader retries within its own deadline. Listings (when
+tracking) retry transient answers for CHECK_DEADLINE, and an endpoint that cannot be connected
+to at all CONNECT_ATTEMPTS times, as botocore does for S3: a wrong `STORAGE_EMULATOR_HOST` or no
+network is one line in seconds, not two minutes of silence.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -48,6 +52,9 @@ from artifactfs.verification import GCS_HASH_KEY
 log = logging.getLogger(__name__)
 
 TIMEOUT = (10, 30)  # connect, read (seconds)
+CONNECT_ATTEMPTS = 3  # a listing's tries to connect to an endpoint that refuses (or no host)
+# HTTP answers a listing retries (as the client library's default retry does)
+RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 METADATA_RECHECK_SECONDS = 60.0
 
 _client_lock = threading.Lock()
@@ -143,18 +150,19 @@ class GCSSource(Source):
         self, location: str, on_progress: ProgressCallback | None = None
     ) -> Iterator[ArtifactFileData]:
         from google.api_core.exceptions import GoogleAPIError, NotFound
+        from requests.exceptions import RequestException
 
         bucket_name, name = parse_gs_url(location)
         bucket = gcs_client().bucket(bucket_name)
         try:
             if name and not name.endswith("/"):
-                blob = bucket.get_blob(name, timeout=TIMEOUT)
+                blob = bucket.get_blob(name, timeout=TIMEOUT, retry=_listing_retry())
                 if blob is not None:
                     return iter([self._entry(blob, name.rsplit("/", 1)[-1])])
         except NotFound:
             raise NotFoundError(f"no such GCS bucket: {bucket_name}") from None
-        except GoogleAPIError as exc:
-            raise ArtifactfsError(f"{location}: {exc}") from None
+        except (GoogleAPIError, RequestException) as exc:
+            raise ArtifactfsError(f"{location}: {_listing_problem(exc)}") from None
         prefix = name.rstrip("/") + "/" if name else ""
         return self._list_prefix(bucket, prefix, location, on_progress)
 
@@ -162,11 +170,13 @@ class GCSSource(Source):
         self, bucket: Any, prefix: str, location: str, on_progress: ProgressCallback | None
     ) -> Iterator[ArtifactFileData]:
         from google.api_core.exceptions import GoogleAPIError, NotFound
+        from requests.exceptions import RequestException
 
         count = 0
         try:
-            # The iterator fetches one page at a time.
-            for blob in bucket.list_blobs(prefix=prefix, timeout=TIMEOUT):
+            # The iterator fetches one page at a time, each with the retry.
+            blobs = bucket.list_blobs(prefix=prefix, timeout=TIMEOUT, retry=_listing_retry())
+            for blob in blobs:
                 if blob.name.endswith("/"):
                     continue  # folder placeholders
                 count += 1
@@ -175,8 +185,8 @@ class GCSSource(Source):
                 yield self._entry(blob, blob.name[len(prefix) :])
         except NotFound:
             raise NotFoundError(f"no such GCS bucket: {bucket.name}") from None
-        except GoogleAPIError as exc:
-            raise ArtifactfsError(f"{location}: {exc}") from None
+        except (GoogleAPIError, RequestException) as exc:
+            raise ArtifactfsError(f"{location}: {_listing_problem(exc)}") from None
         if count == 0:
             raise NotFoundError(f"no objects at {location}")
 
@@ -334,6 +344,71 @@ class GCSSource(Source):
                 entry.source_url, f"size is {size} bytes, tracked {entry.size}"
             )
         return size
+
+
+def _listing_retry() -> Any:
+    """The client library's retry for one listing: transient errors for up to CHECK_DEADLINE
+    (its default is 120 s), but a failure to connect at all only CONNECT_ATTEMPTS times."""
+    from google.api_core.exceptions import GoogleAPICallError
+    from google.api_core.retry import Retry
+    from google.auth.exceptions import TransportError
+    from requests.exceptions import ConnectionError as RequestsConnectionError
+    from requests.exceptions import Timeout
+
+    failed_connects = 0
+
+    def retried(exc: Exception) -> bool:
+        nonlocal failed_connects
+        if _never_connected(exc):
+            failed_connects += 1
+            return failed_connects < CONNECT_ATTEMPTS
+        if isinstance(exc, GoogleAPICallError):
+            return exc.code in RETRIED_STATUSES
+        return isinstance(exc, (RequestsConnectionError, Timeout, TransportError))
+
+    return Retry(predicate=retried, initial=0.25, maximum=8.0, timeout=CHECK_DEADLINE)
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """Whether `exc` is a failure to open a connection (refused, no such host, unreachable):
+    urllib3's NewConnectionError, somewhere in what requests raised."""
+    from urllib3.exceptions import NewConnectionError
+
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, NewConnectionError):
+            return True
+        pending += [current.__cause__, current.__context__]
+        pending += [arg for arg in current.args if isinstance(arg, BaseException)]
+        reason = getattr(current, "reason", None)  # urllib3's MaxRetryError
+        if isinstance(reason, BaseException):
+            pending.append(reason)
+    return False
+
+
+def _listing_problem(exc: BaseException) -> str:
+    """One line for a listing that failed after its retries."""
+    from google.api_core.exceptions import RetryError
+    from requests.exceptions import ConnectionError as RequestsConnectionError
+    from requests.exceptions import Timeout
+
+    if isinstance(exc, RetryError) and exc.cause is not None:
+        return f"{_listing_problem(exc.cause)} (retried for {CHECK_DEADLINE:.0f} s)"
+    endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+    if _never_connected(exc):
+        errno_text = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
+        reason = errno_text.group(1).strip() if errno_text else "cannot connect"
+        return f"cannot reach {endpoint}: {reason}"
+    if isinstance(exc, Timeout):
+        return f"cannot reach {endpoint}: timed out"
+    if isinstance(exc, RequestsConnectionError):
+        return f"connection to {endpoint} failed"
+    return str(exc)
 
 
 def _status_error(entry: ArtifactFileData, status: int) -> ArtifactfsError:

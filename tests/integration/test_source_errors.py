@@ -13,6 +13,7 @@ a small scripted S3 server here where it cannot (answers without Content-Length)
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -320,6 +321,62 @@ def test_credentials_and_endpoints_that_fail_are_one_line_and_record_nothing(
     message = one_line(cli("--project", "p", "track", "f", "s3://bkt/ds"), code=2)
     assert named in message
     assert store_counts() == before
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "reason"),
+    [("http://127.0.0.1:1", "Connection refused"), ("http://nosuchhost.invalid:1", "")],
+)
+def test_an_unreachable_gcs_endpoint_is_one_line_in_seconds_and_records_nothing(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, endpoint: str, reason: str
+) -> None:
+    # The client library's own retry kept at it for 120 s, then printed its internals.
+    make_local_store(cli, tmp_path)
+    before = store_counts()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint)
+    for location in ("gs://bkt/ds", "gs://bkt/ds/"):  # an object first, or only a prefix
+        started = time.monotonic()
+        message = one_line(cli("--project", "p", "track", "f", location), code=2)
+        assert f"{location}: cannot reach {endpoint}: {reason}" in message
+        assert time.monotonic() - started < 60  # tried a few times, not for two minutes
+    assert store_counts() == before
+
+
+@pytest.mark.gcs
+def test_a_gcs_listing_retries_transient_answers(
+    cli: Any, gcs: GCSBucket, gcs_host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bodies = {"a.txt": b"first", "sub/b.txt": b"second"}
+    for name, body in bodies.items():
+        gcs.put(f"ds/{name}", body)
+    with fault_proxy(gcs_host, gcs=True) as proxy:
+        proxy.add("status", f"GET /storage/v1/b/{gcs.name}/o?", times=2, status=503)
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        tracked = cli("--project", "p", "track", "f", gcs.url("ds"))
+        assert tracked.returncode == 0, tracked.stderr
+        assert proxy.faults_applied("status") == 2
+    run_id = tracked.stdout.strip().splitlines()[-1]
+    listed = cli("--project", "p", "files", run_id, "f", "--json", check=True)
+    hashes = {item["file_path"]: item["file_hash"] for item in json.loads(listed.stdout)}
+    assert hashes == {name: hashlib.md5(body).hexdigest() for name, body in bodies.items()}
+
+
+@pytest.mark.gcs
+def test_a_gcs_listing_that_keeps_failing_ends_at_the_deadline_in_one_line(
+    gcs: GCSBucket, gcs_host: str, monkeypatch: pytest.MonkeyPatch, short_check_deadline: None
+) -> None:
+    gcs.put("ds/a.txt", b"first")
+    with fault_proxy(gcs_host, gcs=True) as proxy:
+        proxy.add("status", f"GET /storage/v1/b/{gcs.name}/o?", status=503)
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        reset_sources()
+        with pytest.raises(artifactfs.ArtifactfsError) as failed:
+            in_time(lambda: list(source_for_type("GCS").list_location(gcs.url("ds/"))), BOUND)
+        assert proxy.faults_applied("status") >= 2  # retried, then given up
+    message = str(failed.value)
+    assert message.startswith(f"{gcs.url('ds/')}: 503 ")
+    assert message.endswith(f"(retried for {CHECK_DEADLINE:.0f} s)")
+    assert "\n" not in message
 
 
 # -- an unreadable local file -----------------------------------------------------------------

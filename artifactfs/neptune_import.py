@@ -240,4 +240,5 @@ def _stored_fields(store: Store, exported: ExportedField) -> dict[str, str]:
         return {}
     if run.project != exported.project:
         raise ArtifactfsError(f"run {exported.run_id} exists in project {run.project}")
-    return store.run_fields(run.run_id) or {}
+    fields = store.run_fields(run.run_id) or {}
+    return {path: field.artifact_id for path, field in fields.items()}

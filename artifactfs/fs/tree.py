@@ -29,7 +29,7 @@ from artifactfs import __version__
 from artifactfs.entries import ArtifactFileData, parse_time, path_problem
 from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.naming import ProjectName, parse_run_id, validate_field_path
-from artifactfs.store import ArtifactRecord, Store
+from artifactfs.store import ArtifactRecord, RunRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,9 @@ class Node:
     artifact_id: str = ""
     dir_path: str = ""  # inside the artifact
     entry: ArtifactFileData | None = field(default=None, compare=False)
+    # A directory's mtime: inside an artifact (as its inode, from the artifact's identity)
+    # when the artifact was first stored; a run's, when it was created; else 0: the mount's.
+    time_ns: int = field(default=0, compare=False)
 
     @property
     def name(self) -> str:
@@ -161,6 +164,7 @@ class Tree:
                 record.project.workspace,
                 record.project.name,
                 record.run_id,
+                time_ns=_parse_time(record.created_at),
             )
             return
         validate_field_path(field_path)
@@ -174,6 +178,7 @@ class Tree:
             record.run_id,
             field_path,
             artifact.id,
+            time_ns=_parse_time(artifact.created_at),
         )
 
     def root(self) -> Node:
@@ -216,7 +221,7 @@ class Tree:
             ]
         if node.kind is Kind.PROJECT:
             runs = self.store.list_runs(ProjectName(node.workspace, node.project))
-            return [self._run(node, r.run_id) for r in runs if _safe_name(r.run_id)]
+            return [self._run(node, run) for run in runs if _safe_name(run.run_id)]
         if node.kind in (Kind.RUN, Kind.NAMESPACE):
             return self._field_children(node)
         if node.kind is Kind.ARTIFACT_DIR:
@@ -239,7 +244,7 @@ class Tree:
             return None
         if record.project != ProjectName(parent.workspace, parent.project):
             return None
-        return self._run(parent, record.run_id)
+        return self._run(parent, record)
 
     def _workspace(self, workspace: str) -> Node:
         return Node(Kind.WORKSPACE, workspace, inode_for(workspace), workspace)
@@ -248,16 +253,24 @@ class Tree:
         path = _join(parent.path, project.name)
         return Node(Kind.PROJECT, path, inode_for(path), project.workspace, project.name)
 
-    def _run(self, parent: Node, run_id: str) -> Node:
-        path = _join(parent.path, run_id)
-        return Node(Kind.RUN, path, inode_for(path), parent.workspace, parent.project, run_id)
+    def _run(self, parent: Node, run: RunRecord) -> Node:
+        path = _join(parent.path, run.run_id)
+        return Node(
+            Kind.RUN,
+            path,
+            inode_for(path),
+            parent.workspace,
+            parent.project,
+            run.run_id,
+            time_ns=_parse_time(run.created_at),
+        )
 
     def _field_children(self, node: Node) -> list[Node]:
         """Field namespaces and artifact roots directly below a run or a namespace."""
         fields = self.store.run_fields(node.run_id) or {}
         prefix = node.field_path + "/" if node.field_path else ""
         found: dict[str, Node] = {}
-        for field_path, artifact_id in sorted(fields.items()):
+        for field_path, (artifact_id, created_at) in sorted(fields.items()):
             if not field_path.startswith(prefix) or path_problem(field_path):
                 continue
             rest = field_path[len(prefix) :]
@@ -267,10 +280,17 @@ class Tree:
             if rest == name:
                 identity = f"{path}\0{artifact_id}"
                 found[name] = Node(
-                    Kind.ARTIFACT_DIR, path, inode_for(identity), *common, artifact_id
+                    Kind.ARTIFACT_DIR,
+                    path,
+                    inode_for(identity),
+                    *common,
+                    artifact_id,
+                    time_ns=_parse_time(created_at),
                 )
             elif name not in found:
-                found[name] = Node(Kind.NAMESPACE, path, inode_for(path), *common)
+                found[name] = Node(
+                    Kind.NAMESPACE, path, inode_for(path), *common, time_ns=node.time_ns
+                )
         return [found[name] for name in sorted(found)]
 
     def _artifact_node(self, parent: Node, name: str, item: ArtifactFileData | str) -> Node:
@@ -279,7 +299,13 @@ class Tree:
         common = (parent.workspace, parent.project, parent.run_id, parent.field_path)
         if isinstance(item, str):
             return Node(
-                Kind.ARTIFACT_DIR, path, inode_for(identity), *common, parent.artifact_id, item
+                Kind.ARTIFACT_DIR,
+                path,
+                inode_for(identity),
+                *common,
+                parent.artifact_id,
+                item,
+                time_ns=parent.time_ns,
             )
         return Node(
             Kind.FILE,
@@ -395,6 +421,7 @@ class Tree:
             node.field_path,
             node.artifact_id,
             node.dir_path.rpartition("/")[0],
+            time_ns=node.time_ns,  # one artifact: one time
         )
 
     def remembered_siblings(self, node: Node) -> Listing | None:
@@ -410,7 +437,7 @@ class Tree:
             size = node.entry.size if node.entry.size and node.entry.size > 0 else 0
             mtime = _parse_time(node.entry.metadata.get("last_modified", ""))
             return Attributes(stat.S_IFREG | 0o444, size, mtime, 1)
-        return Attributes(stat.S_IFDIR | 0o555, 0, self.mounted_ns, 2)
+        return Attributes(stat.S_IFDIR | 0o555, 0, node.time_ns or self.mounted_ns, 2)
 
     def _artifact(self, node: Node) -> ArtifactRecord:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from artifactfs.store.store import (
     ArtifactRecord,
+    FieldArtifact,
     ProjectRecord,
     RunRecord,
     Store,
@@ -11,6 +12,7 @@ from artifactfs.store.store import (
 
 __all__ = [
     "ArtifactRecord",
+    "FieldArtifact",
     "ProjectRecord",
     "RunRecord",
     "Store",

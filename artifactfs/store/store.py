@@ -19,7 +19,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Connection,
@@ -124,6 +124,14 @@ class ArtifactRecord:
     hash: str  # Neptune's artifact hash: content only
     file_count: int
     total_size: int
+    created_at: str = ""  # when it was first stored ("" on a record not read back)
+
+
+class FieldArtifact(NamedTuple):
+    """What a run's field points at: the artifact, and when that artifact was first stored."""
+
+    artifact_id: str
+    created_at: str
 
 
 def _split_parent(path: str) -> tuple[str, str]:
@@ -595,13 +603,13 @@ class Store:
         f, a = schema.fields, schema.artifacts
         with self._read() as conn:
             row = conn.execute(
-                select(a.c.id, a.c.hash, a.c.file_count, a.c.total_size)
+                select(a.c.id, a.c.hash, a.c.file_count, a.c.total_size, a.c.created_at)
                 .join(f, f.c.artifact_id == a.c.id)
                 .where(f.c.run_id == run.id, f.c.path == field_path)
             ).first()
         if row is None:
             raise NotFoundError(f"run {run.run_id} has no artifact field {field_path!r}")
-        return ArtifactRecord(row.id, row.hash, row.file_count, row.total_size)
+        return ArtifactRecord(row.id, row.hash, row.file_count, row.total_size, row.created_at)
 
     def iter_entries(self, artifact_id: str) -> Iterator[ArtifactFileData]:
         """The artifact's entries in file_path order, as stored (callers validate paths)."""
@@ -684,9 +692,13 @@ class Store:
     def _artifact_in(conn: Connection, artifact_id: str) -> ArtifactRecord | None:
         a = schema.artifacts
         row = conn.execute(
-            select(a.c.id, a.c.hash, a.c.file_count, a.c.total_size).where(a.c.id == artifact_id)
+            select(a.c.id, a.c.hash, a.c.file_count, a.c.total_size, a.c.created_at).where(
+                a.c.id == artifact_id
+            )
         ).first()
-        return ArtifactRecord(row.id, row.hash, row.file_count, row.total_size) if row else None
+        if row is None:
+            return None
+        return ArtifactRecord(row.id, row.hash, row.file_count, row.total_size, row.created_at)
 
     def _insert_artifact(
         self, conn: Connection, entries: Sequence[ArtifactFileData]
@@ -745,15 +757,19 @@ class Store:
             rows = conn.execute(select(p.c.workspace, p.c.name).order_by(p.c.workspace, p.c.name))
             return [ProjectName(row.workspace, row.name) for row in rows]
 
-    def run_fields(self, run_id: str) -> dict[str, str] | None:
-        """field path -> artifact id of the run, or None when there is no such run."""
-        r, f = schema.runs, schema.fields
+    def run_fields(self, run_id: str) -> dict[str, FieldArtifact] | None:
+        """field path -> what it points at, for the run; None when there is no such run."""
+        r, f, a = schema.runs, schema.fields, schema.artifacts
         with self._read() as conn:
             run_pk = conn.execute(select(r.c.id).where(r.c.run_key == run_id)).scalar()
             if run_pk is None:
                 return None
-            rows = conn.execute(select(f.c.path, f.c.artifact_id).where(f.c.run_id == run_pk))
-            return {row.path: row.artifact_id for row in rows}
+            rows = conn.execute(
+                select(f.c.path, f.c.artifact_id, a.c.created_at)
+                .join(a, a.c.id == f.c.artifact_id)
+                .where(f.c.run_id == run_pk)
+            )
+            return {row.path: FieldArtifact(row.artifact_id, row.created_at) for row in rows}
 
     def artifact(self, artifact_id: str) -> ArtifactRecord | None:
         with self._read() as conn:

@@ -358,6 +358,17 @@ def _inodes(base: Path) -> dict[str, int]:
     return found
 
 
+def _times_in_runs(base: Path) -> dict[str, int]:
+    """st_mtime_ns of every directory and file below the runs (workspace/project/RUN/...)."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in dirnames + filenames:
+            rel = (Path(dirpath) / name).relative_to(base).as_posix()
+            if rel.count("/") >= 2:
+                found[rel] = os.stat(base / rel).st_mtime_ns
+    return found
+
+
 def test_inode_numbers_are_stable_across_mounts_and_distinct(cli: Any, tmp_path: Path) -> None:
     files = {"a.txt": b"a", "b.txt": b"b", "d/c.txt": b"c", "d/e/f.txt": b"f", "same.txt": b"a"}
     track(cli, "ml/cls", "data", make_tree(tmp_path / "src", files))
@@ -365,6 +376,7 @@ def test_inode_numbers_are_stable_across_mounts_and_distinct(cli: Any, tmp_path:
 
     with mounted(tmp_path / "mnt") as mount:
         first = _inodes(mount.path)
+        first_times = _times_in_runs(mount.path)
         # What `ls -i` shows (d_ino from readdir) is what stat shows.
         for dirpath, _dirs, _files in os.walk(mount.path):
             with os.scandir(dirpath) as entries:
@@ -380,6 +392,10 @@ def test_inode_numbers_are_stable_across_mounts_and_distinct(cli: Any, tmp_path:
     with mounted(tmp_path / "mnt") as again, mounted(tmp_path / "other", *other_cache) as other:
         assert _inodes(again.path) == first
         assert _inodes(other.path) == first
+        # Times too (directories had the mount's: `rsync`/`tar` saw them change each remount).
+        assert len(first_times) == 2 * (4 + len(files))  # a run, its field, d, d/e, files
+        assert _times_in_runs(again.path) == first_times
+        assert _times_in_runs(other.path) == first_times
 
 
 # -- 5. read-only ---------------------------------------------------------------------------

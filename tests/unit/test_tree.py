@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import artifactfs
-from artifactfs.entries import find_file_dir_conflict
+from artifactfs.entries import find_file_dir_conflict, parse_time
 from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.fs.tree import ROOT_INODE, Kind, Node, Tree, inode_for
 from artifactfs.store import ArtifactRecord, Store
@@ -401,6 +401,53 @@ def test_directory_xattrs(store: Store, populated: dict[str, str]) -> None:
         node = resolve(tree, path)
         assert node is not None
         assert tree.xattrs(node) == {}, path
+
+
+def test_directory_times_are_the_stores_and_the_same_in_every_mount(
+    tmp_path: Path, store: Store, store_path: str, populated: dict[str, str]
+) -> None:
+    """Inside a run, a directory's mtime comes from the store: the run's creation for the run
+    and its field namespaces, the artifact's first storing for every directory of an artifact
+    (as its inode comes from the artifact's identity). It was the mount's start: every
+    remount changed them, and `rsync`/`tar` saw changed directories."""
+
+    def directory_times(tree: Tree) -> dict[str, int]:
+        return {n.path: tree.attributes(n).mtime_ns for n in walk(tree) if n.is_dir}
+
+    def in_runs(times: dict[str, int]) -> dict[str, int]:
+        return {path: time for path, time in times.items() if path.count("/") >= 2}
+
+    first_tree = Tree(store)
+    first = directory_times(first_tree)
+    second_store = Store(store_path)
+    try:
+        second_tree = Tree(second_store)
+        assert second_tree.mounted_ns != first_tree.mounted_ns
+        assert in_runs(directory_times(second_tree)) == in_runs(first)
+        assert len(in_runs(first)) == 11  # 3 runs, 1 namespace, 7 artifact directories
+        in_run = Tree(second_store, run_id="CLS-1")
+        in_field = Tree(second_store, run_id="CLS-1", field_path="datasets/train")
+        run_times = directory_times(in_run)
+        field_times = directory_times(in_field)
+    finally:
+        second_store.close()
+
+    run = store.get_run("CLS-1")
+    train = artifact_of(store_path, "CLS-1", "datasets/train")
+    run_time = parse_time(run.created_at)
+    train_time = parse_time(train.created_at)
+    assert run_time is not None and train_time is not None
+    base = "ml-team/classification/CLS-1"
+    assert first[base] == first[f"{base}/datasets"] == run_time.timestamp() * 1e9
+    for path in ("datasets/train", "datasets/train/sub", "datasets/train/sub/deeper"):
+        assert first[f"{base}/{path}"] == train_time.timestamp() * 1e9, path
+        assert run_times[path] == first[f"{base}/{path}"], path
+        assert (
+            field_times[path.removeprefix("datasets/train").lstrip("/")] == first[f"{base}/{path}"]
+        )
+    assert run_times[""] == first[base]
+    # Above the runs, directories change as runs come: they keep the mount's time.
+    assert first["ml-team"] == first_tree.mounted_ns
 
 
 # -- inode numbers -----------------------------------------------------------------------------

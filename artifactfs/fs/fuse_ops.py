@@ -40,6 +40,7 @@ PREPARED_LISTING_ENTRIES = 200_000
 Prepared = tuple[bytes, pyfuse3.EntryAttributes, Node]
 # `.` and `..`, replied before the children: readdir offsets 1 and 2; child i gets DOTS + i + 1.
 DOTS = 2
+STATFS_BLOCK = 128 * 1024  # the block size statfs reports (as the cache's size and use)
 
 
 class ArtifactOperations(pyfuse3.Operations):
@@ -241,9 +242,15 @@ class ArtifactOperations(pyfuse3.Operations):
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
-        data.f_bsize = 128 * 1024
-        data.f_frsize = 128 * 1024
+        data.f_bsize = STATFS_BLOCK
+        data.f_frsize = STATFS_BLOCK
         data.f_namemax = 255
+        # The cache's size and use, as CernVM-FS reports them: `df` then shows the mount (it
+        # hides a file system of no blocks) and how full its cache is.
+        limit = self.reader.cache.limit
+        used = min(self.reader.cache.stats.cache_bytes, limit)
+        data.f_blocks = limit // STATFS_BLOCK
+        data.f_bfree = data.f_bavail = (limit - used) // STATFS_BLOCK
         return data
 
     # -- reading ----------------------------------------------------------------------------

@@ -269,6 +269,14 @@ def test_cache_directory_never_exceeds_cache_size(s3: Any, tmp_path: Path) -> No
         last = list(files)[-1]
         settled_figure(mount, "fetched_bytes")  # no neighbour prefetch still under way
         assert int(mount.xattr(last, "cached")) == len(files[last])
+        # statfs is the cache's size and use, so `df` shows the mount (it hides one of no
+        # blocks, as this one was) and how full its cache is.
+        usage = os.statvfs(mount.path)
+        used = mount.root_figure("cache_bytes")
+        assert usage.f_blocks * usage.f_frsize == limit
+        assert (usage.f_blocks - usage.f_bavail) == -(-used // usage.f_frsize) > 0
+        shown = subprocess.run(["df", "--output=target"], capture_output=True, text=True)
+        assert str(mount.path) in shown.stdout.split(), shown
         before = mount.root_figure("fetched_bytes")
         assert (mount.path / last).read_bytes() == files[last]
         # O_DIRECT bypasses the page cache: the daemon itself must serve it from its cache.

@@ -316,7 +316,12 @@ class Reader:
             raise
         except ArtifactfsError as exc:
             self.cache.record_error()
-            raise ReadError(str(exc)) from None
+            # The mount logs this as the reason for EIO: it must name the file (missing GCS
+            # credentials, for one, say which variable to set but not for what).
+            message = str(exc)
+            if entry.source_url not in message:
+                message = f"{entry.source_url}: {message}"
+            raise ReadError(message) from None
 
     def sized(self, entry: ArtifactFileData) -> ArtifactFileData:
         """The entry with its size: as tracked, else (an imported entry may have none) as its

@@ -488,6 +488,31 @@ def test_credentials_that_cannot_be_had_fail_a_check_at_once_as_themselves(
         reader.cache.close()
 
 
+def test_a_read_that_fails_for_want_of_gcs_credentials_names_the_object(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mount logs a failed read's message as the reason for its EIO, and the line must
+    name the file: the credentials message alone said which variable to set, not for what."""
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("NO_GCE_CHECK", "True")  # no metadata server to ask
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # no gcloud login
+    reset_sources()
+    url = "gs://bkt/creds/a.bin"
+    metadata = {"file_path": url, "location": url, "last_modified": "2025-01-01 00:00:00"}
+    entry = ArtifactFileData("a.bin", "0" * 32, "GCS", 13, {**metadata, "generation": "1"})
+    reader = Reader(ChunkCache(tmp_path / "cache", 1 << 26), deadline=20.0)
+    try:
+        with pytest.raises(ReadError) as failed:
+            in_time(lambda: reader.read(entry, 0, 5), BOUND)
+    finally:
+        reader.close()
+        reader.cache.close()
+    message = str(failed.value)
+    assert message.startswith(f"{url}: no GCS credentials found"), message
+    assert message.count(url) == 1
+
+
 @pytest.mark.s3
 def test_a_size_that_cannot_be_learned_fails_at_once_for_a_while_and_within_the_deadline(
     s3: S3Bucket, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch

@@ -33,6 +33,8 @@ from artifactfs.store import RunRecord, Store
 from artifactfs.tracking import PendingTrack
 
 CACHE_DIR_HELP = "Cache directory [default: $XDG_CACHE_HOME/artifactfs]"
+# Raised for a group run without a command (click 8.2 on; 8.1 printed the help and exited).
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", None)
 
 
 class Context:
@@ -95,7 +97,7 @@ def track(
     ctx: Context, run_id: str | None, destination: str | None, field_path: str, location: str
 ) -> None:
     """Track the files at PATH (path, file://, s3://, gs://) in FIELD; prints the run id."""
-    validate_field_path(field_path)
+    field_path = _field_argument(field_path)
     if run_id is None and ctx.project is None:
         raise ArtifactfsError("no project: pass --project or set ARTIFACTFS_PROJECT (or --run)")
     pending = PendingTrack(location, destination)
@@ -117,7 +119,7 @@ def track(
 @pass_context
 def hash_command(ctx: Context, run_id: str, field_path: str) -> None:
     """Print the artifact hash of RUN's FIELD."""
-    validate_field_path(field_path)
+    field_path = _field_argument(field_path)
     click.echo(ctx.store.field_artifact(ctx.run(run_id), field_path).hash)
 
 
@@ -156,11 +158,13 @@ def download(
     ctx: Context, run_id: str, field_path: str, destination: str, symlink_local: bool
 ) -> None:
     """Write RUN's FIELD files under DEST, each checked against its tracked hash."""
+    if not destination.strip():  # an unset shell variable: not "here"
+        raise ArtifactfsError("DEST is empty: name the directory to write into ('.' for this one)")
     entries = _entries(ctx, run_id, field_path)
     report = download_entries(entries, destination, symlink_local=symlink_local)
     click.echo(
         f"{len(report.written)} file(s) written, {len(report.unchanged)} already up to date, "
-        f"in {destination}"
+        f"in {shown(destination)}"
     )
 
 
@@ -253,6 +257,8 @@ def mount(
         raise ArtifactfsError(f"unsupported mount option(s): {', '.join(sorted(unknown))}")
     if field_path is not None and run_id is None:
         raise ArtifactfsError("--field needs --run")
+    if field_path is not None:
+        field_path = _field_argument(field_path)
     options = MountOptions(
         mountpoint=mountpoint,
         store_uri=ctx.store_uri,
@@ -265,7 +271,12 @@ def mount(
         allow_other="allow_other" in extra,
         log_file=log_file,
     )
-    daemon.mount(options, foreground=foreground)
+    started = daemon.mount(options, foreground=foreground)
+    if started is not None:
+        click.echo(
+            f"mounted at {shown(started.mountpoint)} (daemon pid {started.pid}, "
+            f"log: {shown(str(started.log_file))})"
+        )
 
 
 @cli.command()
@@ -273,7 +284,7 @@ def mount(
 def unmount(mountpoint: str) -> None:
     """Unmount MOUNTPOINT, also when its daemon has died."""
     daemon.unmount(mountpoint)
-    click.echo(f"unmounted {os.path.abspath(mountpoint)}")
+    click.echo(f"unmounted {shown(os.path.abspath(mountpoint))}")
 
 
 @cli.command("import-neptune")
@@ -317,11 +328,25 @@ def _chunk_directory(group_dir: str | None, command_dir: str | None) -> Path:
     return chunk_directory(Path(chosen) if chosen else None)
 
 
-def _open_cache(group_dir: str | None, command_dir: str | None) -> ChunkCache:
+def _open_cache(group_dir: str | None, command_dir: str | None) -> ChunkCache | None:
     """The cache, for a change to it: taken from any other process (a mount's cache is
-    refused while it runs), and opened with no limit, so that opening it evicts nothing."""
+    refused while it runs), and opened with no limit, so that opening it evicts nothing.
+    None when there is no cache there; a directory that is not one is refused: opening it
+    would make it one (a mistyped --cache-dir must not fill a user's directory)."""
+    directory = _chunk_directory(group_dir, command_dir)
     try:
-        return ChunkCache(_chunk_directory(group_dir, command_dir), sys.maxsize, free_floor_bytes=0)
+        if not any(directory.iterdir()):
+            return None
+        if not (directory / "FORMAT").is_file():
+            raise ArtifactfsError(
+                f"{directory} is not an artifactfs cache (it has no FORMAT file): left as it is"
+            )
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass  # not a directory, not readable: opening it says so, in the cache's words
+    try:
+        return ChunkCache(directory, sys.maxsize, free_floor_bytes=0)
     except CacheBusyError as exc:
         advice = "unmount it (or end that download) first"
         raise CacheBusyError(exc.directory, exc.holder, advice) from None
@@ -356,11 +381,14 @@ def cache_stats(group_dir: str | None, command_dir: str | None) -> None:
 def cache_clear(group_dir: str | None, command_dir: str | None) -> None:
     """Remove every cached chunk (not while a mount or download uses the cache)."""
     chunks = _open_cache(group_dir, command_dir)
+    if chunks is None:
+        click.echo(f"no cache in {shown(str(_chunk_directory(group_dir, command_dir)))}")
+        return
     try:
         freed = chunks.clear()
     finally:
         chunks.close()
-    click.echo(f"cleared {chunks.directory}: {freed} bytes freed")
+    click.echo(f"cleared {shown(str(chunks.directory))}: {freed} bytes freed")
 
 
 @cache.command("fsck")
@@ -369,6 +397,9 @@ def cache_clear(group_dir: str | None, command_dir: str | None) -> None:
 def cache_fsck(group_dir: str | None, command_dir: str | None) -> None:
     """Re-check every cached chunk and drop the damaged ones (not while a mount uses it)."""
     chunks = _open_cache(group_dir, command_dir)
+    if chunks is None:
+        click.echo(f"no cache in {shown(str(_chunk_directory(group_dir, command_dir)))}")
+        return
     try:
         checked, dropped = chunks.fsck()
     finally:
@@ -377,8 +408,14 @@ def cache_fsck(group_dir: str | None, command_dir: str | None) -> None:
 
 
 def _entries(ctx: Context, run_id: str, field_path: str) -> list[Any]:
-    validate_field_path(field_path)
+    field_path = _field_argument(field_path)
     return ctx.store.entries(ctx.store.field_artifact(ctx.run(run_id), field_path).id)
+
+
+def _field_argument(text: str) -> str:
+    """A FIELD argument; a slash after it (a shell's completion adds one) does not count, as
+    in the API's `run["x/"]`."""
+    return validate_field_path(text.rstrip("/") or text)
 
 
 # Escaped by `shown`, as C and git write them; other control characters in octal.
@@ -437,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.Abort:
         return _fail("aborted", 130)
     except click.ClickException as exc:
+        if _NO_ARGS_IS_HELP is not None and isinstance(exc, _NO_ARGS_IS_HELP):
+            click.echo(exc.format_message(), err=True)  # the help, as it is: not one line
+            return 2
         return _fail(exc.format_message(), 2)
     except ArtifactfsError as exc:
         return _fail(str(exc), exc.exit_code)

@@ -169,6 +169,8 @@ def _check_mountpoint(mountpoint: str) -> str:
                 f"run `artifactfs unmount {shlex.quote(path)}`"
             )
         raise ArtifactfsError(f"{path} is already a mount point: unmount it first")
+    if not os.path.lexists(path):
+        raise ArtifactfsError(f"mount point {path} does not exist: make the directory first")
     if not os.path.isdir(path):
         raise ArtifactfsError(f"mount point {path} is not a directory")
     if os.listdir(path):
@@ -179,7 +181,18 @@ def _check_mountpoint(mountpoint: str) -> str:
 # -- mounting ---------------------------------------------------------------------------------
 
 
-def mount(options: MountOptions, foreground: bool) -> None:
+@dataclass(frozen=True)
+class Started:
+    """A mount served by a daemon in the background."""
+
+    mountpoint: str
+    pid: int
+    log_file: Path
+
+
+def mount(options: MountOptions, foreground: bool) -> Started | None:
+    """Mount; in the foreground, serve until unmounted (then None), else return once the
+    daemon's mount is ready."""
     # Everything the daemon writes (cache, logs, hash cache) is private to the mounting user.
     os.umask(0o077)
     options.mountpoint = _check_mountpoint(options.mountpoint)
@@ -194,7 +207,7 @@ def mount(options: MountOptions, foreground: bool) -> None:
     if foreground:
         _configure_logging(log_file, also_stderr=True)
         _serve(options, ready_fd=None)
-        return
+        return None
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -215,8 +228,7 @@ def mount(options: MountOptions, foreground: bool) -> None:
     os.close(write_fd)
     answer = _wait_for_answer(read_fd)
     if answer.startswith("ready"):
-        print(f"mounted at {options.mountpoint} (daemon pid {pid}, log: {log_file})")
-        return
+        return Started(options.mountpoint, pid, log_file)
     if not answer:
         answer = f"error the daemon exited before the mount was ready; see {log_file}"
     raise ArtifactfsError(answer.removeprefix("error "))

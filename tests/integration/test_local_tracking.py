@@ -382,6 +382,48 @@ def test_download_into_a_destination_that_cannot_be_made_is_one_line(
     assert (tmp_path / "a-file").read_bytes() == b"x"
 
 
+def test_no_command_prints_the_help_as_it_is(cli) -> None:
+    """It came as one "error" line holding the whole help, every line run together."""
+    for args in ((), ("cache",)):
+        result = cli(*args)
+        assert result.returncode == 2, result
+        lines = result.stderr.splitlines()
+        assert lines[0].startswith("Usage: artifactfs"), result.stderr
+        assert "Commands:" in lines and len(lines) > 8, result.stderr
+        assert "error" not in result.stderr
+
+
+def test_an_empty_download_destination_is_refused(cli, datasets: Path, tmp_path: Path) -> None:
+    """`download RUN FIELD "$OUT"` with OUT unset wrote into the current directory."""
+    run_id = track(cli, "data", str(datasets))
+    here = tmp_path / "here"
+    here.mkdir()
+    for empty in ("", "  "):
+        result = cli("download", run_id, "data", empty, cwd=here)
+        assert result.returncode == 2, result
+        assert result.stderr.strip() == (
+            "artifactfs: error: DEST is empty: name the directory to write into ('.' for this one)"
+        )
+    assert list(here.iterdir()) == []
+    assert cli("download", run_id, "data", ".", cwd=here).returncode == 0
+    assert read_tree(here) == FILES
+
+
+def test_a_field_argument_may_end_with_a_slash_as_in_the_api(cli, datasets: Path) -> None:
+    """A shell completes a directory-like field name with a slash; `run["data/"]` takes it."""
+    run_id = track(cli, "data", str(datasets))
+    expected = cli("hash", run_id, "data", check=True).last_line
+    assert cli("hash", run_id, "data/", check=True).last_line == expected
+    assert cli("files", run_id, "data//", check=True).stdout == cli("files", run_id, "data").stdout
+    tracked = cli("track", "--run", run_id, "more/", str(datasets / "train"))
+    assert tracked.returncode == 0, tracked.stderr
+    assert artifactfs.init_run(run_id, mode="read-only").exists("more")
+    assert cli("hash", run_id, "more", check=True).last_line
+    for refused in ("/", "/data"):  # nothing left, or an absolute path: still refused
+        result = cli("hash", run_id, refused)
+        assert result.returncode == 2, result
+
+
 def test_cli_diff(cli, tmp_path: Path) -> None:
     old = make_tree(
         tmp_path / "old", {"same.txt": b"same", "gone.txt": b"gone", "changed/x.csv": b"1"}

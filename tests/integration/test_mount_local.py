@@ -7,6 +7,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -585,8 +586,34 @@ def test_a_killed_daemon_is_recovered_by_unmount(cli: Any, tmp_path: Path) -> No
 # -- 9. errors of mount and unmount ---------------------------------------------------------
 
 
+def test_mount_and_unmount_print_an_odd_mount_point_as_one_quoted_line(
+    cli: Any, tmp_path: Path
+) -> None:
+    run_id = track(cli, "ml/cls", "data", make_tree(tmp_path / "src", {"a.txt": b"a\n"}))
+    odd = tmp_path / 'mnt\n"q"'
+    odd.mkdir()
+    quoted = f'"{tmp_path}/mnt\\n\\"q\\""'
+    pid = None
+    try:
+        started = cli("mount", str(odd), "--run", run_id)
+        assert started.returncode == 0, started
+        found = re.search(r"daemon pid (\d+)", started.stdout)
+        pid = int(found.group(1)) if found else None
+        assert started.stdout.startswith(f"mounted at {quoted} (daemon pid "), started.stdout
+        assert started.stdout.count("\n") == 1
+        assert (odd / "data" / "a.txt").read_bytes() == b"a\n"
+        stopped = cli("unmount", str(odd))
+        assert (stopped.returncode, stopped.stdout) == (0, f"unmounted {quoted}\n"), stopped
+    finally:
+        force_unmount(odd, pid)
+
+
 def test_mount_and_unmount_errors_are_one_line_and_mount_nothing(cli: Any, tmp_path: Path) -> None:
     run_id = track(cli, "ml/cls", "data", make_tree(tmp_path / "src", {"a.txt": b"a\n"}))
+
+    result = cli("mount", str(tmp_path / "no-such-dir"))
+    assert_one_line_error(result)
+    assert f"mount point {tmp_path / 'no-such-dir'} does not exist" in result.stderr
 
     no_run = tmp_path / "no_run"
     no_run.mkdir()

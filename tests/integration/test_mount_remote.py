@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 
 import artifactfs
+from artifactfs.cache import ChunkCache
+from artifactfs.cache.location import chunk_directory
 from artifactfs.fs.daemon import is_mounted
 from tests.support.cache_files import chunk_bytes, chunk_files
 from tests.support.mounts import Mount, mounted, settled_figure, wait_gone
@@ -558,10 +560,39 @@ def test_a_cache_in_use_by_a_mount_is_changed_by_no_other_process(
 def test_cache_commands_take_cache_dir_after_the_subcommand(cli: Any, tmp_path: Path) -> None:
     """`artifactfs cache stats --cache-dir D`, as one writes `mount MNT --cache-dir D`."""
     cache = tmp_path / "cache"
-    for command in ("stats", "fsck", "clear"):
+    made = ChunkCache(chunk_directory(cache), 1024**2)
+    assert made.put(b"k" * 32, b"cached bytes")
+    made.close()
+    stats = cli("cache", "stats", "--cache-dir", str(cache))
+    assert stats.returncode == 0, stats
+    assert _stats(stats.stdout)[0] == 1
+    for command in ("fsck", "clear"):
         result = cli("cache", command, "--cache-dir", str(cache))
         assert result.returncode == 0, (command, result)
-    assert (cache / "data" / "chunks").is_dir()
+    assert chunk_files(cache) == []
+
+
+def test_cache_clear_and_fsck_change_no_directory_that_is_not_a_cache(
+    cli: Any, tmp_path: Path
+) -> None:
+    """They made a cache wherever they were pointed: a mistyped --cache-dir filled a new
+    directory, or a user's own `data/` (which a later `track` then recorded)."""
+    missing = tmp_path / "typo"
+    user = tmp_path / "project"
+    (user / "data").mkdir(parents=True)
+    (user / "data" / "train.csv").write_bytes(b"x,y\n")
+    for command in ("clear", "fsck"):
+        nothing = cli("cache", "--cache-dir", str(missing), command)
+        assert nothing.returncode == 0, nothing
+        assert nothing.stdout.strip() == f"no cache in {missing / 'data'}"
+        assert not missing.exists()
+        refused = cli("cache", "--cache-dir", str(user), command)
+        assert refused.returncode == 2, refused
+        assert refused.stderr.strip() == (
+            f"artifactfs: error: {user / 'data'} is not an artifactfs cache "
+            "(it has no FORMAT file): left as it is"
+        )
+        assert sorted(p.name for p in (user / "data").iterdir()) == ["train.csv"]
 
 
 # -- 9. concurrent readers of one chunk share one fetch ------------------------------------------

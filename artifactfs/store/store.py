@@ -87,9 +87,11 @@ def resolve_store_uri(store: str | None) -> str:
 def _redact(uri: str) -> str:
     """The URI without its password, for messages and logs."""
     try:
-        return make_url(uri).render_as_string(hide_password=True)
+        url = make_url(uri)
     except ArgumentError:
         return uri
+    # Rendered only to hide a password: rendering quotes other characters (`:memory:`).
+    return uri if url.password is None else url.render_as_string(hide_password=True)
 
 
 def _lock_key(name: str) -> int:
@@ -181,7 +183,12 @@ class Store:
             raise ArtifactfsError(
                 f"unsupported store {_redact(uri)!r}: use a file path, sqlite:/// or postgresql://"
             )
-        if url.database and url.database != ":memory:" and not _is_sqlite_uri(url):
+        if not url.database or url.database == ":memory:" or "mode=memory" in str(url):
+            raise ArtifactfsError(
+                f"store {_redact(uri)!r} is in memory and would keep nothing: give a file path "
+                "or sqlite:////abs/path.db"
+            )
+        if not _is_sqlite_uri(url):
             _make_parent_directory(Path(url.database), uri)
         engine = create_engine(url, connect_args={"timeout": 120})
 

@@ -72,6 +72,21 @@ def test_a_store_path_below_a_file_is_refused_in_one_line(cli, tmp_path: Path, d
     assert blocker.read_bytes() == b"not a directory\n"
 
 
+@pytest.mark.parametrize(
+    "uri", ["sqlite://", "sqlite:///:memory:", "sqlite:///file:mem?mode=memory&uri=true"]
+)
+def test_an_in_memory_store_is_refused_in_one_line(
+    cli, tmp_path: Path, data: Path, uri: str
+) -> None:
+    """It tracked "into" a store that was gone when the command ended: `runs` then showed
+    nothing. Nothing would ever be kept there."""
+    here = tmp_path / "here"
+    here.mkdir()
+    result = cli("--store", uri, "--project", "p", "track", "f", str(data), cwd=here)
+    assert_one_line_error(result, f"store {uri!r} is in memory and would keep nothing")
+    assert list(here.iterdir()) == []
+
+
 BAD_FILES = {
     # name: (how to spoil a real store's file, words the error must contain)
     "not sqlite": (lambda body: b"# a README, not a database\n" * 200, "file is not a database"),

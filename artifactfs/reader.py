@@ -59,7 +59,12 @@ from artifactfs.identity import FileId, content_identity, file_identity
 from artifactfs.ordered_check import OrderedChecks
 from artifactfs.sources import source_for_entry
 from artifactfs.sources.base import RequestDeadline
-from artifactfs.sources.local import LocalSource, local_path_of
+from artifactfs.sources.local import (
+    LocalSource,
+    NotARegularFileError,
+    local_path_of,
+    open_regular,
+)
 from artifactfs.verification import ContentCheck
 
 log = logging.getLogger(__name__)
@@ -437,7 +442,9 @@ class Reader:
     def _read_local(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
         path = local_path_of(entry.source_url)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_regular(path)
+        except NotARegularFileError as exc:
+            raise ReadError(f"{entry.source_url}: {exc.strerror}") from None
         except OSError as exc:
             raise ReadError(f"{entry.source_url}: cannot open: {exc.strerror}") from None
         try:

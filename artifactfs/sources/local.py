@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import operator
@@ -83,9 +84,25 @@ def _stat_key(info: os.stat_result) -> tuple[int, int, int]:
     return info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
+class NotARegularFileError(OSError):
+    """A path that should be a regular file is something else now (`strerror` says what)."""
+
+
+def open_regular(path: str) -> int:
+    """A descriptor of the regular file at `path`, open for reading. With O_NONBLOCK: opening
+    a named pipe put where a tracked file was would wait for a writer forever (the flag
+    changes nothing for a regular file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotARegularFileError(errno.EINVAL, f"is now {_kind_of(mode)}", path)
+    return fd
+
+
 def sha1_of_file(path: str) -> str:
     digest = hashlib.sha1()
-    fd = os.open(path, os.O_RDONLY)  # unbuffered: a buffered file costs more than a small read
+    fd = open_regular(path)  # unbuffered: a buffered file costs more than a small read
     try:
         while chunk := os.read(fd, STREAM_CHUNK):
             digest.update(chunk)
@@ -204,9 +221,11 @@ class LocalSource(Source):
     ) -> Iterator[bytes]:
         path = local_path_of(entry.source_url)
         try:
-            handle = open(path, "rb")  # noqa: SIM115 - closed by the generator below
+            handle = os.fdopen(open_regular(path), "rb")  # closed by the generator below
         except FileNotFoundError:
             raise SourceChangedError(entry.source_url, "file no longer exists") from None
+        except NotARegularFileError as exc:
+            raise SourceChangedError(entry.source_url, str(exc.strerror)) from None
         except OSError as exc:
             raise SourceChangedError(entry.source_url, f"cannot read: {exc.strerror}") from None
         return _read_pieces(handle, offset, length)
@@ -221,6 +240,8 @@ class LocalSource(Source):
             raise AccessDeniedError(entry.source_url, f"cannot read: {exc.strerror}") from None
         except OSError as exc:
             raise SourceChangedError(entry.source_url, f"cannot read: {exc.strerror}") from None
+        if not stat.S_ISREG(info.st_mode):  # a directory's "size" would say nothing of it
+            raise SourceChangedError(entry.source_url, f"is now {_kind_of(info.st_mode)}")
         if entry.size is not None and info.st_size != entry.size:
             raise SourceChangedError(
                 entry.source_url, f"size is {info.st_size} bytes, tracked {entry.size}"
@@ -232,6 +253,8 @@ class LocalSource(Source):
                 digest = sha1_of_file(path)
             except FileNotFoundError:
                 raise SourceChangedError(entry.source_url, "file no longer exists") from None
+            except NotARegularFileError as exc:  # replaced since the stat above
+                raise SourceChangedError(entry.source_url, str(exc.strerror)) from None
             except PermissionError as exc:  # no permission to read it now
                 raise AccessDeniedError(entry.source_url, f"cannot read: {exc.strerror}") from None
             except OSError as exc:
@@ -242,6 +265,17 @@ class LocalSource(Source):
                 entry.source_url, f"content hash is {digest}, tracked {entry.file_hash}"
             )
         return info.st_size
+
+
+def _kind_of(mode: int) -> str:
+    """What a path that is not a regular file is, for a message."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
 
 
 def _entries(hashed: list[tuple[Found, str]]) -> Iterator[ArtifactFileData]:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 import artifactfs
+from artifactfs.cache import ChunkCache
+from artifactfs.reader import Reader, ReadError
 from artifactfs.store import Store, default_store_path
 from tests.conftest import make_tree
 
@@ -342,6 +344,40 @@ def test_cli_download_and_verify_fail_when_a_source_changed(
     verified = cli("verify", run_id)
     assert verified.returncode == 1
     assert "test/c.csv" in verified.stdout + verified.stderr
+
+
+def test_a_tracked_file_replaced_by_a_pipe_or_a_directory_is_said_so_and_never_waited_on(
+    cli, tmp_path: Path
+) -> None:
+    """A named pipe where a tracked file was: its open waited for a writer forever (verify,
+    download and the mount's reads hung); a directory was reported as "size is 4096"."""
+    data = make_tree(tmp_path / "d", {"pipe.bin": b"four", "empty.bin": b"", "dir.txt": b"d"})
+    run_id = track(cli, "data", str(data))
+    for name in ("pipe.bin", "empty.bin"):
+        (data / name).unlink()
+        os.mkfifo(data / name)
+    (data / "dir.txt").unlink()
+    (data / "dir.txt").mkdir()
+
+    verified = cli("verify", run_id)  # run_cli's 300 s timeout would end a hang
+    assert verified.returncode == 1, verified
+    lines = verified.stdout.splitlines()
+    for name, now in (("pipe.bin", "a named pipe"), ("empty.bin", "a named pipe")):
+        assert f"CHANGED data/{name}: file://{data}/{name}: is now {now}" in lines, lines
+    assert f"CHANGED data/dir.txt: file://{data}/dir.txt: is now a directory" in lines, lines
+
+    downloaded = cli("download", run_id, "data", str(tmp_path / "out"))
+    assert downloaded.returncode == 1, downloaded
+    assert "is now a named pipe" in downloaded.stderr
+
+    reader = Reader(ChunkCache(tmp_path / "cache", 1 << 26))
+    entries = {e.file_path: e for e in artifactfs.init_run(run_id)["data"].fetch_files_list()}
+    try:
+        with pytest.raises(ReadError, match="is now a named pipe"):
+            reader.read(entries["pipe.bin"], 0, 4)  # the mount's read of a local file
+    finally:
+        reader.close()
+        reader.cache.close()
 
 
 def test_a_download_that_writes_nothing_leaves_the_destination_as_it_was(

@@ -46,7 +46,11 @@ _NOT_KEPT = (
 
 
 def project_from_environment(project: str | None) -> str | None:
-    return project or os.environ.get("ARTIFACTFS_PROJECT") or os.environ.get("NEPTUNE_PROJECT")
+    """The project given, else the environment's. One given empty is not "none given": it is
+    refused as the invalid name it is, not replaced by the environment's."""
+    if project is not None:
+        return project
+    return os.environ.get("ARTIFACTFS_PROJECT") or os.environ.get("NEPTUNE_PROJECT")
 
 
 def run_in_project(store: Store, run_id: str, project: str | None) -> RunRecord:

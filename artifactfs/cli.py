@@ -80,7 +80,7 @@ def cli(ctx: click.Context, store_uri: str | None, project: str | None) -> None:
 @pass_context
 def runs(ctx: Context) -> None:
     """List runs: id, project, created, fields."""
-    project = parse_project(ctx.project) if ctx.project else None
+    project = parse_project(ctx.project) if ctx.project is not None else None
     records = ctx.store.list_runs(project)
     rows = [("ID", "PROJECT", "CREATED (UTC)", "FIELDS")]
     rows += [(r.run_id, str(r.project), r.created_at, ",".join(r.fields) or "-") for r in records]
@@ -299,7 +299,8 @@ def unmount(mountpoint: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Check and report; write nothing.")
 @pass_context
 def import_neptune(ctx: Context, export_dir: str, rebases: tuple[str, ...], dry_run: bool) -> None:
-    """Bring back runs exported from Neptune, keeping their ids; exit 1 if any file failed."""
+    """Bring back runs exported from Neptune, keeping their ids; exit 1 if anything failed
+    or was skipped."""
     parsed = [Rebase.parse(text) for text in rebases]
     report = import_export(ctx.store, Path(export_dir), parsed, dry_run=dry_run)
     verb = "would import" if dry_run else "imported"

@@ -146,6 +146,10 @@ def test_missing_project_is_refused(cli, world: dict[str, str]) -> None:
 def test_invalid_project_is_refused(cli, world: dict[str, str]) -> None:
     assert_refused(cli, ["--project", "a/b/c", "track", "f", world["data"]], ["project"])
     assert_refused(cli, ["--project", "../x", "track", "f", world["data"]], ["project"])
+    # An empty one is refused as such, not taken for "none given" (which said to pass one,
+    # or took the environment's, or listed every project's runs).
+    for args in (["track", "f", world["data"]], ["runs"]):
+        assert_refused(cli, ["--project", "", *args], ["invalid project ''"])
 
 
 def test_read_only_run_is_refused(world: dict[str, str]) -> None:

@@ -420,7 +420,11 @@ def unmount(mountpoint: str) -> None:
     if not _daemon_dead(path):
         detail = _last_line(result.stderr)
         if "busy" in detail.lower():
-            detail = "it is busy (a program has a file or its working directory in it)"
+            detail = (
+                "it is busy (a program has a file or its working directory in it): end that "
+                f"program or leave the directory, or detach it now with `fusermount3 -uz "
+                f"{shlex.quote(path)}` (it goes when the last user lets go)"
+            )
         raise ArtifactfsError(f"cannot unmount {path}: {detail}")
     lazy = _fusermount("-u", "-z", path)
     if lazy.returncode != 0 and mount_type(path) == FS_TYPE:

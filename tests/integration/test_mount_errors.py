@@ -180,6 +180,7 @@ def test_unmount_of_a_busy_live_mount_says_busy_and_leaves_it_serving(
         with busy_in(inside):
             message = one_line_error(cli("unmount", str(mount.path)))
             assert "busy" in message
+            assert f"fusermount3 -uz {mount.path}" in message  # what the user can do now
             assert in_proc_mounts(mount.path)
             assert (inside / "a.txt").read_bytes() == b"a\n"
             assert pid_alive(mount.pid)

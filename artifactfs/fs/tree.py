@@ -62,6 +62,7 @@ class Node:
     entry: ArtifactFileData | None = field(default=None, compare=False)
     # A directory's mtime: inside an artifact (as its inode, from the artifact's identity)
     # when the artifact was first stored; a run's, when it was created; else 0: the mount's.
+    # A file carries its directory's, for the directory nodes made from it (`_directory_of`).
     time_ns: int = field(default=0, compare=False)
 
     @property
@@ -315,6 +316,7 @@ class Tree:
             parent.artifact_id,
             item.file_path,
             item,
+            time_ns=parent.time_ns,  # not its own (that is the entry's): its directory's
         )
 
     def _artifact_lookup(self, parent: Node, name: str) -> Node | None:

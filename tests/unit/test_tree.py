@@ -446,6 +446,12 @@ def test_directory_times_are_the_stores_and_the_same_in_every_mount(
             field_times[path.removeprefix("datasets/train").lstrip("/")] == first[f"{base}/{path}"]
         )
     assert run_times[""] == first[base]
+    # A listing made from a file (a neighbour prefetch's) gives its directories the same time.
+    fresh = Tree(store)
+    opened = resolve(fresh, f"{base}/datasets/train/a.csv")
+    assert opened is not None
+    (sub,) = [node for node in fresh.siblings(opened).nodes if node.name == "sub"]
+    assert fresh.attributes(sub).mtime_ns == first[f"{base}/datasets/train/sub"]
     # Above the runs, directories change as runs come: they keep the mount's time.
     assert first["ml-team"] == first_tree.mounted_ns
 

@@ -773,10 +773,10 @@ class Store:
                 return None
             rows = conn.execute(
                 select(f.c.path, f.c.artifact_id, a.c.created_at)
-                .join(a, a.c.id == f.c.artifact_id)
+                .outerjoin(a, a.c.id == f.c.artifact_id)  # a field is listed even so
                 .where(f.c.run_id == run_pk)
             )
-            return {row.path: FieldArtifact(row.artifact_id, row.created_at) for row in rows}
+            return {row.path: FieldArtifact(row.artifact_id, row.created_at or "") for row in rows}
 
     def artifact(self, artifact_id: str) -> ArtifactRecord | None:
         with self._read() as conn:

@@ -110,7 +110,8 @@ def init_run(
         _check_run_id(with_id)
         if project is not None:
             parse_project(project)
-        the_store = store if isinstance(store, Store) else Store(store)
+        # No store there: no such run either (and nothing is made for a read).
+        the_store = store if isinstance(store, Store) else Store(store, create=False)
         # A run named by its id: NEPTUNE_CUSTOM_RUN_ID, set for the whole job, does not apply.
         return Run(the_store, run_in_project(the_store, with_id, project), mode == READ_ONLY_MODE)
     if mode == READ_ONLY_MODE:

@@ -6,10 +6,12 @@ failed check (`verify`, a download whose bytes no longer match).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+import tempfile
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +25,7 @@ from artifactfs.cache import CacheBusyError, ChunkCache, cache_usage
 from artifactfs.cache.location import DEFAULT_CACHE_SIZE, chunk_directory, parse_size
 from artifactfs.checks import diff_entries, verify_entries
 from artifactfs.download import download_entries
-from artifactfs.errors import ArtifactfsError, CheckFailedError
+from artifactfs.errors import ArtifactfsError, CheckFailedError, NotFoundError
 from artifactfs.fs import daemon
 from artifactfs.fs.daemon import MountOptions
 from artifactfs.naming import parse_project, validate_field_path
@@ -44,12 +46,15 @@ class Context:
         self.store_uri = store_uri
         self.project = project  # from --project, else the environment
         self.project_given = project_given  # from --project only
+        # Only commands that record may make a new store: the others, given a path where
+        # there is none (a typo), say so rather than leave an empty store behind.
+        self.may_create_store = False
         self._store: Store | None = None
 
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store(self.store_uri)
+            self._store = Store(self.store_uri, create=self.may_create_store)
         return self._store
 
     def run(self, run_id: str) -> RunRecord:
@@ -97,6 +102,7 @@ def track(
     ctx: Context, run_id: str | None, destination: str | None, field_path: str, location: str
 ) -> None:
     """Track the files at PATH (path, file://, s3://, gs://) in FIELD; prints the run id."""
+    ctx.may_create_store = True
     field_path = _field_argument(field_path)
     if run_id is None and ctx.project is None:
         raise ArtifactfsError("no project: pass --project or set ARTIFACTFS_PROJECT (or --run)")
@@ -302,7 +308,15 @@ def import_neptune(ctx: Context, export_dir: str, rebases: tuple[str, ...], dry_
     """Bring back runs exported from Neptune, keeping their ids; exit 1 if anything failed
     or was skipped."""
     parsed = [Rebase.parse(text) for text in rebases]
-    report = import_export(ctx.store, Path(export_dir), parsed, dry_run=dry_run)
+    ctx.may_create_store = not dry_run
+    with contextlib.ExitStack() as cleanup:
+        try:
+            store = ctx.store
+        except NotFoundError:  # a dry run into a store not made yet: as into an empty one
+            scratch = cleanup.enter_context(tempfile.TemporaryDirectory())
+            store = Store(os.path.join(scratch, "store.db"))
+            cleanup.callback(store.close)
+        report = import_export(store, Path(export_dir), parsed, dry_run=dry_run)
     verb = "would import" if dry_run else "imported"
     for label in report.imported:
         click.echo(f"{verb} {shown(label)}")

@@ -144,10 +144,13 @@ def _split_parent(path: str) -> tuple[str, str]:
 class Store:
     """A connection pool on one store database, with the queries artifactfs needs."""
 
-    def __init__(self, uri: str | None = None) -> None:
+    def __init__(self, uri: str | None = None, create: bool = True) -> None:
+        """Open the store at `uri`; an SQLite file that does not exist is made, unless not
+        `create` (for commands that only read: a mistyped path must not leave a store, and
+        directories, behind)."""
         real_uri = resolve_store_uri(uri)
         self.uri = _redact(real_uri)  # for messages and logs: never the password
-        self.engine = self._make_engine(real_uri)
+        self.engine = self._make_engine(real_uri, create)
         self._version: int  # the store's schema version: older than ours until it is upgraded
         try:
             self._ensure_schema()
@@ -158,7 +161,7 @@ class Store:
     # -- set-up -----------------------------------------------------------------------------
 
     @staticmethod
-    def _make_engine(uri: str) -> Engine:
+    def _make_engine(uri: str, create: bool) -> Engine:
         try:
             url = make_url(uri)
         except ArgumentError:
@@ -189,6 +192,11 @@ class Store:
                 "or sqlite:////abs/path.db"
             )
         if not _is_sqlite_uri(url):
+            if not create and not os.path.exists(url.database):
+                raise NotFoundError(
+                    f"no store at {url.database}: nothing was tracked into it yet "
+                    "(check --store or ARTIFACTFS_STORE)"
+                )
             _make_parent_directory(Path(url.database), uri)
         engine = create_engine(url, connect_args={"timeout": 120})
 

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, func, inspect, select, text
 
+import artifactfs
+from artifactfs.errors import NotFoundError
 from artifactfs.store import Store, resolve_store_uri
 from tests.conftest import make_tree
 
@@ -66,10 +68,38 @@ def test_a_store_path_below_a_file_is_refused_in_one_line(cli, tmp_path: Path, d
     blocker = tmp_path / "plain-file"
     blocker.write_bytes(b"not a directory\n")
     store = blocker / "x.db"
-    for args in (("runs",), ("--project", "p", "track", "f", str(data))):
-        result = cli("--store", str(store), *args)
-        assert_one_line_error(result, str(store), f"{blocker} is not a directory")
+    result = cli("--store", str(store), "--project", "p", "track", "f", str(data))
+    assert_one_line_error(result, str(store), f"{blocker} is not a directory")
+    result = cli("--store", str(store), "runs")  # only reads: there is no store to read
+    assert_one_line_error(result, f"no store at {store}")
     assert blocker.read_bytes() == b"not a directory\n"
+
+
+def test_commands_that_only_read_make_no_store(cli, tmp_path: Path, data: Path) -> None:
+    """A mistyped --store made an empty store file, and its directories, on any command."""
+    store = tmp_path / "typo" / "sub" / "new.db"
+    reading = [
+        ("runs",),
+        ("hash", "P-1", "f"),
+        ("files", "P-1", "f"),
+        ("verify", "P-1"),
+        ("diff", "P-1", "P-2", "f"),
+        ("download", "P-1", "f", str(tmp_path / "out")),
+    ]
+    for args in reading:
+        result = cli("--store", str(store), *args)
+        assert_one_line_error(result, f"no store at {store}: nothing was tracked into it yet")
+    (tmp_path / "export").mkdir()
+    dry = cli("--store", str(store), "import-neptune", "--dry-run", str(tmp_path / "export"))
+    assert dry.returncode == 2 and "no files_list.json" in dry.stderr, dry  # read, as if empty
+    assert not (tmp_path / "typo").exists()
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(NotFoundError, match="no store at"):
+        artifactfs.init_run("P-1", mode="read-only", store=str(store))
+    assert not (tmp_path / "typo").exists()
+    # What records makes it.
+    assert cli("--store", str(store), "--project", "p", "track", "f", str(data)).returncode == 0
+    assert cli("--store", str(store), "hash", "P-1", "f").returncode == 0
 
 
 @pytest.mark.parametrize(

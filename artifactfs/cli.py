@@ -86,7 +86,12 @@ def cli(ctx: click.Context, store_uri: str | None, project: str | None) -> None:
 def runs(ctx: Context) -> None:
     """List runs: id, project, created, fields."""
     project = parse_project(ctx.project) if ctx.project is not None else None
-    records = ctx.store.list_runs(project)
+    try:
+        records = ctx.store.list_runs(project)
+    except NotFoundError:
+        if ctx.store_uri is not None:
+            raise  # a store named by --store or ARTIFACTFS_STORE: a typo is said
+        records = []  # the default store, before anything was tracked here: no runs yet
     rows = [("ID", "PROJECT", "CREATED (UTC)", "FIELDS")]
     rows += [(r.run_id, str(r.project), r.created_at, ",".join(r.fields) or "-") for r in records]
     _print_table(rows)
@@ -102,7 +107,7 @@ def track(
     ctx: Context, run_id: str | None, destination: str | None, field_path: str, location: str
 ) -> None:
     """Track the files at PATH (path, file://, s3://, gs://) in FIELD; prints the run id."""
-    ctx.may_create_store = True
+    ctx.may_create_store = run_id is None  # a new run; an existing one needs its store
     field_path = _field_argument(field_path)
     if run_id is None and ctx.project is None:
         raise ArtifactfsError("no project: pass --project or set ARTIFACTFS_PROJECT (or --run)")
@@ -181,7 +186,7 @@ def download(
 def verify(ctx: Context, run_id: str, field_path: str | None) -> None:
     """Check that the sources still hold the tracked bytes; exit 1 if not."""
     record = ctx.run(run_id)
-    field_paths = [field_path] if field_path else list(record.fields)
+    field_paths = [_field_argument(field_path)] if field_path is not None else list(record.fields)
     changed = unchecked = checked = 0
     for path in field_paths:
         entries = _entries(ctx, run_id, path)
@@ -350,9 +355,11 @@ def _open_cache(group_dir: str | None, command_dir: str | None) -> ChunkCache | 
     would make it one (a mistyped --cache-dir must not fill a user's directory)."""
     directory = _chunk_directory(group_dir, command_dir)
     try:
-        if not any(directory.iterdir()):
+        names = {path.name for path in directory.iterdir()}
+        if not names:
             return None
-        if not (directory / "FORMAT").is_file():
+        # A cache whose first start died before it wrote FORMAT has only these.
+        if not (directory / "FORMAT").is_file() and not names <= {"LOCK", "chunks", "tmp"}:
             raise ArtifactfsError(
                 f"{directory} is not an artifactfs cache (it has no FORMAT file): left as it is"
             )

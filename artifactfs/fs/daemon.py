@@ -295,8 +295,14 @@ def _serve(options: MountOptions, ready_fd: int | None) -> None:
     # instance-metadata lookup off EC2, must not hold the mount).
     warming = threading.Thread(target=_warm_s3_client, name="artifactfs-s3-warm", daemon=True)
     warming.start()
-    store = Store(options.store_uri)
-    tree = Tree(store, options.run_id, options.field_path)
+    # A whole-store mount may start before anything is tracked (runs appear as they come);
+    # a run's mount needs the run, so a store that is not there is not made for it.
+    store = Store(options.store_uri, create=options.run_id is None)
+    try:
+        tree = Tree(store, options.run_id, options.field_path)
+    except BaseException:
+        store.close()
+        raise
     cache = ChunkCache(chunk_directory(options.resolved_cache_dir), options.cache_size)
     reader = Reader(cache, chunk_size=options.chunk_size, deadline=options.read_deadline)
     operations = ArtifactOperations(tree, reader)

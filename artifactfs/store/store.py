@@ -186,18 +186,21 @@ class Store:
             raise ArtifactfsError(
                 f"unsupported store {_redact(uri)!r}: use a file path, sqlite:/// or postgresql://"
             )
-        if not url.database or url.database == ":memory:" or "mode=memory" in str(url):
+        database = url.database or ""
+        # The file, also of an SQLite URI filename (`file:/abs/path.db?mode=ro&uri=true`).
+        path = database.removeprefix("file:") if _is_sqlite_uri(url) else database
+        if path in ("", ":memory:") or url.query.get("mode") == "memory":
             raise ArtifactfsError(
                 f"store {_redact(uri)!r} is in memory and would keep nothing: give a file path "
                 "or sqlite:////abs/path.db"
             )
+        if not create and not os.path.exists(path):
+            raise NotFoundError(
+                f"no store at {path}: nothing was tracked into it yet "
+                "(check --store or ARTIFACTFS_STORE)"
+            )
         if not _is_sqlite_uri(url):
-            if not create and not os.path.exists(url.database):
-                raise NotFoundError(
-                    f"no store at {url.database}: nothing was tracked into it yet "
-                    "(check --store or ARTIFACTFS_STORE)"
-                )
-            _make_parent_directory(Path(url.database), uri)
+            _make_parent_directory(Path(database), uri)
         engine = create_engine(url, connect_args={"timeout": 120})
 
         @event.listens_for(engine, "connect")

@@ -429,6 +429,16 @@ def test_no_command_prints_the_help_as_it_is(cli) -> None:
         assert "error" not in result.stderr
 
 
+def test_runs_before_anything_was_tracked_lists_none_and_makes_no_store(cli) -> None:
+    """The default store, on a machine that tracked nothing yet: no runs (a store named by
+    --store that is not there is a typo, and is said: test_store_errors)."""
+    result = cli("runs")
+    assert result.returncode == 0, result
+    assert result.stdout.split() == ["ID", "PROJECT", "CREATED", "(UTC)", "FIELDS"]
+    assert not default_store_path().exists()
+    assert not default_store_path().parent.exists()
+
+
 def test_an_empty_download_destination_is_refused(cli, datasets: Path, tmp_path: Path) -> None:
     """`download RUN FIELD "$OUT"` with OUT unset wrote into the current directory."""
     run_id = track(cli, "data", str(datasets))
@@ -455,9 +465,14 @@ def test_a_field_argument_may_end_with_a_slash_as_in_the_api(cli, datasets: Path
     assert tracked.returncode == 0, tracked.stderr
     assert artifactfs.init_run(run_id, mode="read-only").exists("more")
     assert cli("hash", run_id, "more", check=True).last_line
-    for refused in ("/", "/data"):  # nothing left, or an absolute path: still refused
-        result = cli("hash", run_id, refused)
-        assert result.returncode == 2, result
+    for refused in ("/", "/data", ""):  # nothing left, or an absolute path: still refused
+        for command in ("hash", "verify"):  # verify without FIELD checks them all; "" is none
+            result = cli(command, run_id, refused)
+            assert result.returncode == 2, result
+    (datasets / "train" / "b.csv").write_bytes(b"changed since")
+    verified = cli("verify", run_id, "data/")
+    assert verified.returncode == 1, verified
+    assert verified.stdout.startswith("CHANGED data/train/b.csv: "), verified.stdout  # not data//
 
 
 def test_cli_diff(cli, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy import create_engine, func, inspect, select, text
 
 import artifactfs
 from artifactfs.errors import NotFoundError
+from artifactfs.fs.daemon import is_mounted
 from artifactfs.store import Store, resolve_store_uri
 from tests.conftest import make_tree
 
@@ -78,6 +79,7 @@ def test_a_store_path_below_a_file_is_refused_in_one_line(cli, tmp_path: Path, d
 def test_commands_that_only_read_make_no_store(cli, tmp_path: Path, data: Path) -> None:
     """A mistyped --store made an empty store file, and its directories, on any command."""
     store = tmp_path / "typo" / "sub" / "new.db"
+    mount_point = tmp_path / "mnt"
     reading = [
         ("runs",),
         ("hash", "P-1", "f"),
@@ -85,10 +87,16 @@ def test_commands_that_only_read_make_no_store(cli, tmp_path: Path, data: Path) 
         ("verify", "P-1"),
         ("diff", "P-1", "P-2", "f"),
         ("download", "P-1", "f", str(tmp_path / "out")),
+        ("track", "--run", "P-1", "f", str(data)),  # into a run, which must be there
+        ("mount", str(mount_point), "--run", "P-1", "--cache-dir", str(tmp_path / "cache")),
     ]
+    mount_point.mkdir()
     for args in reading:
         result = cli("--store", str(store), *args)
         assert_one_line_error(result, f"no store at {store}: nothing was tracked into it yet")
+    as_uri = cli("--store", f"sqlite:///file:{store}?uri=true", "runs")
+    assert_one_line_error(as_uri, f"no store at {store}: nothing was tracked into it yet")
+    assert not is_mounted(str(mount_point))
     (tmp_path / "export").mkdir()
     dry = cli("--store", str(store), "import-neptune", "--dry-run", str(tmp_path / "export"))
     assert dry.returncode == 2 and "no files_list.json" in dry.stderr, dry  # read, as if empty
@@ -103,7 +111,13 @@ def test_commands_that_only_read_make_no_store(cli, tmp_path: Path, data: Path) 
 
 
 @pytest.mark.parametrize(
-    "uri", ["sqlite://", "sqlite:///:memory:", "sqlite:///file:mem?mode=memory&uri=true"]
+    "uri",
+    [
+        "sqlite://",
+        "sqlite:///:memory:",
+        "sqlite:///file::memory:?uri=true",
+        "sqlite:///file:mem?mode=memory&uri=true",
+    ],
 )
 def test_an_in_memory_store_is_refused_in_one_line(
     cli, tmp_path: Path, data: Path, uri: str

@@ -7,9 +7,10 @@ identity each response carries (`x-goog-generation`, and the whole-object hash i
 (the reader's chunk fetches), the client's connections are cut off when the deadline passes,
 and the metadata request a read may make is not retried by the client library (its default
 retry would keep at it for 120 s): the reader retries within its own deadline. Listings (when
-tracking) retry transient answers for CHECK_DEADLINE, and an endpoint that cannot be connected
-to at all CONNECT_ATTEMPTS times, as botocore does for S3: a wrong `STORAGE_EMULATOR_HOST` or no
-network is one line in seconds, not two minutes of silence.
+tracking) and checks (`verify`) retry transient answers for CHECK_DEADLINE, and an endpoint that
+cannot be connected to at all CONNECT_ATTEMPTS times, as botocore does for S3: a wrong
+`STORAGE_EMULATOR_HOST` or no network is one line in seconds, not half a minute or two of
+silence and urllib3's internals.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, ClassVar
@@ -52,7 +54,10 @@ from artifactfs.verification import GCS_HASH_KEY
 log = logging.getLogger(__name__)
 
 TIMEOUT = (10, 30)  # connect, read (seconds)
-CONNECT_ATTEMPTS = 3  # a listing's tries to connect to an endpoint that refuses (or no host)
+# Tries to connect to an endpoint that refuses (or no such host) within CONNECT_WINDOW seconds,
+# for one listing or check: scattered failures over a long listing do not add up.
+CONNECT_ATTEMPTS = 3
+CONNECT_WINDOW = 10.0
 # HTTP answers a listing retries (as the client library's default retry does)
 RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 METADATA_RECHECK_SECONDS = 60.0
@@ -156,13 +161,13 @@ class GCSSource(Source):
         bucket = gcs_client().bucket(bucket_name)
         try:
             if name and not name.endswith("/"):
-                blob = bucket.get_blob(name, timeout=TIMEOUT, retry=_listing_retry())
+                blob = bucket.get_blob(name, timeout=TIMEOUT, retry=_bounded_retry())
                 if blob is not None:
                     return iter([self._entry(blob, name.rsplit("/", 1)[-1])])
         except NotFound:
             raise NotFoundError(f"no such GCS bucket: {bucket_name}") from None
         except (GoogleAPIError, RequestException) as exc:
-            raise ArtifactfsError(f"{location}: {_listing_problem(exc)}") from None
+            raise ArtifactfsError(f"{location}: {_request_problem(exc, 'list')}") from None
         prefix = name.rstrip("/") + "/" if name else ""
         return self._list_prefix(bucket, prefix, location, on_progress)
 
@@ -175,7 +180,7 @@ class GCSSource(Source):
         count = 0
         try:
             # The iterator fetches one page at a time, each with the retry.
-            blobs = bucket.list_blobs(prefix=prefix, timeout=TIMEOUT, retry=_listing_retry())
+            blobs = bucket.list_blobs(prefix=prefix, timeout=TIMEOUT, retry=_bounded_retry())
             for blob in blobs:
                 if blob.name.endswith("/"):
                     continue  # folder placeholders
@@ -186,7 +191,7 @@ class GCSSource(Source):
         except NotFound:
             raise NotFoundError(f"no such GCS bucket: {bucket.name}") from None
         except (GoogleAPIError, RequestException) as exc:
-            raise ArtifactfsError(f"{location}: {_listing_problem(exc)}") from None
+            raise ArtifactfsError(f"{location}: {_request_problem(exc, 'list')}") from None
         if count == 0:
             raise NotFoundError(f"no objects at {location}")
 
@@ -289,13 +294,11 @@ class GCSSource(Source):
         return _iter_response(response, entry.source_url)
 
     def check(self, entry: ArtifactFileData) -> int:
-        from google.cloud.storage.retry import DEFAULT_RETRY
-
         # As a read's, the metadata answer must come whole in time (one trickled a byte at a
-        # time never trips a socket timeout), and the library's retries (120 s by default)
-        # end with it: every request after the deadline fails at once.
+        # time never trips a socket timeout), and the library's retries end with it: every
+        # request after the deadline fails at once.
         with RequestDeadline(within_current_deadline(CHECK_DEADLINE), entry.source_url):
-            return self._check(entry, retry=DEFAULT_RETRY.with_timeout(CHECK_DEADLINE))
+            return self._check(entry, retry=_bounded_retry())
 
     def _check(self, entry: ArtifactFileData, retry: Any) -> int:
         """`check` with the client library's `retry` (None: one attempt)."""
@@ -320,7 +323,8 @@ class GCSSource(Source):
         except (GoogleAPIError, RequestException, OSError) as exc:
             # Without a retry, connection errors and timeouts come as they are from requests.
             check_deadline()  # cut off at the deadline: say so, not what the cut-off caused
-            raise TransientSourceError(f"{entry.source_url}: cannot read: {exc}") from None
+            problem = _request_problem(exc, "read")
+            raise TransientSourceError(f"{entry.source_url}: {problem}") from None
         check_deadline()  # an answer cut off at the deadline is not the object's metadata
         if blob is None:
             raise SourceChangedError(entry.source_url, "object no longer exists")
@@ -346,22 +350,25 @@ class GCSSource(Source):
         return size
 
 
-def _listing_retry() -> Any:
-    """The client library's retry for one listing: transient errors for up to CHECK_DEADLINE
-    (its default is 120 s), but a failure to connect at all only CONNECT_ATTEMPTS times."""
+def _bounded_retry() -> Any:
+    """The client library's retry for one listing or check: transient errors for up to
+    CHECK_DEADLINE (its default is 120 s), but a failure to connect at all only until it has
+    happened CONNECT_ATTEMPTS times within CONNECT_WINDOW seconds."""
     from google.api_core.exceptions import GoogleAPICallError
     from google.api_core.retry import Retry
     from google.auth.exceptions import TransportError
     from requests.exceptions import ConnectionError as RequestsConnectionError
     from requests.exceptions import Timeout
 
-    failed_connects = 0
+    failed_connects: deque[float] = deque()  # when each recent one happened
 
     def retried(exc: Exception) -> bool:
-        nonlocal failed_connects
         if _never_connected(exc):
-            failed_connects += 1
-            return failed_connects < CONNECT_ATTEMPTS
+            now = time.monotonic()
+            failed_connects.append(now)
+            while now - failed_connects[0] > CONNECT_WINDOW:
+                failed_connects.popleft()
+            return len(failed_connects) < CONNECT_ATTEMPTS
         if isinstance(exc, GoogleAPICallError):
             return exc.code in RETRIED_STATUSES
         return isinstance(exc, (RequestsConnectionError, Timeout, TransportError))
@@ -391,24 +398,21 @@ def _never_connected(exc: BaseException) -> bool:
     return False
 
 
-def _listing_problem(exc: BaseException) -> str:
-    """One line for a listing that failed after its retries."""
+def _request_problem(exc: BaseException, doing: str) -> str:
+    """One line for a listing or check (`doing`: "list", "read") that failed, retries over."""
     from google.api_core.exceptions import RetryError
-    from requests.exceptions import ConnectionError as RequestsConnectionError
-    from requests.exceptions import Timeout
+    from requests.exceptions import ConnectTimeout
 
     if isinstance(exc, RetryError) and exc.cause is not None:
-        return f"{_listing_problem(exc.cause)} (retried for {CHECK_DEADLINE:.0f} s)"
+        return f"{_request_problem(exc.cause, doing)} (retried for {CHECK_DEADLINE:.0f} s)"
     endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+    if isinstance(exc, ConnectTimeout):
+        return f"cannot reach {endpoint}: timed out"
     if _never_connected(exc):
         errno_text = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
         reason = errno_text.group(1).strip() if errno_text else "cannot connect"
         return f"cannot reach {endpoint}: {reason}"
-    if isinstance(exc, Timeout):
-        return f"cannot reach {endpoint}: timed out"
-    if isinstance(exc, RequestsConnectionError):
-        return f"connection to {endpoint} failed"
-    return str(exc)
+    return f"cannot {doing}: {exc}"
 
 
 def _status_error(entry: ArtifactFileData, status: int) -> ArtifactfsError:

@@ -343,6 +343,25 @@ def test_an_unreachable_gcs_endpoint_is_one_line_in_seconds_and_records_nothing(
 
 
 @pytest.mark.gcs
+def test_verify_of_a_gcs_object_on_an_unreachable_endpoint_is_one_line_in_seconds(
+    cli: Any, gcs: GCSBucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify's check retried a refused connection for 30 s (18 s here), then printed
+    urllib3's internals; a listing already said it in one line."""
+    gcs.put("ds/a.txt", b"first")
+    run_id = cli("--project", "p", "track", "f", gcs.url("ds"), check=True).last_line
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:1")
+    started = time.monotonic()
+    verified = cli("verify", run_id)
+    assert time.monotonic() - started < 15, verified
+    assert verified.returncode == 1, verified
+    assert verified.stdout.strip() == (
+        f"UNCHECKED f/a.txt: {gcs.url('ds/a.txt')}: "
+        "cannot reach http://127.0.0.1:1: Connection refused"
+    )
+
+
+@pytest.mark.gcs
 def test_a_gcs_listing_retries_transient_answers(
     cli: Any, gcs: GCSBucket, gcs_host: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -374,7 +393,7 @@ def test_a_gcs_listing_that_keeps_failing_ends_at_the_deadline_in_one_line(
             in_time(lambda: list(source_for_type("GCS").list_location(gcs.url("ds/"))), BOUND)
         assert proxy.faults_applied("status") >= 2  # retried, then given up
     message = str(failed.value)
-    assert message.startswith(f"{gcs.url('ds/')}: 503 ")
+    assert message.startswith(f"{gcs.url('ds/')}: cannot list: 503 ")
     assert message.endswith(f"(retried for {CHECK_DEADLINE:.0f} s)")
     assert "\n" not in message
 

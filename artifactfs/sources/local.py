@@ -92,7 +92,10 @@ def open_regular(path: str) -> int:
     """A descriptor of the regular file at `path`, open for reading. With O_NONBLOCK: opening
     a named pipe put where a tracked file was would wait for a writer forever (the flag
     changes nothing for a regular file)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except BlockingIOError:  # a lease held elsewhere (Samba, NFS): the open waits for its break
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # (a named pipe never answers so)
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)

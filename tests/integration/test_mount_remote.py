@@ -593,6 +593,14 @@ def test_cache_clear_and_fsck_change_no_directory_that_is_not_a_cache(
             "(it has no FORMAT file): left as it is"
         )
         assert sorted(p.name for p in (user / "data").iterdir()) == ["train.csv"]
+    # A cache whose first start died before it wrote FORMAT is one all the same.
+    unfinished = tmp_path / "unfinished"
+    for name in ("chunks/ab", "tmp"):
+        (unfinished / "data" / name).mkdir(parents=True)
+    (unfinished / "data" / "LOCK").write_text("4242\n")
+    cleared = cli("cache", "--cache-dir", str(unfinished), "clear")
+    assert cleared.returncode == 0, cleared
+    assert cleared.stdout.startswith(f"cleared {unfinished / 'data'}: 0 bytes freed"), cleared
 
 
 # -- 9. concurrent readers of one chunk share one fetch ------------------------------------------

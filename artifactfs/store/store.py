@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import (
     Connection,
     Engine,
+    Select,
     Table,
     bindparam,
     create_engine,
@@ -134,6 +135,16 @@ class FieldArtifact(NamedTuple):
 
     artifact_id: str
     created_at: str
+
+
+def _select_artifact() -> Select[Any]:
+    """The columns of an `ArtifactRecord`, to select (`_artifact_record` reads the row)."""
+    a = schema.artifacts
+    return select(a.c.id, a.c.hash, a.c.file_count, a.c.total_size, a.c.created_at)
+
+
+def _artifact_record(row: Any) -> ArtifactRecord:
+    return ArtifactRecord(row.id, row.hash, row.file_count, row.total_size, row.created_at)
 
 
 def _split_parent(path: str) -> tuple[str, str]:
@@ -621,13 +632,13 @@ class Store:
         f, a = schema.fields, schema.artifacts
         with self._read() as conn:
             row = conn.execute(
-                select(a.c.id, a.c.hash, a.c.file_count, a.c.total_size, a.c.created_at)
+                _select_artifact()
                 .join(f, f.c.artifact_id == a.c.id)
                 .where(f.c.run_id == run.id, f.c.path == field_path)
             ).first()
         if row is None:
             raise NotFoundError(f"run {run.run_id} has no artifact field {field_path!r}")
-        return ArtifactRecord(row.id, row.hash, row.file_count, row.total_size, row.created_at)
+        return _artifact_record(row)
 
     def iter_entries(self, artifact_id: str) -> Iterator[ArtifactFileData]:
         """The artifact's entries in file_path order, as stored (callers validate paths)."""
@@ -708,15 +719,8 @@ class Store:
 
     @staticmethod
     def _artifact_in(conn: Connection, artifact_id: str) -> ArtifactRecord | None:
-        a = schema.artifacts
-        row = conn.execute(
-            select(a.c.id, a.c.hash, a.c.file_count, a.c.total_size, a.c.created_at).where(
-                a.c.id == artifact_id
-            )
-        ).first()
-        if row is None:
-            return None
-        return ArtifactRecord(row.id, row.hash, row.file_count, row.total_size, row.created_at)
+        row = conn.execute(_select_artifact().where(schema.artifacts.c.id == artifact_id)).first()
+        return None if row is None else _artifact_record(row)
 
     def _insert_artifact(
         self, conn: Connection, entries: Sequence[ArtifactFileData]

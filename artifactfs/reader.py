@@ -442,13 +442,12 @@ class Reader:
     def _read_local(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
         path = local_path_of(entry.source_url)
         try:
-            fd = open_regular(path)
+            fd, info = open_regular(path)
         except NotARegularFileError as exc:
             raise ReadError(f"{entry.source_url}: {exc.strerror}") from None
         except OSError as exc:
             raise ReadError(f"{entry.source_url}: cannot open: {exc.strerror}") from None
         try:
-            info = os.fstat(fd)
             if entry.size is not None and info.st_size != entry.size:
                 raise ReadError(
                     f"{entry.source_url}: size is {info.st_size} bytes, tracked {entry.size}"

@@ -88,24 +88,24 @@ class NotARegularFileError(OSError):
     """A path that should be a regular file is something else now (`strerror` says what)."""
 
 
-def open_regular(path: str) -> int:
-    """A descriptor of the regular file at `path`, open for reading. With O_NONBLOCK: opening
-    a named pipe put where a tracked file was would wait for a writer forever (the flag
-    changes nothing for a regular file)."""
+def open_regular(path: str) -> tuple[int, os.stat_result]:
+    """A descriptor of the regular file at `path`, open for reading, and its stat. With
+    O_NONBLOCK: opening a named pipe put where a tracked file was would wait for a writer
+    forever (the flag changes nothing for a regular file)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except BlockingIOError:  # a lease held elsewhere (Samba, NFS): the open waits for its break
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # (a named pipe never answers so)
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise NotARegularFileError(errno.EINVAL, f"is now {_kind_of(mode)}", path)
-    return fd
+        raise NotARegularFileError(errno.EINVAL, f"is now {_kind_of(info.st_mode)}", path)
+    return fd, info
 
 
 def sha1_of_file(path: str) -> str:
     digest = hashlib.sha1()
-    fd = open_regular(path)  # unbuffered: a buffered file costs more than a small read
+    fd, _ = open_regular(path)  # unbuffered: a buffered file costs more than a small read
     try:
         while chunk := os.read(fd, STREAM_CHUNK):
             digest.update(chunk)
@@ -224,7 +224,7 @@ class LocalSource(Source):
     ) -> Iterator[bytes]:
         path = local_path_of(entry.source_url)
         try:
-            handle = os.fdopen(open_regular(path), "rb")  # closed by the generator below
+            handle = os.fdopen(open_regular(path)[0], "rb")  # closed by the generator below
         except FileNotFoundError:
             raise SourceChangedError(entry.source_url, "file no longer exists") from None
         except NotARegularFileError as exc:

@@ -351,22 +351,26 @@ def _chunk_directory(group_dir: str | None, command_dir: str | None) -> Path:
 def _open_cache(group_dir: str | None, command_dir: str | None) -> ChunkCache | None:
     """The cache, for a change to it: taken from any other process (a mount's cache is
     refused while it runs), and opened with no limit, so that opening it evicts nothing.
-    None when there is no cache there; a directory that is not one is refused: opening it
-    would make it one (a mistyped --cache-dir must not fill a user's directory)."""
+    None, said on stdout, when there is no cache there; a directory that is not one is
+    refused: opening it would make it one (a mistyped --cache-dir must not fill a user's
+    directory)."""
     directory = _chunk_directory(group_dir, command_dir)
+    names: set[str] | None
     try:
         names = {path.name for path in directory.iterdir()}
-        if not names:
-            return None
-        # A cache whose first start died before it wrote FORMAT has only these.
-        if not (directory / "FORMAT").is_file() and not names <= {"LOCK", "chunks", "tmp"}:
-            raise ArtifactfsError(
-                f"{directory} is not an artifactfs cache (it has no FORMAT file): left as it is"
-            )
     except FileNotFoundError:
-        return None
+        names = set()
     except OSError:
-        pass  # not a directory, not readable: opening it says so, in the cache's words
+        names = None  # not a directory, not readable: opening it says so, in the cache's words
+    if names == set():
+        click.echo(f"no cache in {shown(str(directory))}")
+        return None
+    # (A cache whose first start died before it wrote FORMAT has only LOCK, chunks and tmp.)
+    foreign = names is not None and not names <= {"LOCK", "chunks", "tmp"}
+    if foreign and not (directory / "FORMAT").is_file():
+        raise ArtifactfsError(
+            f"{directory} is not an artifactfs cache (it has no FORMAT file): left as it is"
+        )
     try:
         return ChunkCache(directory, sys.maxsize, free_floor_bytes=0)
     except CacheBusyError as exc:
@@ -404,7 +408,6 @@ def cache_clear(group_dir: str | None, command_dir: str | None) -> None:
     """Remove every cached chunk (not while a mount or download uses the cache)."""
     chunks = _open_cache(group_dir, command_dir)
     if chunks is None:
-        click.echo(f"no cache in {shown(str(_chunk_directory(group_dir, command_dir)))}")
         return
     try:
         freed = chunks.clear()
@@ -420,7 +423,6 @@ def cache_fsck(group_dir: str | None, command_dir: str | None) -> None:
     """Re-check every cached chunk and drop the damaged ones (not while a mount uses it)."""
     chunks = _open_cache(group_dir, command_dir)
     if chunks is None:
-        click.echo(f"no cache in {shown(str(_chunk_directory(group_dir, command_dir)))}")
         return
     try:
         checked, dropped = chunks.fsck()

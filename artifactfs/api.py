@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 # A mode of None is Neptune's default: NEPTUNE_MODE, else "async".
 WRITE_MODES = ("async", "sync", "offline")
 READ_ONLY_MODE = "read-only"
-_SYSTEM_FIELDS = ("sys/id", "sys/creation_time", "sys/project", "sys/custom_run_id")
 # Neptune has it only for a run created with custom_run_id=.
 _CUSTOM_RUN_ID_FIELD = "sys/custom_run_id"
+_SYSTEM_FIELDS = ("sys/id", "sys/creation_time", "sys/project", _CUSTOM_RUN_ID_FIELD)
 _NOT_KEPT = (
     "artifactfs keeps Neptune's artifact fields only (track_files, fetch_hash, "
     "fetch_files_list, download, fetch): log other metadata elsewhere"

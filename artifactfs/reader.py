@@ -43,6 +43,7 @@ import concurrent.futures
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -426,10 +427,15 @@ class Reader:
         return self._ordered_checks.settled(timeout)
 
     def cached_bytes(self, entry: ArtifactFileData) -> int:
-        """How many of the entry's bytes are in the cache now (local files: all, in place)."""
+        """How many of the entry's bytes are in the cache now. A local file is read in place:
+        all of it while it is there at its tracked size, none once it is gone or resized."""
         size = entry.size or 0
         if entry.type == TYPE_LOCAL:
-            return size
+            try:
+                info = os.stat(local_path_of(entry.source_url))
+            except (OSError, ArtifactfsError):  # gone, or a source URL that names no file
+                return 0
+            return size if stat.S_ISREG(info.st_mode) and info.st_size == size else 0
         total = 0
         # The tree shows no entry over 5 TiB: at most 655,360 chunks of 8 MiB to look up.
         for index in range(self._chunk_count(size)):

@@ -306,7 +306,7 @@ def test_extended_attributes_of_files_artifact_roots_and_the_mount_root(
             assert values["artifact_hash"] == expected_hash
             assert values["run"] == run_id
             assert values["field"] == "datasets/train"
-            assert 0 <= int(values["cached"]) <= len(body)
+            assert values["cached"] == str(len(body))  # read in place: all of it is here
             shown = getfattr_names(path)
             assert {f"user.artifactfs.{n}" for n in FILE_XATTRS} <= set(shown), shown
             assert shown["user.artifactfs.file_hash"] == values["file_hash"]
@@ -329,6 +329,11 @@ def test_extended_attributes_of_files_artifact_roots_and_the_mount_root(
         with pytest.raises(OSError) as missing:
             os.getxattr(mount.path / art / "two.txt", "user.artifactfs.no_such_name")
         assert missing.value.errno == errno.ENODATA
+
+        (source / "x" / "one.bin").unlink()  # its bytes are nowhere now
+        (source / "two.txt").write_bytes(b"two, and more\n")
+        assert mount.xattr(f"{art}/x/one.bin", "cached") == "0"
+        assert mount.xattr(f"{art}/two.txt", "cached") == "0"
 
 
 def test_artifact_mounted_as_the_root_has_both_root_and_artifact_xattrs(

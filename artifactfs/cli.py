@@ -187,9 +187,12 @@ def verify(ctx: Context, run_id: str, field_path: str | None) -> None:
     """Check that the sources still hold the tracked bytes; exit 1 if not."""
     record = ctx.run(run_id)
     field_paths = [_field_argument(field_path)] if field_path is not None else list(record.fields)
+    if not field_paths:
+        click.echo(f"OK: {run_id} has no tracked files: nothing to check")
+        return
     changed = unchecked = checked = 0
     for path in field_paths:
-        entries = _entries(ctx, run_id, path)
+        entries = _record_entries(ctx, record, path)
         checked += len(entries)
         for file_path, problem in sorted(verify_entries(entries).items()):
             if problem.changed:
@@ -432,8 +435,12 @@ def cache_fsck(group_dir: str | None, command_dir: str | None) -> None:
 
 
 def _entries(ctx: Context, run_id: str, field_path: str) -> list[Any]:
-    field_path = _field_argument(field_path)
-    return ctx.store.entries(ctx.store.field_artifact(ctx.run(run_id), field_path).id)
+    return _record_entries(ctx, ctx.run(run_id), _field_argument(field_path))
+
+
+def _record_entries(ctx: Context, record: RunRecord, field_path: str) -> list[Any]:
+    """The entries of a field (already a valid path) of a run already read."""
+    return ctx.store.entries(ctx.store.field_artifact(record, field_path).id)
 
 
 def _field_argument(text: str) -> str:

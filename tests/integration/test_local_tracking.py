@@ -316,6 +316,16 @@ def test_cli_download_reproduces_every_byte(cli, datasets: Path, tmp_path: Path)
     assert read_tree(tmp_path / "out") == FILES
     verified = cli("verify", run_id)
     assert verified.returncode == 0, verified.stderr
+    assert verified.last_line == f"OK: {len(FILES)} file(s) in CLS-1 match what was tracked"
+
+
+def test_cli_verify_of_a_run_with_no_fields_says_there_is_nothing_to_check(cli) -> None:
+    run = artifactfs.init_run(project="ml-team/classification")
+    run.stop()
+    verified = cli("verify", run.id)
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout == f"OK: {run.id} has no tracked files: nothing to check\n"
+    assert cli("verify", run.id, "data").returncode == 2  # a field it does not have
 
 
 def test_cli_download_and_verify_fail_when_a_source_changed(

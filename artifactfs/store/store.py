@@ -50,24 +50,38 @@ from artifactfs.naming import (
     validate_project_key,
 )
 from artifactfs.store import schema
+from artifactfs.store.driver_query import DriverQuery
 from artifactfs.store.schema import SCHEMA_VERSION
 
 _INSERT_BATCH = 5000
 
-# The mount's per-name lookup, built once: building the expression per call cost SQLAlchemy
-# more than SQLite's indexed query (a stat of an uncached name in a 1M-entry artifact).
 _e, _d = schema.artifact_entries, schema.artifact_dirs
-_LOOKUP_ENTRY = select(
-    _e.c.file_path, _e.c.file_hash, _e.c.type, _e.c.size, _e.c.metadata_json
-).where(
-    _e.c.artifact_id == bindparam("artifact_id"),
-    _e.c.parent == bindparam("parent"),
-    _e.c.name == bindparam("name"),
+# What an ArtifactFileData is made of (`_entry_from_row`), in this order.
+_ENTRY_COLUMNS = (_e.c.file_path, _e.c.file_hash, _e.c.type, _e.c.size, _e.c.metadata_json)
+# The mount's per-name lookup and per-directory listing (see driver_query).
+_LOOKUP_ENTRY = DriverQuery(
+    select(*_ENTRY_COLUMNS).where(
+        _e.c.artifact_id == bindparam("artifact_id"),
+        _e.c.parent == bindparam("parent"),
+        _e.c.name == bindparam("name"),
+    )
 )
-_LOOKUP_DIR = select(_d.c.path).where(
-    _d.c.artifact_id == bindparam("artifact_id"),
-    _d.c.parent == bindparam("parent"),
-    _d.c.name == bindparam("name"),
+_LOOKUP_DIR = DriverQuery(
+    select(_d.c.path).where(
+        _d.c.artifact_id == bindparam("artifact_id"),
+        _d.c.parent == bindparam("parent"),
+        _d.c.name == bindparam("name"),
+    )
+)
+_LIST_DIRS = DriverQuery(
+    select(_d.c.path)
+    .where(_d.c.artifact_id == bindparam("artifact_id"), _d.c.parent == bindparam("parent"))
+    .order_by(_d.c.name)
+)
+_LIST_ENTRIES = DriverQuery(
+    select(*_ENTRY_COLUMNS)
+    .where(_e.c.artifact_id == bindparam("artifact_id"), _e.c.parent == bindparam("parent"))
+    .order_by(_e.c.name)
 )
 _METADATA_JSON = json.JSONEncoder(sort_keys=True)  # one encoder: json.dumps makes one per call
 
@@ -265,13 +279,32 @@ class Store:
             yield conn
 
     @contextmanager
+    def _driver_cursor(self) -> Iterator[Any]:
+        """A cursor of a pooled connection's driver, for `DriverQuery`s; errors as `_read`'s.
+        On SQLite each statement is its own transaction; a PostgreSQL one is rolled back when
+        the connection goes back to the pool."""
+        driver_error = self.engine.dialect.loaded_dbapi.Error
+        with self._translated("read"):
+            connection = self.engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            try:
+                yield cursor
+            except driver_error as exc:
+                raise _store_error(self.uri, "read", exc) from None
+            finally:
+                cursor.close()
+        finally:
+            connection.close()
+
+    @contextmanager
     def _translated(self, doing: str) -> Iterator[None]:
         """The database's errors as one line naming the store and the reason (the mount
         answers them with EIO: only NotFoundError means "no such run" there)."""
         try:
             yield
         except DBAPIError as exc:
-            raise _store_error(self.uri, doing, exc) from None
+            raise _store_error(self.uri, doing, exc.orig or exc) from None
 
     def _ensure_schema(self) -> None:
         """Refuse anything but an empty database or a store of a schema version this
@@ -333,7 +366,7 @@ class Store:
         try:
             self._upgrade()
         except DBAPIError as exc:
-            reason = _store_error(self.uri, "upgrade", exc)
+            reason = _store_error(self.uri, "upgrade", exc.orig or exc)
             raise ArtifactfsError(
                 f"{reason} ({needed_for} need schema version {SCHEMA_VERSION}; this store has "
                 f"version {self._version} and upgrading it writes to it)"
@@ -644,9 +677,7 @@ class Store:
         """The artifact's entries in file_path order, as stored (callers validate paths)."""
         e = schema.artifact_entries
         query = (
-            select(e.c.file_path, e.c.file_hash, e.c.type, e.c.size, e.c.metadata_json)
-            .where(e.c.artifact_id == artifact_id)
-            .order_by(e.c.file_path)
+            select(*_ENTRY_COLUMNS).where(e.c.artifact_id == artifact_id).order_by(e.c.file_path)
         )
         with self._read() as conn:
             for row in conn.execution_options(yield_per=2000).execute(query):
@@ -707,11 +738,7 @@ class Store:
     @staticmethod
     def _entries_in(conn: Connection, artifact_id: str) -> list[ArtifactFileData]:
         e = schema.artifact_entries
-        rows = conn.execute(
-            select(e.c.file_path, e.c.file_hash, e.c.type, e.c.size, e.c.metadata_json).where(
-                e.c.artifact_id == artifact_id
-            )
-        )
+        rows = conn.execute(select(*_ENTRY_COLUMNS).where(e.c.artifact_id == artifact_id))
         return [_entry_from_row(row) for row in rows]
 
     def _check_field_conflict(self, conn: Connection, run: RunRecord, field_path: str) -> None:
@@ -804,30 +831,23 @@ class Store:
 
         Tracking never stores both; a store written by hand may, and callers must not guess."""
         names = {"artifact_id": artifact_id, "parent": parent, "name": name}
-        with self._read() as conn:
-            row = conn.execute(_LOOKUP_ENTRY, names).first()
+        dialect = self.engine.dialect
+        with self._driver_cursor() as cursor:
+            row = _LOOKUP_ENTRY.run(cursor, dialect, names).fetchone()
             entry = _entry_from_row(row) if row is not None else None
-            found = conn.execute(_LOOKUP_DIR, names).scalar()
-        return entry, str(found) if found is not None else None
+            found = _LOOKUP_DIR.run(cursor, dialect, names).fetchone()
+        return entry, str(found[0]) if found is not None else None
 
     def artifact_children(
         self, artifact_id: str, parent: str
     ) -> tuple[list[str], list[ArtifactFileData]]:
         """Sub-directory paths and file entries directly in `parent` ('' for the root)."""
-        e, d = schema.artifact_entries, schema.artifact_dirs
-        with self._read() as conn:
-            dirs = conn.execute(
-                select(d.c.path)
-                .where(d.c.artifact_id == artifact_id, d.c.parent == parent)
-                .order_by(d.c.name)
-            ).scalars()
-            dir_paths = [str(path) for path in dirs]
-            rows = conn.execute(
-                select(e.c.file_path, e.c.file_hash, e.c.type, e.c.size, e.c.metadata_json)
-                .where(e.c.artifact_id == artifact_id, e.c.parent == parent)
-                .order_by(e.c.name)
-            )
-            return dir_paths, [_entry_from_row(row) for row in rows]
+        names = {"artifact_id": artifact_id, "parent": parent}
+        dialect = self.engine.dialect
+        with self._driver_cursor() as cursor:
+            dir_paths = [str(row[0]) for row in _LIST_DIRS.run(cursor, dialect, names)]
+            rows = _LIST_ENTRIES.run(cursor, dialect, names).fetchall()
+        return dir_paths, [_entry_from_row(row) for row in rows]
 
     # -- used by tests and diagnostics ------------------------------------------------------
 
@@ -840,19 +860,17 @@ class Store:
             }
 
 
-def _entry_from_row(row: Any) -> ArtifactFileData:
+def _entry_from_row(row: Sequence[Any]) -> ArtifactFileData:
+    """An entry from the values of `_ENTRY_COLUMNS`, in order (a Row or a driver's tuple)."""
+    file_path, file_hash, type_, size, metadata_json = row
     try:
-        metadata = json.loads(row.metadata_json)
+        metadata = json.loads(metadata_json)
     except ValueError:
         metadata = {}
     if not isinstance(metadata, dict):
         metadata = {}
     return ArtifactFileData(
-        row.file_path,
-        row.file_hash,
-        row.type,
-        row.size,
-        {str(k): str(v) for k, v in metadata.items()},
+        file_path, file_hash, type_, size, {str(k): str(v) for k, v in metadata.items()}
     )
 
 
@@ -918,10 +936,10 @@ def _make_parent_directory(path: Path, uri: str) -> None:
         ) from None
 
 
-def _store_error(uri: str, doing: str, exc: DBAPIError) -> ArtifactfsError:
-    """One line: the store, and the database's reason (read-only ones said plainly)."""
-    reason = " ".join(str(exc.orig).split())
-    code = getattr(exc.orig, "sqlite_errorname", None) or ""
+def _store_error(uri: str, doing: str, driver_error: BaseException) -> ArtifactfsError:
+    """One line: the store, and the database driver's reason (read-only ones said plainly)."""
+    reason = " ".join(str(driver_error).split())
+    code = getattr(driver_error, "sqlite_errorname", None) or ""
     if code == "SQLITE_READONLY_DIRECTORY":
         return ArtifactfsError(
             f"store {uri} is in a directory this user cannot write, where SQLite must create "
@@ -929,7 +947,7 @@ def _store_error(uri: str, doing: str, exc: DBAPIError) -> ArtifactfsError:
         )
     if (
         code.startswith("SQLITE_READONLY")
-        or getattr(exc.orig, "sqlstate", None) == "25006"  # read_only_sql_transaction
+        or getattr(driver_error, "sqlstate", None) == "25006"  # read_only_sql_transaction
         or "readonly database" in reason
     ):
         return ArtifactfsError(f"store {uri} is read-only: {reason}")

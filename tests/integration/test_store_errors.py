@@ -493,3 +493,28 @@ def test_run_numbers_beyond_32_bits_are_refused_alike_on_both_backends(
     assert_one_line_error(refused, "w/proj", "used every run number")
     assert Store().counts() == counts
     assert cli("hash", f"ZZ-{MAX_RUN_NUMBER}", "f").returncode == 0
+
+
+def test_a_tree_lookup_or_listing_the_database_refuses_is_one_line_naming_the_store(
+    cli, tmp_path: Path, data: Path
+) -> None:
+    """The mount's lookups and listings run on the driver's own cursor: its errors are said
+    as every other read's are (the mount answers them with EIO and logs the line)."""
+    path = tmp_path / "store.db"
+    make_store(cli, path, data)
+    store = Store(str(path), create=False)
+    try:
+        artifact_id = store.field_artifact(store.get_run("P-1"), "f").id
+        assert store.artifact_lookup(artifact_id, "sub", "b.csv")[0] is not None
+        assert store.artifact_children(artifact_id, "") == (["sub"], store.entries(artifact_id)[:1])
+        sqlite_edit(path, "DROP TABLE artifact_dirs")  # behind the open store's back
+        for call in (
+            lambda: store.artifact_lookup(artifact_id, "sub", "b.csv"),
+            lambda: store.artifact_children(artifact_id, ""),
+        ):
+            with pytest.raises(artifactfs.ArtifactfsError) as refused:
+                call()
+            expected = f"cannot read store {store.uri}: no such table: artifact_dirs"
+            assert str(refused.value) == expected
+    finally:
+        store.close()

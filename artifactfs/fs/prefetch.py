@@ -52,8 +52,13 @@ class NeighbourPrefetcher:
         self._continued: LRUCache[tuple[str, str], bool] = LRUCache(REMEMBERED_DIRECTORIES)
 
     def opened(self, node: Node) -> None:
-        """Called when a file is opened; returns at once."""
-        if node.kind is not Kind.FILE or node.entry is None or node.entry.type == TYPE_LOCAL:
+        """Called when a file is opened; returns at once. Only the opening of a small remote
+        file (one chunk) is a hint: a program opening a large one (a shard, `file`, `head`)
+        is not walking a folder of small files, and its neighbours may be large too."""
+        entry = node.entry
+        if node.kind is not Kind.FILE or entry is None or entry.type == TYPE_LOCAL:
+            return
+        if entry.size is None or entry.size > self.reader.chunk_size:
             return
         listing = self.tree.remembered_siblings(node)
         if listing is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +49,25 @@ def test_opening_a_file_prefetches_its_neighbours(s3: S3Bucket, tmp_path: Path) 
         for n in range(1, 33):
             assert (mount.path / f"{n:03d}.bin").read_bytes() == bodies[f"imgs/{n:03d}.bin"]
         assert mount.root_figure("errors") == 0
+
+
+def test_opening_a_large_file_prefetches_nothing(s3: S3Bucket, tmp_path: Path) -> None:
+    """Only a small file's opening is a hint that a program walks a folder of small files:
+    opening a large one (more than a chunk) fetches none of its neighbours."""
+    bodies = {"mixed/a-large.bin": bytes(range(256)) * (9 * 4096)}  # 9 MiB: two chunks
+    bodies |= {f"mixed/b{n:02d}.bin": bytes([n]) * (1000 + n) for n in range(10)}
+    with mounted_objects(s3, tmp_path, bodies, "mixed") as mount:
+        os.close(os.open(mount.path / "a-large.bin", os.O_RDONLY))
+        time.sleep(2)  # a prefetch would have started and ended by now (see the test above)
+        assert mount.root_figure("fetched_bytes") == 0
+        assert int(mount.xattr("b00.bin", "cached")) == 0
+        # Opening a small one does prefetch: the neighbours after it come in.
+        assert (mount.path / "b00.bin").read_bytes() == bodies["mixed/b00.bin"]
+        deadline = time.monotonic() + 30
+        while int(mount.xattr("b09.bin", "cached")) != len(bodies["mixed/b09.bin"]):
+            assert time.monotonic() < deadline, "b09.bin was not prefetched"
+            time.sleep(0.05)
+        assert int(mount.xattr("a-large.bin", "cached")) == 0  # before b00: not a neighbour
 
 
 def test_near_a_directorys_end_the_next_directorys_first_files_are_fetched(

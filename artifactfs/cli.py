@@ -354,9 +354,21 @@ def _chunk_directory(group_dir: str | None, command_dir: str | None) -> Path:
 def _open_cache(group_dir: str | None, command_dir: str | None) -> ChunkCache | None:
     """The cache, for a change to it: taken from any other process (a mount's cache is
     refused while it runs), and opened with no limit, so that opening it evicts nothing.
-    None, said on stdout, when there is no cache there; a directory that is not one is
-    refused: opening it would make it one (a mistyped --cache-dir must not fill a user's
-    directory)."""
+    None when there is no cache there (`_found_cache`)."""
+    directory = _found_cache(group_dir, command_dir)
+    if directory is None:
+        return None
+    try:
+        return ChunkCache(directory, sys.maxsize, free_floor_bytes=0)
+    except CacheBusyError as exc:
+        advice = "unmount it (or end that download) first"
+        raise CacheBusyError(exc.directory, exc.holder, advice) from None
+
+
+def _found_cache(group_dir: str | None, command_dir: str | None) -> Path | None:
+    """The cache directory the options name; None, said on stdout, when there is no cache
+    there. A directory that is not one is refused: opening it would make it one (a mistyped
+    --cache-dir must not fill a user's directory), and its files are not the cache's."""
     directory = _chunk_directory(group_dir, command_dir)
     names: set[str] | None
     try:
@@ -374,11 +386,7 @@ def _open_cache(group_dir: str | None, command_dir: str | None) -> ChunkCache | 
         raise ArtifactfsError(
             f"{directory} is not an artifactfs cache (it has no FORMAT file): left as it is"
         )
-    try:
-        return ChunkCache(directory, sys.maxsize, free_floor_bytes=0)
-    except CacheBusyError as exc:
-        advice = "unmount it (or end that download) first"
-        raise CacheBusyError(exc.directory, exc.holder, advice) from None
+    return directory
 
 
 cache_dir_option = click.option("--cache-dir", "command_dir", metavar="D", help=CACHE_DIR_HELP)
@@ -397,7 +405,9 @@ def cache(ctx: click.Context, cache_dir: str | None) -> None:
 @click.pass_obj
 def cache_stats(group_dir: str | None, command_dir: str | None) -> None:
     """Bytes and chunks now in the cache (also while a mount uses it; changes nothing)."""
-    directory = _chunk_directory(group_dir, command_dir)
+    directory = _found_cache(group_dir, command_dir)
+    if directory is None:
+        return
     chunks, total = cache_usage(directory)
     click.echo(f"directory: {directory}")
     click.echo(f"chunks: {chunks}")
@@ -423,7 +433,8 @@ def cache_clear(group_dir: str | None, command_dir: str | None) -> None:
 @cache_dir_option
 @click.pass_obj
 def cache_fsck(group_dir: str | None, command_dir: str | None) -> None:
-    """Re-check every cached chunk and drop the damaged ones (not while a mount uses it)."""
+    """Re-check every cached chunk and drop the damaged ones (not while a mount uses it).
+    Exit 1 if any was dropped (each is fetched again when read), as fsck(8) tools do."""
     chunks = _open_cache(group_dir, command_dir)
     if chunks is None:
         return
@@ -432,6 +443,8 @@ def cache_fsck(group_dir: str | None, command_dir: str | None) -> None:
     finally:
         chunks.close()
     click.echo(f"checked {checked} chunk(s), dropped {dropped} damaged")
+    if dropped:
+        raise click.exceptions.Exit(1)
 
 
 def _entries(ctx: Context, run_id: str, field_path: str) -> list[Any]:
@@ -499,7 +512,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Errors reach the user as one line from main(); library log lines would add more.
     logging.basicConfig(level=logging.CRITICAL, format="artifactfs: %(levelname)s: %(message)s")
     try:
-        cli.main(args=argv, prog_name="artifactfs", standalone_mode=False)
+        # Not standalone, click returns the status of a command's `click.exceptions.Exit`
+        # (`cache fsck` that dropped chunks); our commands return nothing else.
+        status = cli.main(args=argv, prog_name="artifactfs", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.Abort:
@@ -515,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("interrupted", 130)
     except BrokenPipeError:
         return 141
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 def entry_point() -> None:

@@ -380,7 +380,7 @@ def test_cache_fsck_drops_a_damaged_chunk_once(s3: Any, cli: Any, tmp_path: Path
     assert len(files) == 3, files
     flip_byte(files[0], files[0].stat().st_size // 2)
     first = cli("cache", "--cache-dir", str(cache), "fsck")
-    assert first.returncode == 0, first
+    assert first.returncode == 1, first  # damage found (and mended): as fsck(8) says it
     assert dropped_count(first.stdout) == 1, first.stdout
     assert len(chunk_files(cache)) == 2
     second = cli("cache", "--cache-dir", str(cache), "fsck")
@@ -572,16 +572,15 @@ def test_cache_commands_take_cache_dir_after_the_subcommand(cli: Any, tmp_path: 
     assert chunk_files(cache) == []
 
 
-def test_cache_clear_and_fsck_change_no_directory_that_is_not_a_cache(
-    cli: Any, tmp_path: Path
-) -> None:
-    """They made a cache wherever they were pointed: a mistyped --cache-dir filled a new
-    directory, or a user's own `data/` (which a later `track` then recorded)."""
+def test_cache_commands_change_no_directory_that_is_not_a_cache(cli: Any, tmp_path: Path) -> None:
+    """clear and fsck made a cache wherever they were pointed: a mistyped --cache-dir filled a
+    new directory, or a user's own `data/` (which a later `track` then recorded); stats
+    counted a missing one as an empty cache, and a user's files as chunks."""
     missing = tmp_path / "typo"
     user = tmp_path / "project"
     (user / "data").mkdir(parents=True)
     (user / "data" / "train.csv").write_bytes(b"x,y\n")
-    for command in ("clear", "fsck"):
+    for command in ("stats", "clear", "fsck"):
         nothing = cli("cache", "--cache-dir", str(missing), command)
         assert nothing.returncode == 0, nothing
         assert nothing.stdout.strip() == f"no cache in {missing / 'data'}"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import wcwidth
 
 from artifactfs import __version__
 from artifactfs.api import project_from_environment, run_in_project
@@ -495,12 +496,20 @@ def _escaped(char: str, escapes: dict[str, str]) -> str:
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    """Columns aligned as a terminal shows them: a CJK character takes two columns, a
+    combining mark none (cells are `shown`: no control characters)."""
+    widths = [max(_columns(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)] + [
-            row[-1]
+        cells = [
+            cell + " " * (width - _columns(cell))
+            for cell, width in zip(row[:-1], widths, strict=False)
         ]
-        click.echo("  ".join(cells).rstrip())
+        click.echo("  ".join([*cells, row[-1]]).rstrip())
+
+
+def _columns(text: str) -> int:
+    width = wcwidth.wcswidth(text)
+    return width if width >= 0 else len(text)  # -1: a control character (`shown` escapes them)
 
 
 def _fail(message: str, code: int) -> int:

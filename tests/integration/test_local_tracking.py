@@ -506,6 +506,26 @@ def test_cli_diff(cli, tmp_path: Path) -> None:
     assert same.stdout.strip() == ""
 
 
+def test_files_columns_line_up_as_a_terminal_shows_wide_and_combining_characters(
+    cli, tmp_path: Path
+) -> None:
+    names = {"日本語/データ.json": b"12", "e\u0301te\u0301.txt": b"345", "plain.txt": b"6789"}
+    run_id = track(cli, "data", str(make_tree(tmp_path / "wide", names)))
+    listed = cli("files", run_id, "data", check=True)
+    lines = listed.stdout.splitlines()
+    # The SIZE column starts at the same terminal column on every line: the path's width
+    # in columns (2 for each CJK character, 0 for a combining accent) plus its padding.
+    starts = set()
+    for line in lines:
+        found = re.match(r"(.*?)( {2,})\S", line)
+        assert found, line
+        path, padding = found.groups()
+        wide = sum("\u3000" <= c <= "\u9fff" for c in path)  # CJK and kana: two columns
+        columns = len(path) + wide - path.count("\u0301")  # a combining accent: none
+        starts.add(columns + len(padding))
+    assert len(starts) == 1, listed.stdout
+
+
 def test_names_with_newlines_and_quotes_are_one_quoted_line_each(cli, tmp_path: Path) -> None:
     """A newline in a file name would split `files`, `diff` and `verify` lines in two: such
     names (and any with a control character, a quote or a backslash) print as git prints them."""

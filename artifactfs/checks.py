@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from artifactfs.entries import ArtifactFileData
-from artifactfs.errors import AccessDeniedError, ArtifactfsError, SourceChangedError
+from artifactfs.errors import ArtifactfsError, SourceChangedError, UnreadableSourceError
 from artifactfs.progress import progress_bar
 from artifactfs.sources import source_for_entry
 
@@ -18,14 +18,15 @@ VERIFY_WORKERS = 8
 class VerifyProblem:
     reason: str
     # True: the source no longer holds the tracked bytes. False: it could not be checked
-    # (a server out of reach or too slow, no credentials, access denied): it may still.
+    # (a server out of reach or too slow, no credentials, access denied, a bucket not found
+    # at the endpoint): it may still.
     changed: bool
 
 
 def _problem(entry: ArtifactFileData) -> VerifyProblem | None:
     try:
         source_for_entry(entry).check(entry)
-    except AccessDeniedError as exc:
+    except UnreadableSourceError as exc:  # before its base class: refused, not changed
         return VerifyProblem(str(exc), changed=False)
     except SourceChangedError as exc:
         return VerifyProblem(str(exc), changed=True)

@@ -39,11 +39,24 @@ class SourceChangedError(CheckFailedError):
         self.reason = reason
 
 
-class AccessDeniedError(SourceChangedError):
-    """The source refuses this user (403, a file it may not read): no read can succeed, so a
-    read fails for good as for a changed source; but `verify` cannot tell whether the bytes
-    are still the tracked ones."""
+class UnreadableSourceError(SourceChangedError):
+    """The source refuses every read (access denied, a bucket not found at the endpoint): a
+    read fails for good, as for a changed source, but `verify` cannot tell whether the bytes
+    are still the tracked ones (the usual cause is the setup: credentials, an endpoint)."""
+
+
+class AccessDeniedError(UnreadableSourceError):
+    """The source refuses this user (403, a file it may not read)."""
 
 
 class TransientSourceError(ArtifactfsError):
     """A source could not be read this time (network, throttling, timeouts): worth a retry."""
+
+
+class ConnectFailedError(TransientSourceError):
+    """No connection to the source's endpoint could be made (refused, no such host, connect
+    timed out): the request never reached a server. Not a timeout of an answer under way."""
+
+    def __init__(self, message: str, endpoint: str) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint  # as the user set it: `http://127.0.0.1:9000`

@@ -54,8 +54,14 @@ from typing import NoReturn, TypeVar
 from cachetools import LRUCache, TTLCache
 
 from artifactfs.cache import ChunkCache, chunk_key
+from artifactfs.connect_breaker import ConnectBreaker, breaker_key
 from artifactfs.entries import TYPE_LOCAL, ArtifactFileData
-from artifactfs.errors import ArtifactfsError, CheckFailedError, TransientSourceError
+from artifactfs.errors import (
+    ArtifactfsError,
+    CheckFailedError,
+    ConnectFailedError,
+    TransientSourceError,
+)
 from artifactfs.identity import FileId, content_identity, file_identity
 from artifactfs.ordered_check import OrderedChecks
 from artifactfs.sources import source_for_entry
@@ -174,6 +180,8 @@ class Reader:
         self._verified_local: set[tuple[str, int, int, int, int, int, str]] = set()
         # Sizes learned for entries tracked without one (a few ints each).
         self._learned_sizes: LRUCache[FileId, int] = LRUCache(maxsize=65_536)
+        # Endpoints that kept refusing connections: their fetches are not retried meanwhile.
+        self._breaker = ConnectBreaker()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -322,12 +330,7 @@ class Reader:
             raise
         except ArtifactfsError as exc:
             self.cache.record_error()
-            # The mount logs this as the reason for EIO: it must name the file (missing GCS
-            # credentials, for one, say which variable to set but not for what).
-            message = str(exc)
-            if entry.source_url not in message:
-                message = f"{entry.source_url}: {message}"
-            raise ReadError(message) from None
+            raise ReadError(_naming_the_file(entry, exc)) from None
 
     def sized(self, entry: ArtifactFileData) -> ArtifactFileData:
         """The entry with its size: as tracked, else (an imported entry may have none) as its
@@ -344,10 +347,12 @@ class Reader:
                 raise ReadError(failed)
             source = source_for_entry(entry)
             try:
-                size = _with_retries(lambda: source.check(entry), self.deadline, entry.source_url)
+                size = _with_retries(
+                    lambda: source.check(entry), self.deadline, entry.source_url, self._breaker
+                )
             except ArtifactfsError as exc:
                 with self._lock:
-                    self._failed_lately[file_id] = str(exc)
+                    self._failed_lately[file_id] = _naming_the_file(entry, exc)
                 raise
             with self._lock:
                 self._learned_sizes[file_id] = size
@@ -684,7 +689,7 @@ class Reader:
             # Remembered here, where every fetch ends (read-ahead too, which nobody waits
             # for): the kernel retries a failed read at once, and the retry gets EIO at once.
             with self._lock:
-                self._failed_chunks[key] = str(exc)
+                self._failed_chunks[key] = _naming_the_file(entry, exc)
             raise
 
     def _fetch_and_cache(
@@ -705,7 +710,10 @@ class Reader:
                 return cached
             source = source_for_entry(entry)
             data = _with_retries(
-                lambda: source.read_range(entry, offset, length), self.deadline, entry.source_url
+                lambda: source.read_range(entry, offset, length),
+                self.deadline,
+                entry.source_url,
+                self._breaker,
             )
         self.cache.record_fetch(len(data))
         if len(data) != length:
@@ -897,17 +905,39 @@ class Reader:
 T = TypeVar("T")
 
 
-def _with_retries(fetch: Callable[[], T], deadline: float, url: str) -> T:
+def _naming_the_file(entry: ArtifactFileData, exc: ArtifactfsError) -> str:
+    """The message of a failed read, starting with the file's source: the mount logs it as the
+    reason for EIO, also when a remembered failure answers the kernel's retry (missing
+    credentials, for one, say which variable to set but not for what)."""
+    message = str(exc)
+    return message if message.startswith(entry.source_url) else f"{entry.source_url}: {message}"
+
+
+def _with_retries(
+    fetch: Callable[[], T], deadline: float, url: str, breaker: ConnectBreaker | None = None
+) -> T:
     """Retry transient failures with exponential back-off until `deadline` seconds pass.
 
     All attempts run in one `RequestDeadline`: a request still under way when it passes is cut
     off (a stalled or trickling server never trips a socket timeout), so this returns or
-    raises little more than `deadline` seconds after it started."""
+    raises little more than `deadline` seconds after it started.
+
+    With a `breaker`: a fetch that gives up because its last attempt could not connect opens
+    it for the URL's bucket; while it is open, an attempt that cannot connect is not retried;
+    a fetch that succeeds closes it (`connect_breaker`)."""
+    key = breaker_key(url)
     attempt = 0
     with RequestDeadline(deadline, url) as scope:
         while True:
+            never_connected: ConnectFailedError | None = None
             try:
-                return fetch()
+                result = fetch()
+            except ConnectFailedError as exc:
+                if breaker is not None and breaker.is_open(key):
+                    raise ReadError(
+                        f"{exc} (not retried: {exc.endpoint} has been refusing connections)"
+                    ) from None
+                problem, never_connected = str(exc), exc
             except TransientSourceError as exc:
                 problem = str(exc)
             except ArtifactfsError:
@@ -917,13 +947,19 @@ def _with_retries(fetch: Callable[[], T], deadline: float, url: str) -> T:
                     raise
                 # An HTTP client's own error, from a connection cut off at the deadline.
                 problem = f"{type(exc).__name__}: {exc}"
+            else:
+                if breaker is not None:
+                    breaker.reset(key)
+                return result
             attempt += 1
             delay = min(RETRY_BASE_DELAY * 2**attempt, 5.0)
-            if scope.expired:
-                raise ReadError(
-                    f"{scope.message()}, after {attempt} attempt(s); last: {problem}"
-                ) from None
-            if delay >= scope.remaining():
+            if scope.expired or delay >= scope.remaining():
+                if breaker is not None and never_connected is not None:
+                    breaker.trip(key, never_connected.endpoint)
+                if scope.expired:
+                    raise ReadError(
+                        f"{scope.message()}, after {attempt} attempt(s); last: {problem}"
+                    ) from None
                 raise ReadError(f"{url}: giving up after {attempt} attempt(s): {problem}") from None
             log.info("%s: attempt %d failed, retrying in %.1fs: %s", url, attempt, delay, problem)
             time.sleep(delay)

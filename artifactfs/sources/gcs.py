@@ -31,6 +31,7 @@ from artifactfs.entries import TYPE_GCS, ArtifactFileData, format_time
 from artifactfs.errors import (
     AccessDeniedError,
     ArtifactfsError,
+    ConnectFailedError,
     CredentialsError,
     NotFoundError,
     SourceChangedError,
@@ -81,14 +82,42 @@ def gcs_client() -> Any:
                     _client = storage.Client(project=project, credentials=AnonymousCredentials())
                 else:
                     _client = storage.Client()
-            except DefaultCredentialsError:
-                raise CredentialsError(
-                    "no GCS credentials found: set GOOGLE_APPLICATION_CREDENTIALS to a key file "
-                    "or run 'gcloud auth application-default login' "
-                    "(or STORAGE_EMULATOR_HOST for an emulator)"
-                ) from None
+            except (DefaultCredentialsError, OSError) as exc:  # OSError: a key file unread
+                raise _credentials_error(exc) from None
             _watch_connections(_client)
         return _client
+
+
+def _credentials_error(exc: Exception) -> CredentialsError:
+    """Why no client could be made: the key file GOOGLE_APPLICATION_CREDENTIALS names, if it
+    names one (it is what google-auth loads then), else no credentials anywhere."""
+    key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if key_file:
+        return _key_file_error(key_file, exc)
+    if isinstance(exc, OSError):
+        return CredentialsError(f"cannot load GCS credentials: {exc}")
+    return CredentialsError(
+        "no GCS credentials found: set GOOGLE_APPLICATION_CREDENTIALS to a key file "
+        "or run 'gcloud auth application-default login' "
+        "(or STORAGE_EMULATOR_HOST for an emulator)"
+    )
+
+
+def _key_file_error(key_file: str, exc: Exception) -> CredentialsError:
+    """What is wrong with the key file that google-auth could not load: gone, unreadable, or
+    not a key file (its own words, in one line)."""
+    named = f"GOOGLE_APPLICATION_CREDENTIALS names {key_file}, which"
+    try:
+        with open(key_file, "rb") as handle:
+            handle.read(1)
+    except FileNotFoundError:
+        return CredentialsError(f"{named} does not exist")
+    except OSError as failed:
+        return CredentialsError(f"{named} cannot be read: {failed.strerror or failed}")
+    # google-auth wraps the reason: ('Failed to load ... from PATH', MalformedError('...')).
+    reasons = [arg for arg in exc.args if isinstance(arg, BaseException)]
+    reason = " ".join(str(reasons[-1] if reasons else exc).split())
+    return CredentialsError(f"{named} is not a valid key file: {reason}")
 
 
 def _watch_connections(client: Any) -> None:
@@ -272,6 +301,9 @@ class GCSSource(Source):
                 timeout=timeout_within_deadline(*TIMEOUT),
             )
         except OSError as exc:  # requests' connection errors and timeouts are OSErrors
+            if _connect_failed(exc):
+                unreached = _request_problem(exc, "read")
+                raise ConnectFailedError(f"{entry.source_url}: {unreached}", _endpoint()) from None
             raise TransientSourceError(f"{entry.source_url}: cannot read: {exc}") from None
         if deadline_passed():
             # Cut off in its headers, an answer can look whole (http.client takes the end of
@@ -323,8 +355,10 @@ class GCSSource(Source):
         except (GoogleAPIError, RequestException, OSError) as exc:
             # Without a retry, connection errors and timeouts come as they are from requests.
             check_deadline()  # cut off at the deadline: say so, not what the cut-off caused
-            problem = _request_problem(exc, "read")
-            raise TransientSourceError(f"{entry.source_url}: {problem}") from None
+            problem = f"{entry.source_url}: {_request_problem(exc, 'read')}"
+            if _connect_failed(exc):
+                raise ConnectFailedError(problem, _endpoint()) from None
+            raise TransientSourceError(problem) from None
         check_deadline()  # an answer cut off at the deadline is not the object's metadata
         if blob is None:
             raise SourceChangedError(entry.source_url, "object no longer exists")
@@ -398,6 +432,19 @@ def _never_connected(exc: BaseException) -> bool:
     return False
 
 
+def _connect_failed(exc: BaseException) -> bool:
+    """Whether a request failed before it reached a server: no connection could be made
+    (refused, no such host, connect timed out), and not because the read deadline passed."""
+    from requests.exceptions import ConnectTimeout
+
+    return not deadline_passed() and (isinstance(exc, ConnectTimeout) or _never_connected(exc))
+
+
+def _endpoint() -> str:
+    """Where requests go: the emulator, else Google's."""
+    return os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+
+
 def _request_problem(exc: BaseException, doing: str) -> str:
     """One line for a listing or check (`doing`: "list", "read") that failed, retries over."""
     from google.api_core.exceptions import RetryError
@@ -405,7 +452,7 @@ def _request_problem(exc: BaseException, doing: str) -> str:
 
     if isinstance(exc, RetryError) and exc.cause is not None:
         return f"{_request_problem(exc.cause, doing)} (retried for {CHECK_DEADLINE:.0f} s)"
-    endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+    endpoint = _endpoint()
     if isinstance(exc, ConnectTimeout):
         return f"cannot reach {endpoint}: timed out"
     if _never_connected(exc):

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from artifactfs.entries import TYPE_S3, ArtifactFileData, format_time
 from artifactfs.errors import (
     ArtifactfsError,
+    ConnectFailedError,
     CredentialsError,
     NotFoundError,
     SourceChangedError,
@@ -43,6 +44,7 @@ from artifactfs.sources.base import (
 )
 from artifactfs.sources.s3_get import (
     LeanGetter,
+    bucket_not_found,
     clean_etag,
     error_for_code,
     expected_body_length,
@@ -172,6 +174,7 @@ def _call_failed(url: str, exc: Exception) -> ArtifactfsError:
     """What a botocore call that ended in anything but an error answer (ClientError) means:
     credentials that cannot be had, a server out of reach, a redirect loop, a cut-off."""
     from botocore.exceptions import (
+        ConnectTimeoutError,
         CredentialRetrievalError,
         EndpointConnectionError,
         NoCredentialsError,
@@ -199,8 +202,10 @@ def _call_failed(url: str, exc: Exception) -> ArtifactfsError:
             f"{url}: {_endpoint()} keeps redirecting (HTTP 301/307 without a region): "
             "check AWS_ENDPOINT_URL and AWS_DEFAULT_REGION"
         )
-    if isinstance(exc, EndpointConnectionError):
-        return TransientSourceError(f"{url}: cannot reach {_endpoint()}: {exc}")
+    # Never connected (refused, no such host, connect timed out). Not ReadTimeoutError: an
+    # answer under way (botocore derives it from EndpointConnectionError too).
+    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
+        return ConnectFailedError(f"{url}: cannot reach {_endpoint()}: {exc}", _endpoint())
     return TransientSourceError(f"{url}: cannot read: {type(exc).__name__}: {exc}")
 
 
@@ -215,6 +220,20 @@ def _is_redirect_loop(exc: BaseException) -> bool:
         wrapped = getattr(found, "kwargs", {}).get("error")
         found = wrapped if isinstance(wrapped, BaseException) else found.__context__
     return False
+
+
+def _latest_versions(client: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+    for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+        deleted = {m["Key"] for m in page.get("DeleteMarkers", []) if m.get("IsLatest")}
+        for version in page.get("Versions", []):
+            if version.get("IsLatest") and version["Key"] not in deleted:
+                yield version
+
+
+def _listing_failed(url: str, bucket: str, exc: Exception) -> ArtifactfsError:
+    if _error_code(exc) == "NoSuchBucket":
+        return NotFoundError(f"no such S3 bucket: {bucket}")
+    return ArtifactfsError(f"{url}: {exc}")
 
 
 _HEADER_OF = {"ContentLength": "Content-Length", "LastModified": "Last-Modified"}
@@ -250,7 +269,9 @@ class S3Source(Source):
         return self._list_prefix(client, bucket, prefix, versioned, on_progress, location)
 
     @staticmethod
-    def _is_versioned(client: Any, bucket: str, location: str) -> bool:
+    def _is_versioned(client: Any, bucket: str, location: str) -> bool | None:
+        """Whether the bucket keeps versions (then entries pin theirs); None when it may but
+        will not say (GetBucketVersioning denied): the objects' own version ids tell then."""
         from botocore.exceptions import ClientError, NoCredentialsError
 
         try:
@@ -263,8 +284,10 @@ class S3Source(Source):
             code = _error_code(exc)
             if code == "NoSuchBucket":
                 raise NotFoundError(f"no such S3 bucket: {bucket}") from None
-            if code in ("AccessDenied", "NotImplemented"):
-                return False  # cannot tell: track ETags only
+            if code == "AccessDenied":
+                return None
+            if code == "NotImplemented":
+                return False  # a server without versions
             raise ArtifactfsError(f"S3 bucket {bucket}: {exc}") from None
         except Exception as exc:  # botocore's own failures, a RecursionError too
             raise _call_failed(location, exc) from None
@@ -295,7 +318,7 @@ class S3Source(Source):
         client: Any,
         bucket: str,
         prefix: str,
-        versioned: bool,
+        versioned: bool | None,
         on_progress: ProgressCallback | None,
         location: str,
     ) -> Iterator[ArtifactFileData]:
@@ -313,36 +336,40 @@ class S3Source(Source):
 
     @staticmethod
     def _iter_objects(
-        client: Any, bucket: str, prefix: str, versioned: bool
+        client: Any, bucket: str, prefix: str, versioned: bool | None
     ) -> Iterator[dict[str, Any]]:
-        """Objects under prefix, one page at a time (never the whole listing in memory)."""
+        """Objects under prefix, one page at a time (never the whole listing in memory): their
+        latest versions where the bucket is versioned or may be (`versioned` None), unless
+        listing versions is denied too (then without version ids)."""
         from botocore.exceptions import ClientError
 
         url = f"s3://{bucket}/{prefix}"
+        yielded = False
         try:
-            if not versioned:
-                for page in client.get_paginator("list_objects_v2").paginate(
-                    Bucket=bucket, Prefix=prefix
-                ):
-                    yield from page.get("Contents", [])
+            if versioned is not False:
+                for version in _latest_versions(client, bucket, prefix):
+                    yielded = True
+                    yield version
                 return
-            for page in client.get_paginator("list_object_versions").paginate(
+        except ClientError as exc:
+            if yielded or versioned or _error_code(exc) != "AccessDenied":
+                raise _listing_failed(url, bucket, exc) from None
+            log.warning("%s: cannot list versions (%s): no version ids recorded", url, exc)
+        except Exception as exc:  # botocore's own failures, a RecursionError too
+            raise _call_failed(url, exc) from None
+        try:
+            for page in client.get_paginator("list_objects_v2").paginate(
                 Bucket=bucket, Prefix=prefix
             ):
-                deleted = {m["Key"] for m in page.get("DeleteMarkers", []) if m.get("IsLatest")}
-                for version in page.get("Versions", []):
-                    if version.get("IsLatest") and version["Key"] not in deleted:
-                        yield version
+                yield from page.get("Contents", [])
         except ClientError as exc:
-            if _error_code(exc) == "NoSuchBucket":
-                raise NotFoundError(f"no such S3 bucket: {bucket}") from None
-            raise ArtifactfsError(f"{url}: {exc}") from None
+            raise _listing_failed(url, bucket, exc) from None
         except Exception as exc:  # botocore's own failures, a RecursionError too
             raise _call_failed(url, exc) from None
 
     @staticmethod
     def _entry(
-        bucket: str, key: str, file_path: str, obj: dict[str, Any], versioned: bool
+        bucket: str, key: str, file_path: str, obj: dict[str, Any], versioned: bool | None
     ) -> ArtifactFileData:
         url = f"s3://{bucket}/{key}"
         metadata = {
@@ -351,7 +378,8 @@ class S3Source(Source):
             "last_modified": format_time(_required(obj, "LastModified", url)),
         }
         version_id = obj.get("VersionId")
-        if versioned and version_id and version_id != "null":
+        # A bucket that may be versioned (None) is pinned by the version the object has.
+        if versioned is not False and version_id and version_id != "null":
             metadata["version_id"] = version_id
         etag = clean_etag(_required(obj, "ETag", url))
         return ArtifactFileData(file_path, etag, TYPE_S3, _required(obj, "Size", url), metadata)
@@ -391,7 +419,7 @@ class S3Source(Source):
 
     @staticmethod
     def _changed(entry: ArtifactFileData, exc: Exception) -> ArtifactfsError:
-        return error_for_code(entry.source_url, _error_code(exc), str(exc))
+        return error_for_code(entry.source_url, _error_code(exc), str(exc), _endpoint())
 
     def open_stream(
         self, entry: ArtifactFileData, offset: int = 0, length: int | None = None
@@ -454,7 +482,10 @@ class S3Source(Source):
             try:
                 head = s3_client().head_object(**args)
             except ClientError as exc:
-                raise self._changed(entry, exc) from None
+                problem = self._changed(entry, exc)
+                if _error_code(exc) in ("404", "NotFound") and not self._bucket_exists(bucket):
+                    problem = bucket_not_found(entry.source_url, _endpoint())
+                raise problem from None
             except Exception as exc:  # botocore's own failures, a RecursionError too
                 raise _call_failed(entry.source_url, exc) from None
             check_deadline()  # an answer cut off in its headers can look whole
@@ -467,6 +498,22 @@ class S3Source(Source):
                 entry.source_url, f"size is {size} bytes, tracked {entry.size}"
             )
         return size
+
+    @staticmethod
+    def _bucket_exists(bucket: str) -> bool:
+        """Whether the endpoint has the bucket, for a HEAD of an object answered 404 (a HEAD
+        answer has no body, so no error code tells a missing bucket from a missing object).
+        True unless it says 404 itself: a bucket it will not tell about (403) or a failure
+        leaves the object missing, as the HEAD said."""
+        from botocore.exceptions import ClientError
+
+        try:
+            s3_client().head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            return _error_code(exc) not in ("404", "NoSuchBucket", "NotFound")
+        except Exception:  # botocore's own failures: the object's 404 stands
+            return True
+        return True
 
 
 def _unsaid_length(

@@ -61,10 +61,13 @@ from artifactfs.entries import ArtifactFileData
 from artifactfs.errors import (
     AccessDeniedError,
     ArtifactfsError,
+    ConnectFailedError,
     SourceChangedError,
     TransientSourceError,
+    UnreadableSourceError,
 )
 from artifactfs.sources.base import (
+    DeadlinePassedError,
     check_deadline,
     current_deadline,
     deadline_passed,
@@ -122,9 +125,12 @@ def expected_body_length(
     return length if size is None else max(0, min(length, size - offset))
 
 
-def error_for_code(url: str, code: str, detail: str) -> ArtifactfsError:
+def error_for_code(url: str, code: str, detail: str, endpoint: str) -> ArtifactfsError:
     """What an S3 error code (or an HTTP status as a code) means for a read of tracked bytes:
-    the one mapping for botocore's errors and for the answers read here."""
+    the one mapping for botocore's errors and for the answers read here. `endpoint`: where
+    the request went, for an error that is most likely the setup's."""
+    if code == "NoSuchBucket":
+        return bucket_not_found(url, endpoint)
     if code in ("PreconditionFailed", "412", "NotModified", "304"):
         return SourceChangedError(url, "object changed since it was tracked")
     if code in ("NoSuchKey", "404", "NoSuchVersion", "NotFound"):
@@ -134,6 +140,15 @@ def error_for_code(url: str, code: str, detail: str) -> ArtifactfsError:
     if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return AccessDeniedError(url, f"access denied: {code}")
     return TransientSourceError(f"{url}: cannot read: {detail}")
+
+
+def bucket_not_found(url: str, endpoint: str) -> UnreadableSourceError:
+    """A bucket the endpoint does not have: a wrong endpoint more often than a deleted
+    bucket, so a read fails for good but `verify` does not call the object changed."""
+    bucket, _ = parse_bucket_url(url, "s3")
+    return UnreadableSourceError(
+        url, f"bucket {bucket} not found at {endpoint} (is AWS_ENDPOINT_URL right?)"
+    )
 
 
 # -- SigV4 ------------------------------------------------------------------------------------
@@ -287,6 +302,12 @@ _HTTPSConnection: type[_TimedHTTPSConnection] = watched_connection_class(_TimedH
 _STALE_ON_SEND = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 _STALE_ON_ANSWER = (http.client.RemoteDisconnected, ConnectionResetError)
 _NETWORK_ERRORS = (OSError, http.client.HTTPException)
+
+
+def _cut_off_by_deadline(exc: BaseException) -> bool:
+    """A request refused before it was sent because its deadline had passed (or a connect
+    cut short by it): the deadline's failure, not the endpoint's."""
+    return isinstance(exc, DeadlinePassedError) or deadline_passed()
 
 
 def _describe(exc: BaseException) -> str:
@@ -465,11 +486,19 @@ class LeanGetter:
                 stale = _STALE_ON_ANSWER
                 return connection, connection.getresponse()
             except _NETWORK_ERRORS as exc:
+                # http.client connects as it sends: a connection whose socket is still None
+                # never connected (refused, no such host, connect timed out).
+                never_connected = connection.sock is None
                 self._drop(connection)
                 # A connection shut down by the deadline fails the same way: never resend then.
                 if attempt == 1 and reused and isinstance(exc, stale) and not deadline_passed():
                     log.debug("%s: kept-alive connection was closed, resending: %s", url, exc)
                     continue
+                if never_connected and not _cut_off_by_deadline(exc):
+                    endpoint = f"{route.scheme}://{route.host}"
+                    raise ConnectFailedError(
+                        f"{url}: cannot reach {endpoint}: {_describe(exc)}", endpoint
+                    ) from None
                 raise TransientSourceError(f"{url}: cannot read: {_describe(exc)}") from None
             except BaseException:
                 self._drop(connection)
@@ -519,13 +548,17 @@ class LeanGetter:
             check_deadline()
             found = _CODE_RE.search(body)
             code = found.group(1).decode("utf-8", "replace") if found else str(status)
-            raise error_for_code(url, code, f"{code} (HTTP {status})")
+            raise error_for_code(url, code, f"{code} (HTTP {status})", self.endpoint())
         # A redirect to the bucket's region, a malformed-authorization 400, something new:
         # botocore knows what to do, for this request and the bucket's next ones.
         log.info("%s: HTTP %d to a signed GET: this bucket is read through boto3", url, status)
         with self._lock:
             self._routes[bucket] = None
         return None
+
+    def endpoint(self) -> str:
+        """The endpoint the client was set up with (`AWS_ENDPOINT_URL`, else AWS's)."""
+        return str(self._client.meta.endpoint_url)
 
     def credentials_need_refresh(self) -> bool:
         """Whether signing would first refresh the credentials (a blocking call: an STS or

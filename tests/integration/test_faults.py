@@ -27,9 +27,10 @@ import artifactfs
 from artifactfs.cache import chunk_key
 from artifactfs.cache.chunks import unpack_chunk
 from artifactfs.entries import ArtifactFileData
-from artifactfs.reader import DEFAULT_DEADLINE
+from artifactfs.reader import DEFAULT_DEADLINE, FAILURE_MEMORY
 from tests.support.faultproxy import FaultProxy, fault_proxy
 from tests.support.mounts import Mount, artifact_args, pid_alive, start_mount, supervised
+from tests.support.relay import SwitchableRelay
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -38,6 +39,8 @@ CHUNK = MiB
 # in flight when it passes: 45 s with the default 30 s deadline, "well under a minute".
 READ_BOUND = DEFAULT_DEADLINE + 15.0
 HEALTHY_BOUND = 10.0  # a healthy file read while other files are failing
+DOWN_DEADLINE = 4.0  # --read-deadline of the tests with an endpoint down
+FAIL_FAST = 2.5  # a read from an endpoint known to refuse connections fails within this
 
 
 # -- shared helpers (also used by the other reliability tests) --------------------------------
@@ -511,6 +514,51 @@ def test_read_deadline_option_bounds_a_stalled_read(
             assert again.errno == errno.EIO and again.seconds < 1.0, again.describe(body)
             assert int(mount.xattr("stalled.bin", "cached")) == 0
             assert "stalled.bin" in mount.log() and "deadline" in mount.log()
+
+
+@pytest.mark.s3
+def test_an_endpoint_that_is_down_costs_each_file_one_refused_connection_until_it_is_back(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the S3 endpoint down, every file paid the whole read deadline in turn (`cp -r` of
+    64 files: one EIO every 26-35 s). Now the reads that give up at the deadline open the
+    breaker, and a read after them fails after one refused connection, saying so in its log
+    line; once the endpoint is back, reads succeed without a remount."""
+    s3 = request.getfixturevalue("s3")
+    bodies = {f"f{i:02d}.bin": body_of(2000 + i, i) for i in range(8)}
+    for name, body in bodies.items():
+        s3.put(f"down/{name}", body)
+    run = artifactfs.init_run(project="faults/down")
+    track_field(run, "data", s3.url("down"))
+    run.stop()
+    names = sorted(bodies)
+    with SwitchableRelay(request.getfixturevalue("s3_endpoint")) as relay:  # down for now
+        with monkeypatch.context() as patch:
+            patch.setenv("AWS_ENDPOINT_URL", relay.url)
+            mount = start_mount(
+                tmp_path / "mnt",
+                *artifact_args(run.id, "data", tmp_path / "cache"),
+                "--read-deadline",
+                str(DOWN_DEADLINE),
+            )
+        with supervised(mount):
+            first = timed(lambda: read_file(mount.path / names[0]))
+            assert first.errno == errno.EIO, first.describe(bodies[names[0]])
+            assert first.seconds < DOWN_DEADLINE + 5, first.describe(bodies[names[0]])
+            time.sleep(FAILURE_MEMORY + 0.5)  # past the memory of the failed fetches
+            for name in names[1:]:
+                later = timed(lambda name=name: read_file(mount.path / name))
+                assert later.errno == errno.EIO, later.describe(bodies[name])
+                assert later.seconds < FAIL_FAST, later.describe(bodies[name])
+                said = [line for line in mount.log().splitlines() if f"down/{name}:" in line]
+                assert any(
+                    line.endswith(f"(not retried: {relay.url} has been refusing connections)")
+                    for line in said
+                ), said
+            relay.up()
+            time.sleep(FAILURE_MEMORY + 0.5)
+            for name in names:
+                assert read_file(mount.path / name) == bodies[name], name
 
 
 # -- wrong bytes from the backend ---------------------------------------------------------------

@@ -276,3 +276,30 @@ def test_changed_object_fails_download_and_verify_by_name(
     with pytest.raises(artifactfs.CheckFailedError, match=r"victim\.txt"):
         run["data"].download(destination=str(tmp_path / "api"))
     assert not (tmp_path / "api" / "sub" / "victim.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("key_file", "says"),
+    [
+        ("missing.json", "which does not exist"),
+        ("not-a-key.json", "which is not a valid key file: "),
+        ("a-directory", "which cannot be read: Is a directory"),
+    ],
+)
+def test_a_key_file_that_cannot_be_used_is_named_with_what_is_wrong_with_it(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key_file: str, says: str
+) -> None:
+    """GOOGLE_APPLICATION_CREDENTIALS set to a file that is missing or no key file was told
+    "no GCS credentials found: set GOOGLE_APPLICATION_CREDENTIALS", though it was set."""
+    make_local_store(cli, tmp_path)
+    before = store_counts()
+    (tmp_path / "not-a-key.json").write_text('{"type": "service_account"}')
+    (tmp_path / "a-directory").mkdir()
+    path = tmp_path / key_file
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(path))
+    monkeypatch.setenv("NO_GCE_CHECK", "True")  # no metadata server to ask
+    refused = assert_one_line_refusal(cli("--project", "p", "track", "f", "gs://bkt/k"))
+    assert f"GOOGLE_APPLICATION_CREDENTIALS names {path}, {says}" in refused, refused
+    assert "no GCS credentials found" not in refused
+    assert store_counts() == before

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 
 import artifactfs
+from artifactfs.sources import reset_sources
+from tests.support.faultproxy import fault_proxy
 from tests.support.stores import make_local_store, store_counts
 
 pytestmark = pytest.mark.s3
@@ -268,6 +270,35 @@ def test_versioned_bucket_tracks_latest_versions_only(s3) -> None:
     assert single.file_path == "a.txt"
     assert single.metadata["version_id"] == latest_a["VersionId"]
     assert single.file_hash == etag_of(latest_a)
+
+
+@pytest.mark.parametrize("denied", [("versioning",), ("versioning", "versions")])
+def test_a_versioned_bucket_that_will_not_say_so_still_pins_versions_where_it_can(
+    s3: Any, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, denied: tuple[str, ...]
+) -> None:
+    """GetBucketVersioning denied (403) on a versioned bucket: `track` recorded no version_id,
+    silently. Now the object's HEAD pins a single object, and the latest versions listed pin
+    a prefix; only where listing versions is denied too does a prefix go by ETags alone."""
+    enable_versioning(s3)
+    s3.put("v/a.txt", b"a, old")
+    latest_a = s3.put("v/a.txt", b"a, newer")
+    b = s3.put("v/b.txt", b"b")
+    with fault_proxy(s3_endpoint) as proxy:
+        for request in denied:  # GET /bucket?versioning, GET /bucket?versions&prefix=...
+            proxy.add("status", f"GET /{s3.name}?{request}", status=403)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        reset_sources()
+        [single] = track(s3.url("v/a.txt"))["data"].fetch_files_list()
+        files = files_by_path(track(s3.url("v")))
+        assert proxy.faults_applied("status", f"GET /{s3.name}?versioning") == 2
+    assert single.metadata["version_id"] == latest_a["VersionId"]
+    assert set(files) == {"a.txt", "b.txt"}
+    assert files["a.txt"].file_hash == etag_of(latest_a)
+    if "versions" in denied:
+        assert all("version_id" not in entry.metadata for entry in files.values())
+    else:
+        assert files["a.txt"].metadata["version_id"] == latest_a["VersionId"]
+        assert files["b.txt"].metadata["version_id"] == b["VersionId"]
 
 
 def test_versioned_bucket_pins_version_and_download_returns_original(

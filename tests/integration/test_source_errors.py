@@ -34,6 +34,7 @@ from artifactfs.reader import Reader, ReadError
 from artifactfs.sources import reset_sources, source_for_type
 from tests.conftest import CliResult, GCSBucket, S3Bucket, make_tree
 from tests.support.faultproxy import fault_proxy
+from tests.support.relay import SwitchableRelay
 from tests.support.servers import ScriptedHttpServer
 from tests.support.stores import make_local_store, store_counts
 
@@ -558,6 +559,157 @@ def test_a_size_that_cannot_be_learned_fails_at_once_for_a_while_and_within_the_
                     reader.read(entry, 0, 5)
             assert time.monotonic() - started < 1.0
             assert len(proxy.requests(f"HEAD /{s3.name}/unsized/slow.bin")) == heads
+        finally:
+            reader.close()
+            reader.cache.close()
+
+
+@pytest.mark.s3
+def test_every_failed_read_names_the_file_also_when_a_remembered_failure_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel retries a failed read at once, and the reader answers it with the failure it
+    remembered: that second EIO line said `no AWS credentials found: ...` for no file."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata to ask
+    reset_sources()
+    url = "s3://bkt/creds/a.bin"
+    entry = s3_entry(url, b"tracked bytes")
+    reader = Reader(ChunkCache(tmp_path / "cache", 1 << 26), deadline=20.0)
+    messages = []
+    try:
+        for _ in range(3):
+            with pytest.raises(ReadError) as failed:
+                in_time(lambda: reader.read(entry, 0, 5), BOUND)
+            messages.append(str(failed.value))
+    finally:
+        reader.close()
+        reader.cache.close()
+    for message in messages:
+        assert message.startswith(f"{url}: no AWS credentials found: "), messages
+        assert message.count(url) == 1, message
+
+
+# -- a bucket the endpoint does not have -----------------------------------------------------
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("path", ["signed-get", "boto3"])
+def test_a_bucket_not_found_at_the_endpoint_fails_a_read_at_once_saying_where(
+    s3: S3Bucket, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, path: str
+) -> None:
+    """NoSuchBucket was taken for a transient error: each read retried it for the whole
+    deadline (26 s) where a missing key fails at once. The usual cause is a wrong endpoint."""
+    if path == "boto3":
+        monkeypatch.setenv("ARTIFACTFS_S3_LEAN_GET", "0")
+        reset_sources()
+    bucket = f"{s3.name}-elsewhere"
+    url = f"s3://{bucket}/ds/a.bin"
+    entry = s3_entry(url, b"tracked bytes")
+    reader = Reader(ChunkCache(tmp_path / "cache", 1 << 26), deadline=20.0)
+    try:
+        for _ in range(2):  # the kernel's retry too
+            started = time.monotonic()
+            with pytest.raises(ReadError) as failed:
+                in_time(lambda: reader.read(entry, 0, 5), BOUND)
+            assert time.monotonic() - started < 5.0  # not retried until the deadline
+            assert str(failed.value) == (
+                f"{url}: bucket {bucket} not found at {s3_endpoint} (is AWS_ENDPOINT_URL right?)"
+            )
+    finally:
+        reader.close()
+        reader.cache.close()
+
+
+@pytest.mark.s3
+def test_verify_says_unchecked_for_a_bucket_not_found_and_changed_for_an_object_gone(
+    cli: Any, s3: S3Bucket, s3_endpoint: str
+) -> None:
+    """A HEAD's 404 has no error code: a missing bucket (most often a wrong AWS_ENDPOINT_URL)
+    was reported as `CHANGED ...: object no longer exists`. The bucket is asked after it."""
+    s3.put("v/a.bin", b"a as tracked")
+    s3.put("v/b.bin", b"b as tracked")
+    run_id = cli("--project", "p", "track", "f", s3.url("v"), check=True).last_line
+    s3.client.delete_object(Bucket=s3.name, Key="v/b.bin")
+
+    gone = cli("verify", run_id)
+    assert gone.stdout.splitlines() == [
+        f"CHANGED f/b.bin: {s3.url('v/b.bin')}: object no longer exists"
+    ], gone
+
+    s3.client.delete_object(Bucket=s3.name, Key="v/a.bin")
+    s3.client.delete_bucket(Bucket=s3.name)
+    missing = cli("verify", run_id)
+    not_found = f"bucket {s3.name} not found at {s3_endpoint} (is AWS_ENDPOINT_URL right?)"
+    assert missing.stdout.splitlines() == [
+        f"UNCHECKED f/a.bin: {s3.url('v/a.bin')}: {not_found}",
+        f"UNCHECKED f/b.bin: {s3.url('v/b.bin')}: {not_found}",
+    ], missing
+    assert one_line(missing, 1).endswith(f"2 of 2 file(s) in {run_id} could not be checked")
+
+
+# -- an endpoint that is down -----------------------------------------------------------------
+
+DOWN_DEADLINE = 6.0  # the reader's deadline in these tests (30 s by default)
+FAIL_FAST = 2.5  # a read from an endpoint known to refuse connections fails within this
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("s3-signed-get", marks=pytest.mark.s3),
+        pytest.param("s3-boto3", marks=pytest.mark.s3),
+        pytest.param("gcs", marks=pytest.mark.gcs),
+    ],
+)
+def test_an_endpoint_that_is_down_costs_each_file_one_attempt_until_it_is_back(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str
+) -> None:
+    """Every file paid the whole retry deadline in turn (`download` of 64 files: 210 s to
+    fail). Now the first read gives up at its deadline and every later one after one refused
+    connection, until a read succeeds: the endpoint back, reads work with the same reader."""
+    bodies = {f"down/f{i}.bin": os.urandom(3000 + i) for i in range(5)}
+    if kind == "gcs":
+        gcs: GCSBucket = request.getfixturevalue("gcs")
+        for name, body in bodies.items():
+            gcs.put(name, body)
+        listed = sorted(
+            source_for_type("GCS").list_location(gcs.url("down/")), key=lambda e: e.file_path
+        )
+        upstream, variable = request.getfixturevalue("gcs_host"), "STORAGE_EMULATOR_HOST"
+    else:
+        s3: S3Bucket = request.getfixturevalue("s3")
+        for name, body in bodies.items():
+            s3.put(name, body)
+        listed = [s3_entry(s3.url(name), body) for name, body in bodies.items()]
+        upstream, variable = request.getfixturevalue("s3_endpoint"), "AWS_ENDPOINT_URL"
+        if kind == "s3-boto3":
+            monkeypatch.setenv("ARTIFACTFS_S3_LEAN_GET", "0")
+    with SwitchableRelay(upstream) as relay:  # down: nothing listens on its port
+        monkeypatch.setenv(variable, relay.url)
+        reset_sources()
+        reader = Reader(
+            ChunkCache(tmp_path / "cache", 1 << 26), deadline=DOWN_DEADLINE, failure_memory=0.5
+        )
+        try:
+            first, *rest = listed
+            with pytest.raises(ReadError) as failed:
+                in_time(lambda: reader.read(first, 0, 5), BOUND)
+            assert "not retried" not in str(failed.value)  # retried until it gave up
+            for entry in rest:
+                started = time.monotonic()
+                with pytest.raises(ReadError) as failed:
+                    in_time(lambda entry=entry: reader.read(entry, 0, 5), BOUND)
+                assert time.monotonic() - started < FAIL_FAST
+                message = str(failed.value)
+                assert message.startswith(f"{entry.source_url}: cannot reach "), message
+                assert message.endswith(
+                    f"(not retried: {relay.url} has been refusing connections)"
+                ), message
+            relay.up()
+            time.sleep(0.6)  # past the reader's memory of the failures
+            for entry in listed:
+                got, _ = in_time(lambda entry=entry: reader.read(entry, 0, 1 << 20), BOUND)
+                assert got == bodies[f"down/{entry.file_path}"], entry.file_path
         finally:
             reader.close()
             reader.cache.close()

@@ -517,9 +517,27 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+class _WarningLine(logging.Formatter):
+    """A warning of artifactfs's own (a version that cannot be pinned, a download through a
+    temporary cache, a damaged chunk dropped) as one line; the command carries on."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"artifactfs: warning: {' '.join(record.getMessage().split())}"
+
+
+def _show_own_warnings() -> None:
+    """artifactfs's warnings on stderr, one line each; not the libraries' (botocore, google
+    auth, urllib3), whose notices are not the user's business. Errors reach the user as one
+    line from main(). Set on the root logger, so that a daemon replacing its logging
+    (`mount`) drops this handler rather than writing each line twice."""
+    handler = logging.StreamHandler()
+    handler.addFilter(lambda record: record.name.partition(".")[0] == "artifactfs")
+    handler.setFormatter(_WarningLine())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    # Errors reach the user as one line from main(); library log lines would add more.
-    logging.basicConfig(level=logging.CRITICAL, format="artifactfs: %(levelname)s: %(message)s")
+    _show_own_warnings()
     try:
         # Not standalone, click returns the status of a command's `click.exceptions.Exit`
         # (`cache fsck` that dropped chunks); our commands return nothing else.

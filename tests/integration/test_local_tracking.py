@@ -506,6 +506,24 @@ def test_cli_diff(cli, tmp_path: Path) -> None:
     assert same.stdout.strip() == ""
 
 
+def test_a_warning_of_artifactfs_reaches_a_cli_user_as_one_line_and_the_command_goes_on(
+    cli, datasets: Path
+) -> None:
+    """The command line showed no warning at all (its logging let only critical lines
+    through): a hash cache that cannot be used, a version that cannot be pinned, a download
+    through a temporary cache went unsaid."""
+    hashes = Path(os.environ["XDG_CACHE_HOME"]) / "artifactfs" / "local-hashes.sqlite"
+    hashes.parent.mkdir(parents=True, exist_ok=True)
+    hashes.write_bytes(b"not an SQLite database, " * 20)
+    result = cli("--project", "ml-team/classification", "track", "data", str(datasets))
+    assert result.returncode == 0, result
+    assert result.last_line == "CLS-1"
+    assert result.stderr.splitlines() == [
+        f"artifactfs: warning: local hash cache {hashes} unusable, hashing everything: "
+        "file is not a database"
+    ], result.stderr
+
+
 def test_files_columns_line_up_as_a_terminal_shows_wide_and_combining_characters(
     cli, tmp_path: Path
 ) -> None:

@@ -230,9 +230,17 @@ def _latest_versions(client: Any, bucket: str, prefix: str) -> Iterator[dict[str
                 yield version
 
 
+def _no_such_bucket(bucket: str) -> NotFoundError:
+    """Tracking from a bucket the endpoint does not have: as reads say it (a wrong endpoint
+    is a likelier cause than a typo in a bucket the user just wrote to)."""
+    return NotFoundError(
+        f"no such S3 bucket: {bucket} at {_endpoint()} (is AWS_ENDPOINT_URL right?)"
+    )
+
+
 def _listing_failed(url: str, bucket: str, exc: Exception) -> ArtifactfsError:
     if _error_code(exc) == "NoSuchBucket":
-        return NotFoundError(f"no such S3 bucket: {bucket}")
+        return _no_such_bucket(bucket)
     return ArtifactfsError(f"{url}: {exc}")
 
 
@@ -283,7 +291,7 @@ class S3Source(Source):
         except ClientError as exc:
             code = _error_code(exc)
             if code == "NoSuchBucket":
-                raise NotFoundError(f"no such S3 bucket: {bucket}") from None
+                raise _no_such_bucket(bucket) from None
             if code == "AccessDenied":
                 return None
             if code == "NotImplemented":

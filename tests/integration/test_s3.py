@@ -451,5 +451,9 @@ def test_nonexistent_bucket_refused(s3, cli, tmp_path: Path) -> None:
     result = cli("--project", "p", "track", "f", "s3://no-such-bucket-artifactfs-test/data")
 
     message = assert_one_line_refusal(result)
-    assert "no-such-bucket-artifactfs-test" in message
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    assert message.endswith(
+        f"no such S3 bucket: no-such-bucket-artifactfs-test at {endpoint} "
+        "(is AWS_ENDPOINT_URL right?)"
+    ), message
     assert store_counts() == before

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import logging
 import socket
 import threading
 import time
@@ -29,6 +30,8 @@ CHECK_DEADLINE = 30.0
 # Called with the number of files done so far (progress bars).
 ProgressCallback = Callable[[int], None]
 
+log = logging.getLogger(__name__)
+
 
 def parse_bucket_url(url: str, scheme: str) -> tuple[str, str]:
     """`s3://bucket/key` (or `gs://`) -> (bucket, key); key may be empty."""
@@ -39,6 +42,16 @@ def parse_bucket_url(url: str, scheme: str) -> tuple[str, str]:
     if not bucket:
         raise ArtifactfsError(f"invalid URL {url!r}: no bucket")
     return bucket, key
+
+
+def warn_object_is_also_a_folder(location: str) -> None:
+    """`s3://b/data/tr` named an object that is also a folder (keys `data/tr/...`): the object
+    is tracked, as named; say so, and how to track the folder instead."""
+    log.warning(
+        "%s is an object and also a folder: tracked the object; track %s/ for the folder",
+        location,
+        location,
+    )
 
 
 class Source(ABC):

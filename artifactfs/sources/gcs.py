@@ -47,6 +47,7 @@ from artifactfs.sources.base import (
     deadline_passed,
     parse_bucket_url,
     timeout_within_deadline,
+    warn_object_is_also_a_folder,
     watched_pool_classes,
     within_current_deadline,
 )
@@ -192,6 +193,8 @@ class GCSSource(Source):
             if name and not name.endswith("/"):
                 blob = bucket.get_blob(name, timeout=TIMEOUT, retry=_bounded_retry())
                 if blob is not None:
+                    if _is_a_folder_too(bucket, name):
+                        warn_object_is_also_a_folder(location)
                     return iter([self._entry(blob, name.rsplit("/", 1)[-1])])
         except NotFound:
             raise NotFoundError(f"no such GCS bucket: {bucket_name}") from None
@@ -382,6 +385,17 @@ class GCSSource(Source):
                 entry.source_url, f"size is {size} bytes, tracked {entry.size}"
             )
         return size
+
+
+def _is_a_folder_too(bucket: Any, name: str) -> bool:
+    """Whether objects below `name/` exist besides a folder marker (`name/` itself). Only for
+    a warning: a listing that fails says no."""
+    try:
+        listed = bucket.list_blobs(prefix=f"{name}/", max_results=2, timeout=TIMEOUT)
+        return any(blob.name != f"{name}/" for blob in listed)
+    except Exception as exc:  # the object is tracked either way
+        log.info("gs://%s/%s: cannot tell whether it is a folder too: %s", bucket.name, name, exc)
+        return False
 
 
 def _bounded_retry() -> Any:

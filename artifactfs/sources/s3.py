@@ -39,6 +39,7 @@ from artifactfs.sources.base import (
     current_deadline,
     deadline_passed,
     parse_bucket_url,
+    warn_object_is_also_a_folder,
     watched_pool_classes,
     within_current_deadline,
 )
@@ -271,10 +272,23 @@ class S3Source(Source):
         if key and not key.endswith("/"):
             single = self._head(client, bucket, key)
             if single is not None:
+                if self._is_a_folder_too(client, bucket, key):
+                    warn_object_is_also_a_folder(location)
                 name = key.rsplit("/", 1)[-1]
                 return iter([self._entry(bucket, key, name, single, versioned)])
         prefix = key.rstrip("/") + "/" if key else ""
         return self._list_prefix(client, bucket, prefix, versioned, on_progress, location)
+
+    @staticmethod
+    def _is_a_folder_too(client: Any, bucket: str, key: str) -> bool:
+        """Whether keys below `key/` exist besides a folder marker (`key/` itself). Only for
+        a warning: a listing that fails says no."""
+        try:
+            listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{key}/", MaxKeys=2)
+        except Exception as exc:  # the object is tracked either way
+            log.info("s3://%s/%s: cannot tell whether it is a folder too: %s", bucket, key, exc)
+            return False
+        return any(item.get("Key") != f"{key}/" for item in listed.get("Contents", []))
 
     @staticmethod
     def _is_versioned(client: Any, bucket: str, location: str) -> bool | None:

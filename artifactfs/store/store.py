@@ -281,21 +281,34 @@ class Store:
     @contextmanager
     def _driver_cursor(self) -> Iterator[Any]:
         """A cursor of a pooled connection's driver, for `DriverQuery`s; errors as `_read`'s.
-        On SQLite each statement is its own transaction; a PostgreSQL one is rolled back when
-        the connection goes back to the pool."""
-        driver_error = self.engine.dialect.loaded_dbapi.Error
-        with self._translated("read"):
-            connection = self.engine.raw_connection()
+
+        On SQLite each statement is its own transaction, so a lookup's or a listing's two
+        queries may see two states of the store: harmless, since an artifact's rows are
+        written in one transaction and never changed. A PostgreSQL transaction is rolled back
+        when the connection goes back to the pool; a connection the server dropped is
+        invalidated first, so that the pool neither reuses it nor fails to roll it back."""
+        dialect = self.engine.dialect
+        driver_error = dialect.loaded_dbapi.Error
+        connection = cursor = None
         try:
+            # The pool's checkout (a connect, a pre-ping) raises the driver's own errors.
+            connection = self.engine.raw_connection()
             cursor = connection.cursor()
-            try:
-                yield cursor
-            except driver_error as exc:
-                raise _store_error(self.uri, "read", exc) from None
-            finally:
-                cursor.close()
+            yield cursor
+        except (DBAPIError, driver_error) as exc:
+            # The driver's error: SQLAlchemy's wraps it when the pool's connect raised it.
+            failure: Any = exc.orig if isinstance(exc, DBAPIError) and exc.orig else exc
+            if connection is not None and dialect.is_disconnect(
+                failure, connection.dbapi_connection, cursor
+            ):
+                connection.invalidate(failure)
+            raise _store_error(self.uri, "read", failure) from None
         finally:
-            connection.close()
+            if cursor is not None:
+                with suppress(driver_error):  # of a connection the server dropped
+                    cursor.close()
+            if connection is not None:
+                connection.close()
 
     @contextmanager
     def _translated(self, doing: str) -> Iterator[None]:

@@ -516,5 +516,13 @@ def test_a_tree_lookup_or_listing_the_database_refuses_is_one_line_naming_the_st
                 call()
             expected = f"cannot read store {store.uri}: no such table: artifact_dirs"
             assert str(refused.value) == expected
+        # A connection that cannot be made (the pool's checkout raises the driver's errors).
+        store.engine.dispose()
+        path.unlink()
+        path.mkdir()
+        with pytest.raises(artifactfs.ArtifactfsError) as unopened:
+            store.artifact_lookup(artifact_id, "sub", "b.csv")
+        expected = f"cannot read store {store.uri}: unable to open database file"
+        assert str(unopened.value) == expected
     finally:
         store.close()

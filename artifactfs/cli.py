@@ -519,7 +519,9 @@ def _fail(message: str, code: int) -> int:
 
 class _WarningLine(logging.Formatter):
     """A warning of artifactfs's own (a version that cannot be pinned, a download through a
-    temporary cache, a damaged chunk dropped) as one line; the command carries on."""
+    temporary cache, a damaged chunk dropped) as one line. Records logged as errors too: the
+    command carries on past them (a chunk is fetched again), and its own failure is the one
+    `artifactfs: error:` line."""
 
     def format(self, record: logging.LogRecord) -> str:
         return f"artifactfs: warning: {' '.join(record.getMessage().split())}"

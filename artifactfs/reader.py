@@ -299,6 +299,7 @@ class Reader:
             if data is None:
                 self._submit(self._prefetch_pool, self._fetch_single, [item])
             else:
+                self._breaker.reset(breaker_key(item.entry.source_url))  # its server answered
                 self._settle(item, data)
 
     def iter_file(self, entry: ArtifactFileData) -> Iterator[bytes]:
@@ -440,7 +441,11 @@ class Reader:
                 info = os.stat(local_path_of(entry.source_url))
             except (OSError, ArtifactfsError):  # gone, or a source URL that names no file
                 return 0
-            return size if stat.S_ISREG(info.st_mode) and info.st_size == size else 0
+            if not stat.S_ISREG(info.st_mode):
+                return 0
+            if entry.size is None:  # imported without a size: the file's, as a read finds it
+                return info.st_size
+            return size if info.st_size == size else 0
         total = 0
         # The tree shows no entry over 5 TiB: at most 655,360 chunks of 8 MiB to look up.
         for index in range(self._chunk_count(size)):
@@ -904,6 +909,9 @@ class Reader:
 
 T = TypeVar("T")
 
+# How a fetch refused at once by an open breaker ends its message (after the endpoint).
+NOT_RETRIED = "keeps failing to take connections: not retried until a read from it succeeds"
+
 
 def _naming_the_file(entry: ArtifactFileData, exc: ArtifactfsError) -> str:
     """The message of a failed read, starting with the file's source: the mount logs it as the
@@ -922,24 +930,24 @@ def _with_retries(
     off (a stalled or trickling server never trips a socket timeout), so this returns or
     raises little more than `deadline` seconds after it started.
 
-    With a `breaker`: a fetch that gives up because its last attempt could not connect opens
-    it for the URL's bucket; while it is open, an attempt that cannot connect is not retried;
-    a fetch that succeeds closes it (`connect_breaker`)."""
+    With a `breaker`: a fetch that gives up having failed only to connect (its last attempt,
+    cut short by the deadline, aside: a connect timeout clipped to the time left ends as a
+    cut-off) opens it for the URL's bucket; while it is open, an attempt that cannot connect
+    is not retried; a fetch that succeeds closes it (`connect_breaker`)."""
     key = breaker_key(url)
     attempt = 0
+    unreached: ConnectFailedError | None = None  # the latest failure to connect
+    answered = False  # whether some attempt failed otherwise, before the deadline
     with RequestDeadline(deadline, url) as scope:
         while True:
-            never_connected: ConnectFailedError | None = None
             try:
                 result = fetch()
             except ConnectFailedError as exc:
                 if breaker is not None and breaker.is_open(key):
-                    raise ReadError(
-                        f"{exc} (not retried: {exc.endpoint} has been refusing connections)"
-                    ) from None
-                problem, never_connected = str(exc), exc
+                    raise ReadError(f"{exc} ({exc.endpoint} {NOT_RETRIED})") from None
+                problem, unreached = str(exc), exc
             except TransientSourceError as exc:
-                problem = str(exc)
+                problem, answered = str(exc), answered or not scope.expired
             except ArtifactfsError:
                 raise
             except Exception as exc:
@@ -954,8 +962,8 @@ def _with_retries(
             attempt += 1
             delay = min(RETRY_BASE_DELAY * 2**attempt, 5.0)
             if scope.expired or delay >= scope.remaining():
-                if breaker is not None and never_connected is not None:
-                    breaker.trip(key, never_connected.endpoint)
+                if breaker is not None and unreached is not None and not answered:
+                    breaker.trip(key, unreached.endpoint)
                 if scope.expired:
                     raise ReadError(
                         f"{scope.message()}, after {attempt} attempt(s); last: {problem}"

@@ -391,7 +391,8 @@ def _is_a_folder_too(bucket: Any, name: str) -> bool:
     """Whether objects below `name/` exist besides a folder marker (`name/` itself). Only for
     a warning: a listing that fails says no."""
     try:
-        listed = bucket.list_blobs(prefix=f"{name}/", max_results=2, timeout=TIMEOUT)
+        # No retry: the library's own would try for up to two minutes, for a warning.
+        listed = bucket.list_blobs(prefix=f"{name}/", max_results=2, timeout=TIMEOUT, retry=None)
         return any(blob.name != f"{name}/" for blob in listed)
     except Exception as exc:  # the object is tracked either way
         log.info("gs://%s/%s: cannot tell whether it is a folder too: %s", bucket.name, name, exc)

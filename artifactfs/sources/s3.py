@@ -203,8 +203,8 @@ def _call_failed(url: str, exc: Exception) -> ArtifactfsError:
             f"{url}: {_endpoint()} keeps redirecting (HTTP 301/307 without a region): "
             "check AWS_ENDPOINT_URL and AWS_DEFAULT_REGION"
         )
-    # Never connected (refused, no such host, connect timed out). Not ReadTimeoutError: an
-    # answer under way (botocore derives it from EndpointConnectionError too).
+    # Never connected (refused, no such host, connect timed out). Not ReadTimeoutError nor
+    # ConnectionClosedError (HTTPClientErrors): a server took those connections.
     if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
         return ConnectFailedError(f"{url}: cannot reach {_endpoint()}: {exc}", _endpoint())
     return TransientSourceError(f"{url}: cannot read: {type(exc).__name__}: {exc}")

@@ -42,6 +42,7 @@ failures are `TransientSourceError`s (the reader retries them within its deadlin
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import http.client
@@ -49,6 +50,7 @@ import logging
 import os
 import re
 import select
+import socket
 import ssl
 import threading
 import time
@@ -304,6 +306,16 @@ _STALE_ON_ANSWER = (http.client.RemoteDisconnected, ConnectionResetError)
 _NETWORK_ERRORS = (OSError, http.client.HTTPException)
 
 
+def _failed_to_connect(exc: BaseException) -> bool:
+    """Whether no server took the connection: refused, no such host, unreachable, timed out.
+    Not a TLS handshake that failed, nor a reset: a server answered those."""
+    if isinstance(exc, ssl.SSLError):
+        return False
+    return isinstance(exc, (ConnectionRefusedError, socket.gaierror, TimeoutError)) or getattr(
+        exc, "errno", None
+    ) in (errno.EHOSTUNREACH, errno.ENETUNREACH)
+
+
 def _cut_off_by_deadline(exc: BaseException) -> bool:
     """A request refused before it was sent because its deadline had passed (or a connect
     cut short by it): the deadline's failure, not the endpoint's."""
@@ -480,30 +492,42 @@ class LeanGetter:
     ) -> tuple[_Connection, http.client.HTTPResponse]:
         for attempt in (1, 2):
             connection, reused = self._connection(route)
+            if connection.sock is None:
+                self._connect(connection, route, url)
             stale: tuple[type[BaseException], ...] = _STALE_ON_SEND
             try:
                 connection.request("GET", target, headers=headers)
                 stale = _STALE_ON_ANSWER
                 return connection, connection.getresponse()
             except _NETWORK_ERRORS as exc:
-                # http.client connects as it sends: a connection whose socket is still None
-                # never connected (refused, no such host, connect timed out).
-                never_connected = connection.sock is None
                 self._drop(connection)
                 # A connection shut down by the deadline fails the same way: never resend then.
                 if attempt == 1 and reused and isinstance(exc, stale) and not deadline_passed():
                     log.debug("%s: kept-alive connection was closed, resending: %s", url, exc)
                     continue
-                if never_connected and not _cut_off_by_deadline(exc):
-                    endpoint = f"{route.scheme}://{route.host}"
-                    raise ConnectFailedError(
-                        f"{url}: cannot reach {endpoint}: {_describe(exc)}", endpoint
-                    ) from None
                 raise TransientSourceError(f"{url}: cannot read: {_describe(exc)}") from None
             except BaseException:
                 self._drop(connection)
                 raise
         raise AssertionError("unreachable")
+
+    def _connect(self, connection: _Connection, route: Route, url: str) -> None:
+        """Connect a new connection before its request (http.client would, as it sends), so
+        that a failure to reach the server at all is told apart (`ConnectFailedError`) from a
+        server that took the connection and then closed or reset it."""
+        try:
+            connection.connect()
+        except _NETWORK_ERRORS as exc:
+            self._drop(connection)
+            if _failed_to_connect(exc) and not _cut_off_by_deadline(exc):
+                endpoint = f"{route.scheme}://{route.host}"
+                raise ConnectFailedError(
+                    f"{url}: cannot reach {endpoint}: {_describe(exc)}", endpoint
+                ) from None
+            raise TransientSourceError(f"{url}: cannot read: {_describe(exc)}") from None
+        except BaseException:
+            self._drop(connection)
+            raise
 
     def _answer(self, request: SignedGet, response: http.client.HTTPResponse) -> bytes | None:
         """The body of a 200/206 that is the tracked object, the error another answer means,

@@ -12,10 +12,12 @@ a small scripted S3 server here where it cannot (answers without Content-Length)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -30,8 +32,8 @@ import artifactfs
 from artifactfs.cache import ChunkCache
 from artifactfs.checks import verify_entries
 from artifactfs.entries import ArtifactFileData
-from artifactfs.reader import Reader, ReadError
-from artifactfs.sources import reset_sources, source_for_type
+from artifactfs.reader import NOT_RETRIED, Reader, ReadError
+from artifactfs.sources import reset_sources, s3_get, source_for_type
 from tests.conftest import CliResult, GCSBucket, S3Bucket, make_tree
 from tests.support.faultproxy import fault_proxy
 from tests.support.relay import SwitchableRelay
@@ -702,9 +704,7 @@ def test_an_endpoint_that_is_down_costs_each_file_one_attempt_until_it_is_back(
                 assert time.monotonic() - started < FAIL_FAST
                 message = str(failed.value)
                 assert message.startswith(f"{entry.source_url}: cannot reach "), message
-                assert message.endswith(
-                    f"(not retried: {relay.url} has been refusing connections)"
-                ), message
+                assert message.endswith(f"({relay.url} {NOT_RETRIED})"), message
             relay.up()
             time.sleep(0.6)  # past the reader's memory of the failures
             for entry in listed:
@@ -713,3 +713,80 @@ def test_an_endpoint_that_is_down_costs_each_file_one_attempt_until_it_is_back(
         finally:
             reader.close()
             reader.cache.close()
+
+
+class HangsUp(ScriptedHttpServer):
+    """Takes each connection, reads its request, and closes it without a word."""
+
+    def answer(self, request: str) -> bytes:
+        return b""
+
+
+def test_a_server_that_takes_the_connection_and_hangs_up_is_retried_not_taken_for_down(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """http.client drops its socket on a hang-up as on a refused connect: a server that closed
+    after taking the request was counted as down, and later reads were not retried."""
+    server = HangsUp()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    reset_sources()
+    reader = Reader(ChunkCache(tmp_path / "cache", 1 << 26), deadline=3.0, failure_memory=0.1)
+    try:
+        for name in ("a.bin", "b.bin"):
+            entry = s3_entry(f"s3://bkt/hang/{name}", b"tracked bytes")
+            time.sleep(0.2)  # past the memory of the failure before
+            with pytest.raises(ReadError) as failed:
+                in_time(lambda entry=entry: reader.read(entry, 0, 5), BOUND)
+            message = str(failed.value)
+            assert NOT_RETRIED not in message and "cannot reach" not in message, message
+            assert "attempt(s)" in message, message  # retried until it gave up
+    finally:
+        reader.close()
+        reader.cache.close()
+        server.close()
+        reset_sources()
+
+
+def test_an_endpoint_whose_connects_time_out_is_known_down_after_one_deadline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A firewall that drops packets: each connect times out. The last attempt's connect is
+    clipped to the time left and ends as a deadline cut-off, which hid the failures to
+    connect before it: the breaker never opened, and every file paid the whole deadline."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    queued = []  # fill its accept queue, never accepted: later connects get no answer
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        queued.append(filler)
+    monkeypatch.setattr(s3_get, "CONNECT_TIMEOUT", 2.0)  # then 0.4 s apart, 3 s deadline
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    reset_sources()
+    reader = Reader(ChunkCache(tmp_path / "cache", 1 << 26), deadline=3.0, failure_memory=0.1)
+    try:
+        first = s3_entry("s3://bkt/dropped/a.bin", b"tracked bytes")
+        with pytest.raises(ReadError) as failed:
+            in_time(lambda: reader.read(first, 0, 5), BOUND)
+        assert NOT_RETRIED not in str(failed.value)  # retried until the deadline
+        time.sleep(0.2)  # past the memory of that failure
+        later = s3_entry("s3://bkt/dropped/b.bin", b"other bytes")
+        with pytest.raises(ReadError) as failed:
+            in_time(lambda: reader.read(later, 0, 5), BOUND)
+        message = str(failed.value)
+        assert message.startswith("s3://bkt/dropped/b.bin: cannot reach "), message
+        assert message.endswith(f"{NOT_RETRIED})"), message
+    finally:
+        reader.close()
+        reader.cache.close()
+        for sock in (*queued, listener):
+            sock.close()
+        reset_sources()

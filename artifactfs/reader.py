@@ -569,7 +569,7 @@ class Reader:
         Its chunk is being fetched meanwhile, for the reads that follow; the reader waiting
         for all 8 MiB of it would wait several times longer (first byte of a large file,
         scattered 4 KiB reads). None, to wait for the chunk after all, if this fails."""
-        self._raise_if_failed_recently(key)
+        self._raise_if_failed_recently(entry, key)
         source = source_for_entry(entry)
         try:
             with RequestDeadline(self.deadline, entry.source_url):
@@ -647,14 +647,16 @@ class Reader:
         cached = self._cached(key)
         if cached is not None:
             return cached
-        self._raise_if_failed_recently(key)
+        self._raise_if_failed_recently(entry, key)
         return self._wait(entry, key, self._start_fetch(entry, index))
 
-    def _raise_if_failed_recently(self, key: bytes) -> None:
+    def _raise_if_failed_recently(self, entry: ArtifactFileData, key: bytes) -> None:
+        """A chunk is cached by its content: a file with the same content from another source
+        shares its failure, said as this file's, naming the source that failed."""
         with self._lock:
             failed = self._failed_chunks.get(key)
         if failed is not None:
-            raise ReadError(failed)
+            raise ReadError(_starting_with(entry.source_url, failed))
 
     def _wait(self, entry: ArtifactFileData, key: bytes, future: Future[bytes]) -> bytes:
         try:
@@ -808,7 +810,7 @@ class Reader:
         remember it as failed and raise ReadError."""
         keys = self._keys(entry)
         for key in keys:
-            self._raise_if_failed_recently(key)
+            self._raise_if_failed_recently(entry, key)
         fetches = {
             index: self._start_fetch(entry, index)
             for index, key in enumerate(keys)
@@ -917,8 +919,11 @@ def _naming_the_file(entry: ArtifactFileData, exc: ArtifactfsError) -> str:
     """The message of a failed read, starting with the file's source: the mount logs it as the
     reason for EIO, also when a remembered failure answers the kernel's retry (missing
     credentials, for one, say which variable to set but not for what)."""
-    message = str(exc)
-    return message if message.startswith(entry.source_url) else f"{entry.source_url}: {message}"
+    return _starting_with(entry.source_url, str(exc))
+
+
+def _starting_with(source_url: str, message: str) -> str:
+    return message if message.startswith(source_url) else f"{source_url}: {message}"
 
 
 def _with_retries(

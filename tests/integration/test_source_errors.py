@@ -589,6 +589,19 @@ def test_every_failed_read_names_the_file_also_when_a_remembered_failure_answers
     for message in messages:
         assert message.startswith(f"{url}: no AWS credentials found: "), messages
         assert message.count(url) == 1, message
+    # A file of the same content elsewhere shares the chunk, and its failure: said as its own.
+    twin_url = "s3://bkt/creds/twin.bin"
+    twin = s3_entry(twin_url, b"tracked bytes")
+    reader = Reader(ChunkCache(tmp_path / "cache", 1 << 26), deadline=20.0)
+    try:
+        with pytest.raises(ReadError):
+            in_time(lambda: reader.read(entry, 0, 5), BOUND)
+        with pytest.raises(ReadError) as failed:
+            in_time(lambda: reader.read(twin, 0, 5), BOUND)
+    finally:
+        reader.close()
+        reader.cache.close()
+    assert str(failed.value).startswith(f"{twin_url}: {url}: no AWS credentials found"), failed
 
 
 # -- a bucket the endpoint does not have -----------------------------------------------------

@@ -99,6 +99,15 @@ def short_check_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gcs, "CHECK_DEADLINE", CHECK_DEADLINE)
 
 
+def point_s3_at(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """S3 reads go to `endpoint`, with made-up credentials (a scripted server checks none)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    reset_sources()
+
+
 class ScriptedS3(ScriptedHttpServer):
     """A plain-HTTP S3 look-alike for one bucket `bkt` and object `obj` (path style), one
     request per connection. `head_length`: whether a HEAD says the object's Content-Length;
@@ -157,11 +166,7 @@ class ScriptedS3(ScriptedHttpServer):
 def scripted(monkeypatch: pytest.MonkeyPatch) -> Any:
     body = os.urandom(100_000)
     server = ScriptedS3(body)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    reset_sources()
+    point_s3_at(monkeypatch, server.url)
     try:
         yield server
     finally:
@@ -741,11 +746,7 @@ def test_a_server_that_takes_the_connection_and_hangs_up_is_retried_not_taken_fo
     """http.client drops its socket on a hang-up as on a refused connect: a server that closed
     after taking the request was counted as down, and later reads were not retried."""
     server = HangsUp()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    reset_sources()
+    point_s3_at(monkeypatch, server.url)
     reader = Reader(ChunkCache(tmp_path / "cache", 1 << 26), deadline=3.0, failure_memory=0.1)
     try:
         for name in ("a.bin", "b.bin"):
@@ -779,11 +780,7 @@ def test_an_endpoint_whose_connects_time_out_is_known_down_after_one_deadline(
             filler.connect(("127.0.0.1", port))
         queued.append(filler)
     monkeypatch.setattr(s3_get, "CONNECT_TIMEOUT", 2.0)  # then 0.4 s apart, 3 s deadline
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    reset_sources()
+    point_s3_at(monkeypatch, f"http://127.0.0.1:{port}")
     reader = Reader(ChunkCache(tmp_path / "cache", 1 << 26), deadline=3.0, failure_memory=0.1)
     try:
         first = s3_entry("s3://bkt/dropped/a.bin", b"tracked bytes")

@@ -541,11 +541,9 @@ def _show_own_warnings() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     _show_own_warnings()
     try:
-        # Not standalone, click returns the status of a command's `click.exceptions.Exit`
-        # (`cache fsck` that dropped chunks); our commands return nothing else.
+        # Not standalone, click returns the status of an `Exit` (`--help`, `cache fsck` that
+        # dropped chunks) rather than raising it; our commands return nothing else.
         status = cli.main(args=argv, prog_name="artifactfs", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
     except click.Abort:
         return _fail("aborted", 130)
     except click.ClickException as exc:

@@ -296,8 +296,7 @@ class Store:
             cursor = connection.cursor()
             yield cursor
         except (DBAPIError, driver_error) as exc:
-            # The driver's error: SQLAlchemy's wraps it when the pool's connect raised it.
-            failure: Any = exc.orig if isinstance(exc, DBAPIError) and exc.orig else exc
+            failure: Any = _driver_error(exc)  # SQLAlchemy's wraps it where the pool connects
             if connection is not None and dialect.is_disconnect(
                 failure, connection.dbapi_connection, cursor
             ):
@@ -317,7 +316,7 @@ class Store:
         try:
             yield
         except DBAPIError as exc:
-            raise _store_error(self.uri, doing, exc.orig or exc) from None
+            raise _store_error(self.uri, doing, _driver_error(exc)) from None
 
     def _ensure_schema(self) -> None:
         """Refuse anything but an empty database or a store of a schema version this
@@ -379,7 +378,7 @@ class Store:
         try:
             self._upgrade()
         except DBAPIError as exc:
-            reason = _store_error(self.uri, "upgrade", exc.orig or exc)
+            reason = _store_error(self.uri, "upgrade", _driver_error(exc))
             raise ArtifactfsError(
                 f"{reason} ({needed_for} need schema version {SCHEMA_VERSION}; this store has "
                 f"version {self._version} and upgrading it writes to it)"
@@ -947,6 +946,11 @@ def _make_parent_directory(path: Path, uri: str) -> None:
             f"cannot open store {_redact(uri)}: cannot create {exc.filename or path.parent}: "
             f"{exc.strerror or exc}"
         ) from None
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    """The database driver's own error: as raised, or as SQLAlchemy wrapped it."""
+    return exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
 
 
 def _store_error(uri: str, doing: str, driver_error: BaseException) -> ArtifactfsError:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import artifactfs
+from tests.support.bucket_tracking import check_an_object_that_is_also_a_folder_is_tracked_as_named
 from tests.support.stores import make_local_store, store_counts
 
 pytestmark = pytest.mark.gcs
@@ -118,28 +119,7 @@ def test_prefix_is_a_directory_boundary(gcs) -> None:
 def test_an_object_that_is_also_a_folder_is_tracked_as_named_with_a_warning(
     gcs, cli, tmp_path: Path
 ) -> None:
-    """`data/tr` names an object while `data/tr/...` objects exist too: the object is tracked
-    (as named), and the user is told how to track the folder instead."""
-    gcs.put("amb/tr", b"the object")
-    gcs.put("amb/tr/x.bin", b"in the folder")
-    gcs.put("amb/marker/", b"")  # a folder marker alone does not make a folder
-    gcs.put("amb/marker", b"only an object")
-    make_local_store(cli, tmp_path)
-    project = ("--project", "ml/amb")
-    named = cli(*project, "track", "obj", gcs.url("amb/tr"))
-    assert named.returncode == 0, named
-    assert named.stderr.splitlines() == [
-        f"artifactfs: warning: {gcs.url('amb/tr')} is an object and also a folder: tracked "
-        f"the object; track {gcs.url('amb/tr')}/ for the folder"
-    ], named.stderr
-    run_id = named.last_line
-    assert [e.file_path for e in artifactfs.init_run(run_id)["obj"].fetch_files_list()] == ["tr"]
-    folder = cli(*project, "track", "--run", run_id, "dir", gcs.url("amb/tr/"))
-    assert folder.returncode == 0 and folder.stderr == "", folder
-    entries = artifactfs.init_run(run_id)["dir"].fetch_files_list()
-    assert [e.file_path for e in entries] == ["x.bin"]
-    alone = cli(*project, "track", "--run", run_id, "alone", gcs.url("amb/marker"))
-    assert alone.returncode == 0 and alone.stderr == "", alone
+    check_an_object_that_is_also_a_folder_is_tracked_as_named(gcs, cli, tmp_path)
 
 
 def test_prefix_matching_only_a_longer_name_is_refused(gcs, cli, tmp_path: Path) -> None:

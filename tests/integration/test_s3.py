@@ -18,6 +18,7 @@ import pytest
 
 import artifactfs
 from artifactfs.sources import reset_sources
+from tests.support.bucket_tracking import check_an_object_that_is_also_a_folder_is_tracked_as_named
 from tests.support.faultproxy import fault_proxy
 from tests.support.stores import make_local_store, store_counts
 
@@ -131,28 +132,7 @@ def test_prefix_is_a_directory_boundary(s3) -> None:
 def test_an_object_that_is_also_a_folder_is_tracked_as_named_with_a_warning(
     s3, cli, tmp_path: Path
 ) -> None:
-    """`data/tr` names an object while `data/tr/...` objects exist too: the object is tracked
-    (as named), and the user is told how to track the folder instead."""
-    s3.put("amb/tr", b"the object")
-    s3.put("amb/tr/x.bin", b"in the folder")
-    s3.put("amb/marker/", b"")  # a folder marker alone does not make a folder
-    s3.put("amb/marker", b"only an object")
-    make_local_store(cli, tmp_path)
-    project = ("--project", "ml/amb")
-    named = cli(*project, "track", "obj", s3.url("amb/tr"))
-    assert named.returncode == 0, named
-    assert named.stderr.splitlines() == [
-        f"artifactfs: warning: {s3.url('amb/tr')} is an object and also a folder: tracked "
-        f"the object; track {s3.url('amb/tr')}/ for the folder"
-    ], named.stderr
-    run_id = named.last_line
-    assert [e.file_path for e in artifactfs.init_run(run_id)["obj"].fetch_files_list()] == ["tr"]
-    folder = cli(*project, "track", "--run", run_id, "dir", s3.url("amb/tr/"))
-    assert folder.returncode == 0 and folder.stderr == "", folder
-    entries = artifactfs.init_run(run_id)["dir"].fetch_files_list()
-    assert [e.file_path for e in entries] == ["x.bin"]
-    alone = cli(*project, "track", "--run", run_id, "alone", s3.url("amb/marker"))
-    assert alone.returncode == 0 and alone.stderr == "", alone
+    check_an_object_that_is_also_a_folder_is_tracked_as_named(s3, cli, tmp_path)
 
 
 def test_prefix_matching_only_a_longer_name_is_refused(s3, cli, tmp_path: Path) -> None:

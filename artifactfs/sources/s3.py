@@ -20,6 +20,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
+from cachetools import TTLCache
+
 from artifactfs.entries import TYPE_S3, ArtifactFileData, format_time
 from artifactfs.errors import (
     ArtifactfsError,
@@ -57,6 +59,12 @@ log = logging.getLogger(__name__)
 _client_lock = threading.Lock()
 _client: Any = None
 _lean: LeanGetter | None = None  # the reader's GETs, on the client's credentials and routes
+
+# Buckets the endpoint said it has, for a while: `verify` of many deleted objects would ask
+# for their bucket once per object. Only that answer is kept: a missing bucket may be made.
+BUCKET_MEMORY = 60.0
+_buckets_lock = threading.Lock()
+_buckets_seen: TTLCache[str, bool] = TTLCache(maxsize=1024, ttl=BUCKET_MEMORY)
 
 
 def s3_client() -> Any:
@@ -124,6 +132,8 @@ def reset_client() -> None:
     with _client_lock:
         _client = None
         _lean = None  # its routes and credentials came from the client's environment
+    with _buckets_lock:
+        _buckets_seen.clear()  # they were another endpoint's
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -529,12 +539,20 @@ class S3Source(Source):
         leaves the object missing, as the HEAD said."""
         from botocore.exceptions import ClientError
 
+        with _buckets_lock:
+            if bucket in _buckets_seen:
+                return True
         try:
             s3_client().head_bucket(Bucket=bucket)
         except ClientError as exc:
-            return _error_code(exc) not in ("404", "NoSuchBucket", "NotFound")
+            if _error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                return False
+            if _error_code(exc) not in ("403", "AccessDenied"):
+                return True  # unsure (a 5xx, say): not remembered
         except Exception:  # botocore's own failures: the object's 404 stands
             return True
+        with _buckets_lock:  # it answered, or refused to say about a bucket it has (403)
+            _buckets_seen[bucket] = True
         return True
 
 

@@ -667,6 +667,28 @@ def test_verify_says_unchecked_for_a_bucket_not_found_and_changed_for_an_object_
     assert one_line(missing, 1).endswith(f"2 of 2 file(s) in {run_id} could not be checked")
 
 
+@pytest.mark.s3
+def test_verify_of_many_deleted_objects_asks_for_their_bucket_once(
+    s3: S3Bucket, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each 404 of a HEAD asked the endpoint for the bucket again: a verify of 10,000 deleted
+    objects made 10,000 more requests, all with the same answer."""
+    entries = [s3_entry(s3.url(f"gone/{n}.bin"), b"deleted %d" % n) for n in range(24)]
+    with fault_proxy(s3_endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        reset_sources()
+        problems, _ = in_time(lambda: verify_entries(entries, show_progress=False), BOUND)
+        bucket_heads = [
+            seen.text for seen in proxy.requests("HEAD /") if seen.text.rstrip("/").count("/") == 1
+        ]
+    assert sorted(problems) == sorted(e.file_path for e in entries)
+    assert all(
+        p.changed and p.reason.endswith(": object no longer exists") for p in problems.values()
+    ), problems
+    # Eight checks run at once: the first few may each ask before one answer is kept.
+    assert 1 <= len(bucket_heads) <= 8, bucket_heads
+
+
 # -- an endpoint that is down -----------------------------------------------------------------
 
 DOWN_DEADLINE = 6.0  # the reader's deadline in these tests (30 s by default)

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 from tqdm import tqdm
+
+
+class _Bar(tqdm):
+    """tqdm with a lock for threads only. tqdm's default lock also makes a multiprocessing
+    lock, which fixes the process's start method: a training script that tracks its data and
+    then calls `multiprocessing.set_start_method("spawn")` failed ("context has already been
+    set"), and a process killed after it leaked a semaphore."""
+
+
+_Bar.set_lock(threading.RLock())
 
 
 def progress_bar(
@@ -14,7 +25,7 @@ def progress_bar(
     """A tqdm bar on stderr, disabled unless stderr is a terminal (or `enabled` says so)."""
     if enabled is None:
         enabled = sys.stderr.isatty()
-    return tqdm(
+    return _Bar(
         total=total,
         desc=desc,
         unit=unit,

@@ -190,6 +190,28 @@ def test_processes_of_one_job_share_the_run_of_their_custom_id(
     assert run_ids() == ["DPD-1", "DPD-2", "DPD-3"]
 
 
+SPAWN_AFTER_TRACKING = """
+import multiprocessing, sys, artifactfs
+run = artifactfs.init_run(project="ml/ddp")
+run["data"].track_files(sys.argv[1])
+run["data"].download(sys.argv[2], progress_bar=True)
+print(multiprocessing.get_start_method(allow_none=True))
+multiprocessing.set_start_method("spawn")
+"""
+
+
+def test_a_script_may_choose_its_multiprocessing_start_method_after_tracking(
+    data: Path, tmp_path: Path
+) -> None:
+    """tqdm's default lock made a multiprocessing lock, fixing the start method: a training
+    script that tracked its data and then set "spawn" for its workers failed."""
+    script = [sys.executable, "-c", SPAWN_AFTER_TRACKING, str(data), str(tmp_path / "out")]
+    done = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["None"], done
+    assert (tmp_path / "out" / "train" / "a.csv").read_bytes() == b"a\n"
+
+
 @pytest.mark.parametrize("custom_id", ["", "x" * 37, "a\x00b"])
 def test_an_invalid_custom_run_id_is_one_line_and_makes_nothing(custom_id: str) -> None:
     with pytest.raises(ArtifactfsError, match="custom run id"):

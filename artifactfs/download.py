@@ -17,8 +17,8 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from artifactfs.reader import Reader
 from artifactfs.sources import source_for_entry
 from artifactfs.sources.local import local_path_of
 from artifactfs.verification import ContentCheck
+from artifactfs.worker_pool import interruptible, worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +77,32 @@ def download_entries(
         _make_directory(root, created)
         stack.callback(_remove_empty, created)
         total = sum(e.size or 0 for e in entries)
-        with (
-            progress_bar(
-                total, "downloading", unit="B", unit_scale=True, enabled=show_progress
-            ) as bar,
-            ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool,
-        ):
-            for entry, outcome in zip(
-                entries,
-                pool.map(lambda e: _download_one(e, root, created, symlink_local, reader), entries),
-                strict=True,
+
+        def download_all(stop: threading.Event) -> None:
+            with (
+                progress_bar(
+                    total, "downloading", unit="B", unit_scale=True, enabled=show_progress
+                ) as bar,
+                worker_pool(DOWNLOAD_WORKERS) as pool,
             ):
-                bar.update(entry.size or 0)
-                if outcome is None:
-                    report.written.append(entry.file_path)
-                elif outcome == "unchanged":
-                    report.unchanged.append(entry.file_path)
-                else:
-                    report.failed[entry.file_path] = outcome
+                for entry, outcome in zip(
+                    entries,
+                    pool.map(
+                        lambda e: _download_one(e, root, created, symlink_local, reader), entries
+                    ),
+                    strict=True,
+                ):
+                    if stop.is_set():
+                        return
+                    bar.update(entry.size or 0)
+                    if outcome is None:
+                        report.written.append(entry.file_path)
+                    elif outcome == "unchanged":
+                        report.unchanged.append(entry.file_path)
+                    else:
+                        report.failed[entry.file_path] = outcome
+
+        interruptible(download_all)
     if report.failed:
         details = "; ".join(f"{path}: {why}" for path, why in sorted(report.failed.items()))
         raise CheckFailedError(f"download failed for {len(report.failed)} file(s): {details}")

@@ -11,6 +11,8 @@ exactly those entries, nothing is hashed, built or written.
 
 from __future__ import annotations
 
+import threading
+
 from artifactfs.entries import (
     ArtifactFileData,
     artifact_id,
@@ -24,6 +26,7 @@ from artifactfs.progress import progress_bar
 from artifactfs.sources import source_for_location
 from artifactfs.sources.local import LocalScan, LocalSource
 from artifactfs.store import ArtifactRecord, RunRecord, Store
+from artifactfs.worker_pool import interruptible
 
 
 class PendingTrack:
@@ -81,6 +84,16 @@ class PendingTrack:
         return record
 
     def _collect(self) -> dict[str, ArtifactFileData]:
+        entries = interruptible(self._listed_entries)
+        if not entries:
+            raise self._nothing_there()
+        # Here, not only when merging: the CLI creates a new run between the two, and a
+        # location refused for its own paths must not leave that run behind.
+        _refuse_file_dir_conflict(entries)
+        return entries
+
+    def _listed_entries(self, stop: threading.Event) -> dict[str, ArtifactFileData]:
+        """The location's entries by their path in the field (some only, once `stop` is set)."""
         entries: dict[str, ArtifactFileData] = {}
         with progress_bar(None, f"tracking {self.location}", enabled=self.show_progress) as bar:
 
@@ -92,13 +105,10 @@ class PendingTrack:
             else:
                 listed = self.source.list_location(self.location, on_progress)
             for entry in listed:
+                if stop.is_set():
+                    break
                 path = join_destination(self.destination, entry.file_path)
                 entries[path] = entry.with_path(path) if path != entry.file_path else entry
-        if not entries:
-            raise self._nothing_there()
-        # Here, not only when merging: the CLI creates a new run between the two, and a
-        # location refused for its own paths must not leave that run behind.
-        _refuse_file_dir_conflict(entries)
         return entries
 
     def _nothing_there(self) -> ArtifactfsError:

@@ -1,0 +1,74 @@
+"""Thread pools for one block of work, and running such work where a Ctrl-C can stop it."""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+WAIT_STEP = 0.1  # seconds between looks at whether the work has ended, as well
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[ThreadPoolExecutor]:
+    """A pool for one block of work. Leaving the block waits for the calls running, not for
+    those queued: `with ThreadPoolExecutor()` runs every submitted call first, so a download
+    stopped while `pool.map` was still submitting its 20,000 files wrote them all first."""
+    pool = ThreadPoolExecutor(workers)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def interruptible(work: Callable[[threading.Event], T]) -> T:
+    """`work(stop)` on a thread of its own, the calling thread waiting for it; on a Ctrl-C
+    (KeyboardInterrupt) `stop` is set, the work is waited for, and the interrupt raised.
+
+    A Ctrl-C is raised in the main thread wherever it is. Inside a pool's submit() it can leave
+    a lock of the pool's taken for good (Python code takes it: `with self._cond`), and every
+    worker then waits on it forever: a download hung that way. The waiting thread here takes
+    no lock of Python code: it waits on a bare lock that the work releases when it ends, and
+    looks at a list the work appends to before (a `Thread.join` interrupted on Python 3.11
+    marks the thread ended while it still runs).
+    Work that outlives the process (a second Ctrl-C) ends with it, as a daemon thread.
+    `work` checks `stop` between its steps and returns early when it is set."""
+    stop = threading.Event()
+    ended: list[tuple[T | None, BaseException | None]] = []
+
+    done = _thread.allocate_lock()  # a bare lock, released by the work's thread when it ends
+    done.acquire()
+
+    def run() -> None:
+        try:
+            ended.append((work(stop), None))
+        except BaseException as exc:  # handed to the waiting thread, raised there
+            ended.append((None, exc))
+        finally:
+            done.release()
+
+    started = None
+    try:
+        # Not threading.Thread: its start() waits on a lock-taking Event, where a Ctrl-C
+        # could leave the lock taken and the new thread stuck before it runs `work`.
+        started = _thread.start_new_thread(run, ())
+        _wait_for(ended, done)
+    except KeyboardInterrupt:
+        if started is not None:
+            stop.set()
+            _wait_for(ended, done)  # the calls under way end; a second Ctrl-C leaves them be
+        raise
+    result, failure = ended[0]
+    if failure is not None:
+        raise failure
+    return result  # type: ignore[return-value]  # None only with a failure
+
+
+def _wait_for(ended: list[Any], done: _thread.LockType) -> None:
+    while not ended:
+        done.acquire(timeout=WAIT_STEP)

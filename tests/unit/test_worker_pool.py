@@ -1,0 +1,69 @@
+"""A pool's queued work is dropped when its block ends by an exception (a Ctrl-C)."""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+
+import pytest
+
+from artifactfs.worker_pool import interruptible, worker_pool
+
+
+def test_an_interrupted_block_runs_the_calls_under_way_and_drops_the_queued() -> None:
+    """A download interrupted while it was still submitting its files wrote them all."""
+    started: list[int] = []
+    finished: list[int] = []
+    lock = threading.Lock()
+
+    def work(n: int) -> None:
+        with lock:
+            started.append(n)
+        time.sleep(0.05)
+        with lock:
+            finished.append(n)
+
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), worker_pool(2) as pool:
+        for n in range(200):
+            pool.submit(work, n)
+        raise KeyboardInterrupt  # as the signal would, between two submissions
+    took = time.monotonic() - began
+    assert len(started) <= 4, started  # the two under way, perhaps the next two
+    assert sorted(finished) == sorted(started)  # those under way were waited for
+    assert took < 2.0  # 200 calls of 50 ms on two threads would take 5 s
+
+
+def test_a_block_that_ends_well_has_every_call_done() -> None:
+    with worker_pool(3) as pool:
+        results = list(pool.map(lambda n: n * n, range(100)))
+    assert results == [n * n for n in range(100)]
+
+
+def test_a_ctrl_c_sets_stop_waits_for_the_work_and_is_raised() -> None:
+    """The interrupt lands in the waiting thread's join, not inside the work's locks."""
+    seen: list[str] = []
+
+    def work(stop: threading.Event) -> str:
+        _thread.interrupt_main()  # a Ctrl-C, while the work runs
+        if not stop.wait(5.0):
+            seen.append("never stopped")
+            return "ran to its end"
+        time.sleep(0.1)  # winding down: the caller must wait for this
+        seen.append("stopped")
+        return "stopped early"
+
+    with pytest.raises(KeyboardInterrupt):
+        interruptible(work)
+    assert seen == ["stopped"]
+
+
+def test_work_that_ends_gives_its_result_or_raises_its_error() -> None:
+    assert interruptible(lambda stop: 42) == 42
+
+    def failing(stop: threading.Event) -> None:
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match="bad input"):
+        interruptible(failing)

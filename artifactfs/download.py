@@ -8,7 +8,8 @@ copied in place.
 Paths from the store are validated again here: a store written by someone else must not make us
 write outside the destination (no `..`, no absolute paths, no following a symlink that an
 earlier file or an attacker planted inside the destination). Each file is written to a temporary
-name beside its target and renamed into place only once its bytes check out.
+name beside its target and renamed into place only once its bytes check out; such names left by
+a download killed mid-file are removed by the next one into the same directories.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -77,6 +80,7 @@ def download_entries(
         _make_directory(root, created)
         stack.callback(_remove_empty, created)
         total = sum(e.size or 0 for e in entries)
+        stale = _StaleParts()
 
         def download_all(stop: threading.Event) -> None:
             with (
@@ -88,7 +92,8 @@ def download_entries(
                 for entry, outcome in zip(
                     entries,
                     pool.map(
-                        lambda e: _download_one(e, root, created, symlink_local, reader), entries
+                        lambda e: _download_one(e, root, created, stale, symlink_local, reader),
+                        entries,
                     ),
                     strict=True,
                 ):
@@ -172,12 +177,14 @@ def _download_one(
     entry: ArtifactFileData,
     root: str,
     created: set[str],
+    stale: _StaleParts,
     symlink_local: bool,
     reader: Reader | None,
 ) -> str | None:
     """None when written, 'unchanged' when already there, else why it failed."""
     try:
         target = _safe_target(root, entry.file_path, created)
+        stale.remove_from(os.path.dirname(target))
         if symlink_local and entry.type == TYPE_LOCAL:
             return _link_local(entry, target)
         if _already_there(entry, target):
@@ -207,7 +214,7 @@ def _already_there(entry: ArtifactFileData, target: str) -> bool:
 def _fetch_verified(entry: ArtifactFileData, target: str, reader: Reader | None) -> None:
     check = ContentCheck(entry)
     directory = os.path.dirname(target)
-    fd, temp_path = tempfile.mkstemp(prefix=".artifactfs-", suffix=".part", dir=directory)
+    fd, temp_path = tempfile.mkstemp(prefix=_part_prefix(), suffix=".part", dir=directory)
     try:
         with os.fdopen(fd, "wb") as out:
             if reader is not None and entry.type != TYPE_LOCAL:
@@ -226,6 +233,52 @@ def _fetch_verified(entry: ArtifactFileData, target: str, reader: Reader | None)
     except BaseException:
         os.unlink(temp_path)
         raise
+
+
+def _part_prefix() -> str:
+    """A temporary file's name starts with who writes it, so that a later download can tell
+    one left by a killed process from one that another download is writing now."""
+    return f".artifactfs-{_HOST}-{os.getpid()}-"
+
+
+# The host's name as a part of a file name (no "-": it separates the parts).
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+_PART_NAME = re.compile(r"\.artifactfs-(?P<host>[^-]+)-(?P<pid>[0-9]+)-.*\.part\Z")
+
+
+class _StaleParts:
+    """Removes, once per directory a download writes into, the temporary files that downloads
+    killed mid-file (SIGKILL, a crash, the machine's OOM killer) on this host left there: a
+    download that completes leaves DEST holding the artifact's files, not those too."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def remove_from(self, directory: str) -> None:
+        with self._lock:
+            if directory in self._seen:
+                return
+            self._seen.add(directory)
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return  # the write into it fails next, and says why
+        for name in names:
+            found = _PART_NAME.match(name)
+            if found and found["host"] == _HOST and not _process_alive(int(found["pid"])):
+                with contextlib.suppress(OSError):  # removed meanwhile by another download
+                    os.unlink(os.path.join(directory, name))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def _link_local(entry: ArtifactFileData, target: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -66,3 +67,50 @@ def test_ctrl_c_stops_a_download_at_once(many_files: Path, tmp_path: Path) -> No
         written = list(dest.rglob("*.bin"))
         assert 0 < len(written) < FILES, (after, len(written))  # it stopped on the way
         assert not list(dest.rglob(".artifactfs-*")), "a half-written file was left"
+
+
+def test_a_download_killed_mid_file_leaves_nothing_once_run_again(tmp_path: Path) -> None:
+    """A SIGKILL leaves the file being written under its temporary name; the next download
+    into DEST, once complete, left it there too, for a training job or rsync to pick up."""
+    big = tmp_path / "data" / "big"
+    big.mkdir(parents=True)
+    blocks = [bytes([n]) * (1 << 20) for n in range(256)]
+    for name in ("a.bin", "b.bin"):
+        (big / name).write_bytes(b"".join(blocks[:64]))  # 64 MiB each: killed while copied
+    run = artifactfs.init_run(project="ml/killed")
+    run["data"].track_files(str(tmp_path / "data"))
+    dest = tmp_path / "dest"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "artifactfs", "download", run.id, "data", str(dest)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(dest.rglob(".artifactfs-*.part")) and time.monotonic() < deadline:
+            assert process.poll() is None, "it ended before writing: the test needs more data"
+        process.kill()
+    finally:
+        process.kill()
+        process.wait()
+    left = list(dest.rglob(".artifactfs-*.part"))
+    assert left, "killed before a temporary file was made"
+    # Another process's file, writing now, and another host's are not this download's to take.
+    writing = dest / "big" / f".artifactfs-{_this_host()}-{os.getpid()}-x.part"
+    elsewhere = dest / "big" / ".artifactfs-otherhost-1-x.part"
+    writing.write_bytes(b"being written")
+    elsewhere.write_bytes(b"on another host")
+
+    run["data"].download(str(dest))
+
+    assert sorted(p.name for p in (dest / "big").iterdir()) == sorted(
+        ["a.bin", "b.bin", writing.name, elsewhere.name]
+    )
+    assert (dest / "big" / "a.bin").read_bytes() == (big / "a.bin").read_bytes()
+
+
+def _this_host() -> str:
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())

@@ -115,12 +115,12 @@ def track(
     pending = PendingTrack(location, destination)
     if run_id is not None:
         record = run_in_project(ctx.store, run_id, ctx.project_given)
+        pending.record(ctx.store, record, field_path)
     else:
         assert ctx.project is not None
-        # List and hash first: a refused location must not leave a new, empty run behind.
-        pending.entries()
-        record = ctx.store.create_run(parse_project(ctx.project))
-    pending.record(ctx.store, record, field_path)
+        # The run and its field in one transaction: a refused location, or a process killed
+        # while it hashes or writes, leaves no new, empty run behind.
+        record, _ = pending.record_in_new_run(ctx.store, parse_project(ctx.project), field_path)
     click.echo(f"tracked {pending.file_count} file(s) in {record.run_id}/{field_path}")
     click.echo(record.run_id)
 

@@ -22,6 +22,7 @@ from artifactfs.entries import (
     validate_path,
 )
 from artifactfs.errors import ArtifactfsError, NotFoundError
+from artifactfs.naming import ProjectName
 from artifactfs.progress import progress_bar
 from artifactfs.sources import source_for_location
 from artifactfs.sources.local import LocalScan, LocalSource
@@ -76,12 +77,31 @@ class PendingTrack:
             # The field already holding exactly these entries makes the merge a no-op.
             unchanged_if=artifact_id(new_entries.values()) if current is not None else None,
         )
-        if fingerprint is not None and isinstance(self.source, LocalSource):
-            # A merge that kept no old entry is exactly the new entries: its id is theirs.
-            same = record.file_count == len(new_entries)
-            new_id = record.id if same else artifact_id(new_entries.values())
-            self.source.hash_cache.remember_entries_id(fingerprint, new_id)
+        self._remember_entries_id(fingerprint, record)
         return record
+
+    def record_in_new_run(
+        self, store: Store, project: ProjectName, field_path: str
+    ) -> tuple[RunRecord, ArtifactRecord]:
+        """A new run of `project` holding the entries in its field, made in one transaction."""
+        new_entries = self.entries()
+        run, record = store.create_run_with_field(
+            project, field_path, merged_entries([], new_entries)
+        )
+        if self._scan is not None:
+            self._remember_entries_id(self._scan.fingerprint(self.destination), record)
+        return run, record
+
+    def _remember_entries_id(self, fingerprint: str | None, record: ArtifactRecord) -> None:
+        """Which artifact id the scanned local files make, so that tracking them unchanged
+        again is a no-op without hashing."""
+        if fingerprint is None or not isinstance(self.source, LocalSource):
+            return
+        new_entries = self.entries()
+        # A merge that kept no old entry is exactly the new entries: its id is theirs.
+        same = record.file_count == len(new_entries)
+        new_id = record.id if same else artifact_id(new_entries.values())
+        self.source.hash_cache.remember_entries_id(fingerprint, new_id)
 
     def _collect(self) -> dict[str, ArtifactFileData]:
         entries = interruptible(self._listed_entries)

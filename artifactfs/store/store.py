@@ -731,14 +731,7 @@ class Store:
             entries = make_entries(old_entries)
             record = self._insert_artifact(conn, entries)
             if current is None:
-                conn.execute(
-                    f.insert().values(
-                        run_id=run.id,
-                        path=field_path,
-                        artifact_id=record.id,
-                        updated_at=now_text(),
-                    )
-                )
+                self._insert_field(conn, run, field_path, record)
             elif current != record.id:
                 conn.execute(
                     update(f)
@@ -746,6 +739,29 @@ class Store:
                     .values(artifact_id=record.id, updated_at=now_text())
                 )
             return record
+
+    def create_run_with_field(
+        self, project: ProjectName, field_path: str, entries: Sequence[ArtifactFileData]
+    ) -> tuple[RunRecord, ArtifactRecord]:
+        """A new run holding one field, both written in one transaction (`artifactfs track`
+        without --run): a process killed before it ends leaves no run, not an empty one that
+        has taken a run number."""
+        project_record = self.ensure_project(project)
+        with self._write() as conn:
+            run = self._insert_next_run(conn, project_record)
+            record = self._insert_artifact(conn, entries)
+            self._insert_field(conn, run, field_path, record)
+        return run, record
+
+    @staticmethod
+    def _insert_field(
+        conn: Connection, run: RunRecord, field_path: str, record: ArtifactRecord
+    ) -> None:
+        conn.execute(
+            schema.fields.insert().values(
+                run_id=run.id, path=field_path, artifact_id=record.id, updated_at=now_text()
+            )
+        )
 
     @staticmethod
     def _entries_in(conn: Connection, artifact_id: str) -> list[ArtifactFileData]:

@@ -330,6 +330,26 @@ def test_writing_to_a_read_only_store_says_so_in_one_line_and_changes_nothing(
     assert unprivileged("--store", str(store), "runs").stdout == listing.stdout
 
 
+def test_a_new_run_whose_field_cannot_be_written_is_not_made(
+    tmp_path: Path, data: Path, cli
+) -> None:
+    """`track` without --run made the run, then wrote its field in another transaction: a
+    process killed (or a write failing) between the two left a run with no field, which
+    `verify` called OK and which took a run number."""
+    store = tmp_path / "store.db"
+    make_store(cli, store, data)
+    listing = cli("--store", str(store), "runs", check=True).stdout
+    # The store takes runs, but not fields: as a disk filling up at that moment would.
+    refuse = "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+    sqlite_edit(store, f"CREATE TRIGGER no_fields BEFORE INSERT ON fields {refuse}")
+    result = cli("--store", str(store), "--project", "p", "track", "g", str(data))
+    assert_one_line_error(result, "disk full")
+    assert cli("--store", str(store), "runs", check=True).stdout == listing
+    sqlite_edit(store, "DROP TRIGGER no_fields")
+    made = cli("--store", str(store), "--project", "p", "track", "g", str(data), check=True)
+    assert made.stdout.splitlines()[-1] == "P-2"  # the failed one took no run number
+
+
 def test_a_store_opened_read_only_by_uri_says_so_and_leaves_no_stray_directories(
     tmp_path: Path, data: Path, cli
 ) -> None:

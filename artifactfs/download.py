@@ -162,7 +162,14 @@ def _cached_reader() -> Iterator[Reader]:
         try:
             cache = ChunkCache(directory, limit)
         except CacheBusyError as exc:
-            log.warning("%s; downloading through a temporary cache", exc)
+            # Not the error's advice (another --cache-dir): `download` has no such option.
+            log.warning(
+                "cache %s is in use by another artifactfs process (pid %s): downloading "
+                "through a temporary cache (bytes the other process has cached are fetched "
+                "again)",
+                exc.directory,
+                exc.holder,
+            )
             directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             scratch = tempfile.TemporaryDirectory(prefix="download-", dir=directory.parent)
             stack.enter_context(scratch)

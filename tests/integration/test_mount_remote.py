@@ -543,6 +543,12 @@ def test_a_cache_in_use_by_a_mount_is_changed_by_no_other_process(
 
         downloaded = cli("download", run_id, FIELD, str(tmp_path / "out"))
         assert downloaded.returncode == 0, downloaded
+        # It said `give this one another --cache-dir`: `download` has no such option.
+        assert downloaded.stderr.splitlines() == [
+            f"artifactfs: warning: cache {default_cache / 'data'} is in use by another "
+            f"artifactfs process (pid {mount.pid}): downloading through a temporary cache "
+            "(bytes the other process has cached are fetched again)"
+        ], downloaded.stderr
         for name, body in files.items():
             assert (tmp_path / "out" / name).read_bytes() == body
         assert {path: path.read_bytes() for path in chunk_files(default_cache)} == chunks

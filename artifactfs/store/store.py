@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,8 +52,10 @@ from artifactfs.naming import (
 from artifactfs.store import schema
 from artifactfs.store.driver_query import DriverQuery
 from artifactfs.store.schema import SCHEMA_VERSION
+from artifactfs.store.slow_wait import said_if_slow
 
 _INSERT_BATCH = 5000
+SQLITE_BUSY_SECONDS = 120  # how long a write waits for another process's before it fails
 
 _e, _d = schema.artifact_entries, schema.artifact_dirs
 # What an ArtifactFileData is made of (`_entry_from_row`), in this order.
@@ -226,7 +228,7 @@ class Store:
             )
         if not _is_sqlite_uri(url):
             _make_parent_directory(Path(database), uri)
-        engine = create_engine(url, connect_args={"timeout": 120})
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -235,7 +237,7 @@ class Store:
             # another application's (WAL is set when artifactfs creates a store).
             dbapi_conn.isolation_level = None
             cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA busy_timeout = 120000")
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_SECONDS * 1000}")
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.close()
 
@@ -261,12 +263,23 @@ class Store:
                 conn.execution_options(sqlite_begin="IMMEDIATE")
             if snapshot and self.engine.dialect.name == "postgresql":
                 conn.execution_options(isolation_level="REPEATABLE READ")
-            with conn.begin():
+            sqlite_write = write and self.engine.dialect.name == "sqlite"
+            # BEGIN IMMEDIATE, in begin(), waits here for another process's write.
+            with said_if_slow(self._waiting_notice) if sqlite_write else nullcontext():
+                transaction = conn.begin()
+            with transaction:
                 if write and lock is not None and self.engine.dialect.name == "postgresql":
                     conn.execute(
                         text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(lock)}
                     )
                 yield conn
+
+    @property
+    def _waiting_notice(self) -> str:
+        return (
+            f"store {_redact(self.uri)} is locked by another process writing to it: "
+            f"waiting for it (up to {SQLITE_BUSY_SECONDS} s)"
+        )
 
     @contextmanager
     def _write(self, lock: str | None = None) -> Iterator[Connection]:

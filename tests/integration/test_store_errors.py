@@ -450,6 +450,41 @@ def test_read_commands_do_not_wait_for_a_writer(cli, tmp_path: Path, data: Path)
         writer.wait()
 
 
+HOLD_WRITE_LOCK_FOR = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+"""
+
+
+def test_a_write_that_waits_for_another_writer_says_so_then_goes_on(
+    cli, tmp_path: Path, data: Path
+) -> None:
+    """`track` waited up to two minutes for another process's write lock in silence."""
+    store = tmp_path / "store.db"
+    make_store(cli, store, data)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", HOLD_WRITE_LOCK_FOR, str(store), "4.5"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "locked\n"
+        tracked = cli("--store", str(store), "--project", "p", "track", "g", str(data))
+    finally:
+        writer.kill()
+        writer.wait()
+    assert tracked.returncode == 0, tracked
+    assert tracked.last_line == "P-2"
+    assert tracked.stderr.splitlines() == [
+        f"artifactfs: warning: store sqlite:///{store} is locked by another process writing "
+        "to it: waiting for it (up to 120 s)"
+    ], tracked.stderr
+
+
 # -- limits both backends enforce alike -----------------------------------------------------------
 
 

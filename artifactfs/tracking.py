@@ -107,8 +107,8 @@ class PendingTrack:
         entries = interruptible(self._listed_entries)
         if not entries:
             raise self._nothing_there()
-        # Here, not only when merging: the CLI creates a new run between the two, and a
-        # location refused for its own paths must not leave that run behind.
+        # Here, not only when merging: a location refused for its own paths is refused
+        # before a transaction is begun (the CLI's new run would begin one).
         _refuse_file_dir_conflict(entries)
         return entries
 

@@ -16,7 +16,6 @@ from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from artifactfs.download import download_entries
 from artifactfs.entries import ArtifactFileData, parse_time
 from artifactfs.errors import ArtifactfsError, NotFoundError, NotKeptError
 from artifactfs.naming import (
@@ -332,6 +331,9 @@ class FieldHandle:
         symlink_local: bool = False,
     ) -> None:
         """Write every file under `destination` (default: the current directory), verified."""
+        # Here: the reader and the cache it brings took a fifth of `import artifactfs`.
+        from artifactfs.download import download_entries
+
         download_entries(
             self.fetch_files_list(),
             destination or os.getcwd(),

@@ -15,7 +15,9 @@ echo "== pytest"
 set +e
 # Up to 4 processes (pytest-xdist; `-n 0` after it runs them in one): most tests wait on
 # servers, mounts and daemons, so two processes on two cores halve the time (~12 -> ~6 min).
-.venv/bin/python -m pytest -n auto --maxprocesses=4 -ra --durations=20 "$@"  # slowest: CI time
+# worksteal: a process that runs out of tests takes some of the other's, rather than idling
+# while the other ends a queue that holds a long test.
+.venv/bin/python -m pytest -n auto --maxprocesses=4 --dist worksteal -ra --durations=20 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

@@ -2,12 +2,12 @@
 
 - A cache on a tiny file system (a tmpfs the test mounts): reads return the right bytes or EIO
   while it fills up and is full, the byte limit holds, no chunk is wrong, the daemon survives.
-- `kill -9` of the daemon at random moments during fetches (slowed by the fault proxy), 20
-  times: after each, `artifactfs unmount` recovers the mount point and `cache fsck` drops
-  nothing; after every restart every read is right.
+- `kill -9` of the daemon at random moments during fetches (slowed by the fault proxy), 12
+  times (`ARTIFACTFS_KILLS=N`: N): after each, `artifactfs unmount` recovers the mount point
+  and `cache fsck` drops nothing; after every restart every read is right.
 - Stress: 16 reader threads at random offsets and lengths over 20 files for a bounded time:
   no wrong byte, no error, the daemon's memory stays under a stated bound and no descriptor
-  leaks. `ARTIFACTFS_LONG_STRESS=1` runs it for 10 minutes instead of 45 s (or
+  leaks. `ARTIFACTFS_LONG_STRESS=1` runs it for 10 minutes instead of 30 s (or
   `ARTIFACTFS_STRESS_SECONDS=N` for N seconds).
 """
 
@@ -231,10 +231,11 @@ def test_cache_on_a_tiny_file_system(
 
 # -- kill -9 at random moments ---------------------------------------------------------------
 
-KILLS = 20
+# A dozen in CI (each round is ~3.5 s of the suite's run time); more by ARTIFACTFS_KILLS.
+KILLS = int(os.environ.get("ARTIFACTFS_KILLS", "12"))
 
 
-def test_kill_9_during_fetches_twenty_times(
+def test_kill_9_during_fetches_a_dozen_times(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The daemon reads through the fault proxy, which trickles every answer (16 KiB every
@@ -332,7 +333,7 @@ def _kill_loop(remote: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 THREADS = 16
 FILES = 20
-DEFAULT_SECONDS = 45.0
+DEFAULT_SECONDS = 30.0  # in CI
 LONG_SECONDS = 600.0
 # The daemon's peak RSS (VmHWM): the interpreter and its libraries (~100 MiB), the reader's
 # memory tier of recent chunks (64 MiB), and chunks in flight (8 fetch workers, 8 prefetch

@@ -1,5 +1,19 @@
 """The bounded on-disk chunk cache for remote bytes."""
 
-from artifactfs.cache.chunks import CacheBusyError, CacheStats, ChunkCache, cache_usage, chunk_key
+from artifactfs.cache.chunks import (
+    CacheBusyError,
+    CacheFormatError,
+    CacheStats,
+    ChunkCache,
+    cache_usage,
+    chunk_key,
+)
 
-__all__ = ["CacheBusyError", "CacheStats", "ChunkCache", "cache_usage", "chunk_key"]
+__all__ = [
+    "CacheBusyError",
+    "CacheFormatError",
+    "CacheStats",
+    "ChunkCache",
+    "cache_usage",
+    "chunk_key",
+]

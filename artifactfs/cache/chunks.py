@@ -107,6 +107,19 @@ class CacheBusyError(ArtifactfsError):
         self.holder = holder
 
 
+class CacheFormatError(ArtifactfsError):
+    """The cache directory holds a cache of a format this artifactfs does not know (a newer
+    one's): left as it is."""
+
+    def __init__(self, directory: Path, found: str) -> None:
+        super().__init__(
+            f"cache {directory} has format {found!r}, this artifactfs uses "
+            f"{FORMAT_TEXT.strip()!r}: remove that directory or pick another --cache-dir"
+        )
+        self.directory = directory
+        self.found = found
+
+
 def block_count(length: int) -> int:
     """How many BLOCKs (the last one short) a payload of `length` bytes has."""
     return -(-length // BLOCK)
@@ -231,10 +244,7 @@ class ChunkCache:
             )
             shutil.rmtree(self.directory / "chunks", ignore_errors=True)
         elif found is not None and found != FORMAT_TEXT.strip():
-            raise ArtifactfsError(
-                f"cache {self.directory} has format {found!r}, this artifactfs uses "
-                f"{FORMAT_TEXT.strip()!r}: remove that directory or pick another --cache-dir"
-            )
+            raise CacheFormatError(self.directory, found)
         chunks = self.directory / "chunks"
         chunks.mkdir(exist_ok=True, mode=0o700)
         # All 256 fan-out directories up front: a put then never needs a mkdir.

@@ -30,12 +30,15 @@ from artifactfs.entries import ArtifactFileData, parse_time, path_problem
 from artifactfs.errors import ArtifactfsError, NotFoundError
 from artifactfs.naming import ProjectName, parse_run_id, validate_field_path
 from artifactfs.store import ArtifactRecord, RunRecord, Store
+from artifactfs.verification import GCS_HASH_KEY
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 LISTING_CACHE_ENTRIES = 200_000
 XATTR_PREFIX = "user.artifactfs."
+# Entry metadata shown as extended attributes where an entry has it.
+PROVENANCE_KEYS = ("version_id", "generation", GCS_HASH_KEY)
 
 
 class Kind(enum.Enum):
@@ -457,7 +460,7 @@ class Tree:
         if node.kind is Kind.FILE:
             assert node.entry is not None
             entry = node.entry
-            return {
+            attributes = {
                 "file_hash": entry.file_hash,
                 "type": entry.type,
                 "source": entry.source_url,
@@ -467,6 +470,12 @@ class Tree:
                 "run": node.run_id,
                 "field": node.field_path,
             }
+            # Which version of the object was tracked (what `aws s3api get-object
+            # --version-id` or `gsutil cp gs://b/o#GENERATION` needs), and what the hash is.
+            for key in PROVENANCE_KEYS:
+                if entry.metadata.get(key):
+                    attributes[key] = str(entry.metadata[key])
+            return attributes
         values: dict[str, str] = {}
         if node.kind is Kind.ARTIFACT_DIR and node.dir_path == "":
             artifact = self._artifact(node)

@@ -20,6 +20,7 @@ import pytest
 
 import artifactfs
 from tests.support.bucket_tracking import check_an_object_that_is_also_a_folder_is_tracked_as_named
+from tests.support.mounts import artifact_args, mounted
 from tests.support.stores import make_local_store, store_counts
 
 pytestmark = pytest.mark.gcs
@@ -90,6 +91,17 @@ def test_prefix_entries_carry_md5_generation_type_and_location(gcs) -> None:
         assert TIMESTAMP.match(entry.metadata["last_modified"])
         updated = blob.updated.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         assert entry.metadata["last_modified"] == updated
+
+
+def test_the_mount_shows_which_generation_was_tracked(gcs, tmp_path: Path) -> None:
+    """What `gsutil cp gs://b/o#GENERATION` needs: in the entry, but no attribute showed it."""
+    blob = gcs.put("gen/a.bin", b"generation one")
+    run = track(gcs.url("gen"))
+    with mounted(tmp_path / "mnt", *artifact_args(run.id, "data", tmp_path / "cache")) as mount:
+        path = mount.path / "a.bin"
+        assert os.getxattr(path, "user.artifactfs.generation") == str(blob.generation).encode()
+        assert "user.artifactfs.hash_algorithm" not in os.listxattr(path)  # an MD5: no mark
+        assert path.read_bytes() == b"generation one"
 
 
 def test_single_object_named_exactly_is_one_entry_by_base_name(gcs) -> None:

@@ -20,6 +20,7 @@ import artifactfs
 from artifactfs.sources import reset_sources
 from tests.support.bucket_tracking import check_an_object_that_is_also_a_folder_is_tracked_as_named
 from tests.support.faultproxy import fault_proxy
+from tests.support.mounts import artifact_args, mounted
 from tests.support.stores import make_local_store, store_counts
 
 pytestmark = pytest.mark.s3
@@ -277,6 +278,21 @@ def test_versioned_bucket_tracks_latest_versions_only(s3) -> None:
     assert single.file_path == "a.txt"
     assert single.metadata["version_id"] == latest_a["VersionId"]
     assert single.file_hash == etag_of(latest_a)
+
+
+def test_the_mount_shows_which_version_of_an_object_was_tracked(s3, tmp_path: Path) -> None:
+    """The version id is what fetches those bytes elsewhere (`aws s3api get-object
+    --version-id`): in the entry's metadata, but no attribute of the mount showed it."""
+    enable_versioning(s3)
+    tracked = s3.put("m/a.txt", b"a as tracked")
+    run = track(s3.url("m"))
+    s3.put("m/a.txt", b"a, overwritten since")
+    cache = tmp_path / "cache"
+    with mounted(tmp_path / "mnt", *artifact_args(run.id, "data", cache)) as mount:
+        path = mount.path / "a.txt"
+        assert os.getxattr(path, "user.artifactfs.version_id") == tracked["VersionId"].encode()
+        assert "user.artifactfs.version_id" in os.listxattr(path)
+        assert path.read_bytes() == b"a as tracked"  # that version, not the latest
 
 
 @pytest.mark.parametrize("denied", [("versioning",), ("versioning", "versions")])

@@ -28,7 +28,8 @@ def worker_pool(workers: int) -> Iterator[ThreadPoolExecutor]:
 
 def interruptible(work: Callable[[threading.Event], T]) -> T:
     """`work(stop)` on a thread of its own, the calling thread waiting for it; on a Ctrl-C
-    (KeyboardInterrupt) `stop` is set, the work is waited for, and the interrupt raised.
+    (KeyboardInterrupt, or any exception raised in the waiting thread) `stop` is set, the
+    work is waited for, and the exception raised.
 
     A Ctrl-C is raised in the main thread wherever it is. Inside a pool's submit() it can leave
     a lock of the pool's taken for good (Python code takes it: `with self._cond`), and every
@@ -52,16 +53,18 @@ def interruptible(work: Callable[[threading.Event], T]) -> T:
         finally:
             done.release()
 
-    started = None
     try:
         # Not threading.Thread: its start() waits on a lock-taking Event, where a Ctrl-C
         # could leave the lock taken and the new thread stuck before it runs `work`.
-        started = _thread.start_new_thread(run, ())
+        _thread.start_new_thread(run, ())
         _wait_for(ended, done)
-    except KeyboardInterrupt:
-        if started is not None:
-            stop.set()
-            _wait_for(ended, done)  # the calls under way end; a second Ctrl-C leaves them be
+    except BaseException as exc:  # a Ctrl-C; or SystemExit from a SIGTERM handler
+        if isinstance(exc, RuntimeError) and exc.args == ("can't start new thread",):
+            raise  # no thread: nothing to stop
+        # A signal is raised as the call that started the thread returns, inside this try:
+        # so the thread exists, and is stopped and waited for.
+        stop.set()
+        _wait_for(ended, done)  # the calls under way end; a second Ctrl-C leaves them be
         raise
     result, failure = ended[0]
     if failure is not None:

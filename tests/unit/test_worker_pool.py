@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -67,3 +68,27 @@ def test_work_that_ends_gives_its_result_or_raises_its_error() -> None:
 
     with pytest.raises(ValueError, match="bad input"):
         interruptible(failing)
+
+
+def test_a_ctrl_c_raised_as_the_thread_starts_still_stops_the_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A signal is raised as the call that started the thread returns: the work went on to
+    its end (a whole download, after the user saw the KeyboardInterrupt)."""
+    from artifactfs import worker_pool as module
+
+    real_start = _thread.start_new_thread
+
+    def start_then_interrupted(function: Any, args: Any) -> None:
+        real_start(function, args)
+        raise KeyboardInterrupt  # as the pending SIGINT's handler would, right here
+
+    monkeypatch.setattr(module._thread, "start_new_thread", start_then_interrupted)
+    seen: list[str] = []
+
+    def work(stop: threading.Event) -> None:
+        seen.append("stopped" if stop.wait(5.0) else "ran to its end")
+
+    with pytest.raises(KeyboardInterrupt):
+        interruptible(work)
+    assert seen == ["stopped"]

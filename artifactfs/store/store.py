@@ -761,8 +761,10 @@ class Store:
         has taken a run number."""
         project_record = self.ensure_project(project)
         with self._write() as conn:
-            run = self._insert_next_run(conn, project_record)
+            # The artifact first: taking the run number locks the project's row (PostgreSQL)
+            # until the commit, and other runs of the project wait for it meanwhile.
             record = self._insert_artifact(conn, entries)
+            run = self._insert_next_run(conn, project_record)
             self._insert_field(conn, run, field_path, record)
         return run, record
 

@@ -6,6 +6,7 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import pytest
 from sqlalchemy import update
 
 import artifactfs
+from artifactfs.entries import ArtifactFileData
 from artifactfs.errors import ArtifactfsError
-from artifactfs.naming import derive_project_key
+from artifactfs.naming import derive_project_key, parse_project
 from artifactfs.store import Store, schema
 from tests.conftest import make_tree
 from tests.support.mounts import mounted
@@ -50,6 +52,45 @@ def test_four_hosts_creating_runs_at_once_get_distinct_gap_free_ids(
     assert len(ids) == 200
     key = derive_project_key("race")
     assert sorted(ids, key=lambda i: int(i.split("-")[1])) == [f"{key}-{n}" for n in range(1, 201)]
+
+
+def test_a_new_run_with_a_large_field_holds_up_no_other_run_of_its_project(
+    postgres: PostgresServer,
+) -> None:
+    """`track` without --run writes the run and its field in one transaction. It took the
+    run number (which locks the project's row) before inserting the entries, so every other
+    job's `init_run` in that project waited for the whole insert."""
+    uri = postgres.uri(postgres.create_database())
+    project = parse_project("ml/big")
+    store, other = Store(uri), Store(uri)
+    try:
+        store.create_run(project)  # the project exists
+        entries = [
+            ArtifactFileData(f"d{i % 100}/f{i:06d}.bin", f"{i:040x}", "Local", i, {})
+            for i in range(60_000)
+        ]
+        ended: list[str] = []
+        big = threading.Thread(
+            target=lambda: (
+                store.create_run_with_field(project, "data", entries),
+                ended.append("big"),
+            )
+        )
+        big.start()
+        time.sleep(1.0)  # the big insert is under way (it takes seconds)
+        assert big.is_alive(), "the insert ended before the other job started: too few entries"
+        ended.append(f"other {other.create_run(project).run_id}")
+        big.join(120)
+        key = derive_project_key("big")
+        assert ended == [f"other {key}-2", "big"]  # the other job did not wait for it
+        assert [(r.run_id, r.fields) for r in other.list_runs(project)] == [
+            (f"{key}-1", ()),
+            (f"{key}-2", ()),
+            (f"{key}-3", ("data",)),  # its number taken once its entries were in
+        ]
+    finally:
+        store.close()
+        other.close()
 
 
 def test_two_daemons_see_a_new_run_within_seconds_and_read_the_same_bytes(

@@ -9,18 +9,20 @@ Paths from the store are validated again here: a store written by someone else m
 write outside the destination (no `..`, no absolute paths, no following a symlink that an
 earlier file or an attacker planted inside the destination). Each file is written to a temporary
 name beside its target and renamed into place only once its bytes check out; such names left by
-a download killed mid-file are removed by the next one into the same directories.
+a download killed mid-file are removed by the next download that writes into their directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
-import socket
+import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,8 +226,10 @@ def _already_there(entry: ArtifactFileData, target: str) -> bool:
 def _fetch_verified(entry: ArtifactFileData, target: str, reader: Reader | None) -> None:
     check = ContentCheck(entry)
     directory = os.path.dirname(target)
-    fd, temp_path = tempfile.mkstemp(prefix=_part_prefix(), suffix=".part", dir=directory)
+    fd, temp_path = tempfile.mkstemp(prefix=".artifactfs-", suffix=".part", dir=directory)
     try:
+        # Locked until renamed (closing it lets go): a later download leaves it alone.
+        fcntl.flock(fd, fcntl.LOCK_EX)
         with os.fdopen(fd, "wb") as out:
             if reader is not None and entry.type != TYPE_LOCAL:
                 pieces = reader.iter_file(entry)
@@ -234,32 +238,26 @@ def _fetch_verified(entry: ArtifactFileData, target: str, reader: Reader | None)
             for piece in pieces:
                 check.update(piece)
                 out.write(piece)
-        problem = check.problem()
-        if problem is not None:
-            raise CheckFailedError(f"{entry.source_url}: {problem}")
-        os.chmod(temp_path, 0o644 & ~_UMASK)
-        _set_mtime(temp_path, entry)
-        os.replace(temp_path, target)
+            out.flush()
+            problem = check.problem()
+            if problem is not None:
+                raise CheckFailedError(f"{entry.source_url}: {problem}")
+            os.chmod(temp_path, 0o644 & ~_UMASK)
+            _set_mtime(temp_path, entry)
+            os.replace(temp_path, target)
     except BaseException:
-        os.unlink(temp_path)
+        with contextlib.suppress(FileNotFoundError):  # renamed already: closing it failed
+            os.unlink(temp_path)
         raise
-
-
-def _part_prefix() -> str:
-    """A temporary file's name starts with who writes it, so that a later download can tell
-    one left by a killed process from one that another download is writing now."""
-    return f".artifactfs-{_HOST}-{os.getpid()}-"
-
-
-# The host's name as a part of a file name (no "-": it separates the parts).
-_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
-_PART_NAME = re.compile(r"\.artifactfs-(?P<host>[^-]+)-(?P<pid>[0-9]+)-.*\.part\Z")
 
 
 class _StaleParts:
     """Removes, once per directory a download writes into, the temporary files that downloads
-    killed mid-file (SIGKILL, a crash, the machine's OOM killer) on this host left there: a
-    download that completes leaves DEST holding the artifact's files, not those too."""
+    killed mid-file (SIGKILL, a crash, the machine's OOM killer) left there: a download that
+    completes leaves DEST holding the artifact's files, not those too. A download holds a lock
+    on its temporary file until it is renamed (`flock`: of this host's processes, and of other
+    hosts' on NFS), so a file that can be locked is no one's; a file made in the last second
+    is left alone too (it is locked just after it is made)."""
 
     def __init__(self) -> None:
         self._seen: set[str] = set()
@@ -271,24 +269,34 @@ class _StaleParts:
                 return
             self._seen.add(directory)
         try:
-            names = os.listdir(directory)
+            names = [name for name in os.listdir(directory) if _PART_NAME.match(name)]
         except OSError:
             return  # the write into it fails next, and says why
         for name in names:
-            found = _PART_NAME.match(name)
-            if found and found["host"] == _HOST and not _process_alive(int(found["pid"])):
-                with contextlib.suppress(OSError):  # removed meanwhile by another download
-                    os.unlink(os.path.join(directory, name))
+            _remove_if_no_ones(os.path.join(directory, name))
 
 
-def _process_alive(pid: int) -> bool:
+_PART_NAME = re.compile(r"\.artifactfs-.*\.part\Z")
+STALE_AFTER = 1.0  # seconds since a temporary file was last written before it may be no one's
+
+
+def _remove_if_no_ones(path: str) -> None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return  # gone meanwhile, or not a file of ours (a link, say)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or time.time() - info.st_mtime < STALE_AFTER:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # a download is writing it
+        with contextlib.suppress(OSError):  # renamed or removed meanwhile
+            os.unlink(path)
+    finally:
+        os.close(fd)
 
 
 def _link_local(entry: ArtifactFileData, target: str) -> str | None:

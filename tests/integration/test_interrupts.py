@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,7 +74,9 @@ def test_ctrl_c_stops_a_download_at_once(many_files: Path, tmp_path: Path) -> No
 
 def test_a_download_killed_mid_file_leaves_nothing_once_run_again(tmp_path: Path) -> None:
     """A SIGKILL leaves the file being written under its temporary name; the next download
-    into DEST, once complete, left it there too, for a training job or rsync to pick up."""
+    into DEST, once complete, left it there too, for a training job or rsync to pick up.
+    Another download's file, being written, is left alone: it holds a lock on it (a host
+    name and a pid in the name would not tell: containers share one, PIDs are reused)."""
     big = tmp_path / "data" / "big"
     big.mkdir(parents=True)
     blocks = [bytes([n]) * (1 << 20) for n in range(256)]
@@ -95,22 +100,24 @@ def test_a_download_killed_mid_file_leaves_nothing_once_run_again(tmp_path: Path
         process.wait()
     left = list(dest.rglob(".artifactfs-*.part"))
     assert left, "killed before a temporary file was made"
-    # Another process's file, writing now, and another host's are not this download's to take.
-    writing = dest / "big" / f".artifactfs-{_this_host()}-{os.getpid()}-x.part"
-    elsewhere = dest / "big" / ".artifactfs-otherhost-1-x.part"
+    # Another download's file, being written (locked, as a download locks its own), stays,
+    # even named as one of this host's by a pid not running here (another PID namespace).
+    writing = dest / "big" / f".artifactfs-{_this_host()}-{_dead_pid()}-x.part"
     writing.write_bytes(b"being written")
-    elsewhere.write_bytes(b"on another host")
-
-    run["data"].download(str(dest))
-
-    assert sorted(p.name for p in (dest / "big").iterdir()) == sorted(
-        ["a.bin", "b.bin", writing.name, elsewhere.name]
-    )
+    os.utime(writing, (0, 0))  # old, as a stalled download's may be
+    time.sleep(1.1)  # the killed one's file is older than a second: no one is about to lock it
+    with open(writing, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        run["data"].download(str(dest))
+    assert sorted(p.name for p in (dest / "big").iterdir()) == [writing.name, "a.bin", "b.bin"]
     assert (dest / "big" / "a.bin").read_bytes() == (big / "a.bin").read_bytes()
 
 
-def _this_host() -> str:
-    import re
-    import socket
+def _dead_pid() -> int:
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    return ended.pid
 
+
+def _this_host() -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())

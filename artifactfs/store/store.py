@@ -277,7 +277,7 @@ class Store:
     @property
     def _waiting_notice(self) -> str:
         return (
-            f"store {_redact(self.uri)} is locked by another process writing to it: "
+            f"store {_redact(self.uri)} is locked by another writer (a process or thread): "
             f"waiting for it (up to {SQLITE_BUSY_SECONDS} s)"
         )
 

@@ -480,8 +480,8 @@ def test_a_write_that_waits_for_another_writer_says_so_then_goes_on(
     assert tracked.returncode == 0, tracked
     assert tracked.last_line == "P-2"
     assert tracked.stderr.splitlines() == [
-        f"artifactfs: warning: store sqlite:///{store} is locked by another process writing "
-        "to it: waiting for it (up to 120 s)"
+        f"artifactfs: warning: store sqlite:///{store} is locked by another writer (a process "
+        "or thread): waiting for it (up to 120 s)"
     ], tracked.stderr
 
 

@@ -228,8 +228,10 @@ def _fetch_verified(entry: ArtifactFileData, target: str, reader: Reader | None)
     directory = os.path.dirname(target)
     fd, temp_path = tempfile.mkstemp(prefix=".artifactfs-", suffix=".part", dir=directory)
     try:
-        # Locked until renamed (closing it lets go): a later download leaves it alone.
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        # Locked until renamed (closing it lets go): a later download leaves it alone. On a
+        # file system without locks, none: a later download then cannot lock it either.
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
         with os.fdopen(fd, "wb") as out:
             if reader is not None and entry.type != TYPE_LOCAL:
                 pieces = reader.iter_file(entry)

@@ -1,4 +1,5 @@
-"""Ctrl-C on a long command stops it at once: exit 130, one line, nothing half-written."""
+"""Ctrl-C on a download stops it: exit 130, one line, no file started after it, none left
+half-written; a download killed mid-file leaves nothing behind once run again."""
 
 from __future__ import annotations
 

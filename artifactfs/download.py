@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from artifactfs.cache import CacheBusyError, CacheFormatError, ChunkCache
+from artifactfs.cache import CacheUnusableError, ChunkCache
 from artifactfs.cache.location import DEFAULT_CACHE_SIZE, chunk_directory, parse_size
 from artifactfs.entries import TYPE_LOCAL, ArtifactFileData, parse_time, path_problem
 from artifactfs.errors import ArtifactfsError, CheckFailedError
@@ -163,11 +163,11 @@ def _cached_reader() -> Iterator[Reader]:
     with contextlib.ExitStack() as stack:
         try:
             cache = ChunkCache(directory, limit)
-        except (CacheBusyError, CacheFormatError) as exc:
+        except CacheUnusableError as exc:
             # Not the errors' advice (another --cache-dir): `download` has no such option.
             log.warning(
                 "%s: downloading through a temporary cache (bytes cached there are fetched again)",
-                _why_not_usable(exc),
+                exc.reason,
             )
             directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             scratch = tempfile.TemporaryDirectory(prefix="download-", dir=directory.parent)
@@ -177,12 +177,6 @@ def _cached_reader() -> Iterator[Reader]:
         reader = Reader(cache)
         stack.callback(reader.close)
         yield reader
-
-
-def _why_not_usable(exc: CacheBusyError | CacheFormatError) -> str:
-    if isinstance(exc, CacheBusyError):
-        return f"cache {exc.directory} is in use by another artifactfs process (pid {exc.holder})"
-    return f"cache {exc.directory} has format {exc.found!r}, which this artifactfs cannot use"
 
 
 def _download_one(

@@ -96,27 +96,38 @@ LOCK_NAME = "LOCK"
 CLOSE_WAIT = 30.0  # seconds `close` waits for writes under way (a stuck disk: let go anyway)
 
 
-class CacheBusyError(ArtifactfsError):
+class CacheUnusableError(ArtifactfsError):
+    """The cache directory cannot be used by this process; `reason` says why, without the
+    advice (which names mount's options)."""
+
+    def __init__(self, directory: Path, reason: str, advice: str) -> None:
+        super().__init__(f"{reason}: {advice}")
+        self.directory = directory
+        self.reason = reason
+
+
+class CacheBusyError(CacheUnusableError):
     """Another process uses the cache directory."""
 
     def __init__(self, directory: Path, holder: str, advice: str) -> None:
         super().__init__(
-            f"cache {directory} is in use by another artifactfs process (pid {holder}): {advice}"
+            directory,
+            f"cache {directory} is in use by another artifactfs process (pid {holder})",
+            advice,
         )
-        self.directory = directory
         self.holder = holder
 
 
-class CacheFormatError(ArtifactfsError):
+class CacheFormatError(CacheUnusableError):
     """The cache directory holds a cache of a format this artifactfs does not know (a newer
     one's): left as it is."""
 
     def __init__(self, directory: Path, found: str) -> None:
         super().__init__(
-            f"cache {directory} has format {found!r}, this artifactfs uses "
-            f"{FORMAT_TEXT.strip()!r}: remove that directory or pick another --cache-dir"
+            directory,
+            f"cache {directory} has format {found!r}, which this artifactfs cannot use",
+            f"it uses {FORMAT_TEXT.strip()!r}; remove that directory or pick another --cache-dir",
         )
-        self.directory = directory
         self.found = found
 
 

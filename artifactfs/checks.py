@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -10,7 +9,7 @@ from artifactfs.entries import ArtifactFileData
 from artifactfs.errors import ArtifactfsError, SourceChangedError, UnreadableSourceError
 from artifactfs.progress import progress_bar
 from artifactfs.sources import source_for_entry
-from artifactfs.worker_pool import interruptible, worker_pool
+from artifactfs.worker_pool import map_interruptibly
 
 VERIFY_WORKERS = 8
 
@@ -42,20 +41,14 @@ def verify_entries(
     """file_path -> why its source does not hold, or may not hold, the tracked bytes; empty
     when all do."""
     problems: dict[str, VerifyProblem] = {}
+    with progress_bar(len(entries), "verifying", enabled=show_progress) as bar:
 
-    def verify_all(stop: threading.Event) -> None:
-        with (
-            progress_bar(len(entries), "verifying", enabled=show_progress) as bar,
-            worker_pool(VERIFY_WORKERS) as pool,
-        ):
-            for entry, problem in zip(entries, pool.map(_problem, entries), strict=True):
-                if stop.is_set():
-                    return
-                bar.update(1)
-                if problem is not None:
-                    problems[entry.file_path] = problem
+        def record(entry: ArtifactFileData, problem: VerifyProblem | None) -> None:
+            bar.update(1)
+            if problem is not None:
+                problems[entry.file_path] = problem
 
-    interruptible(verify_all)
+        map_interruptibly(_problem, entries, VERIFY_WORKERS, record)
     return problems
 
 

@@ -36,7 +36,7 @@ from artifactfs.reader import Reader
 from artifactfs.sources import source_for_entry
 from artifactfs.sources.local import local_path_of
 from artifactfs.verification import ContentCheck
-from artifactfs.worker_pool import interruptible, worker_pool
+from artifactfs.worker_pool import map_interruptibly
 
 log = logging.getLogger(__name__)
 
@@ -84,32 +84,23 @@ def download_entries(
         total = sum(e.size or 0 for e in entries)
         stale = _StaleParts()
 
-        def download_all(stop: threading.Event) -> None:
-            with (
-                progress_bar(
-                    total, "downloading", unit="B", unit_scale=True, enabled=show_progress
-                ) as bar,
-                worker_pool(DOWNLOAD_WORKERS) as pool,
-            ):
-                for entry, outcome in zip(
-                    entries,
-                    pool.map(
-                        lambda e: _download_one(e, root, created, stale, symlink_local, reader),
-                        entries,
-                    ),
-                    strict=True,
-                ):
-                    if stop.is_set():
-                        return
-                    bar.update(entry.size or 0)
-                    if outcome is None:
-                        report.written.append(entry.file_path)
-                    elif outcome == "unchanged":
-                        report.unchanged.append(entry.file_path)
-                    else:
-                        report.failed[entry.file_path] = outcome
+        bar = stack.enter_context(
+            progress_bar(total, "downloading", unit="B", unit_scale=True, enabled=show_progress)
+        )
 
-        interruptible(download_all)
+        def download(entry: ArtifactFileData) -> str | None:
+            return _download_one(entry, root, created, stale, symlink_local, reader)
+
+        def record(entry: ArtifactFileData, outcome: str | None) -> None:
+            bar.update(entry.size or 0)
+            if outcome is None:
+                report.written.append(entry.file_path)
+            elif outcome == "unchanged":
+                report.unchanged.append(entry.file_path)
+            else:
+                report.failed[entry.file_path] = outcome
+
+        map_interruptibly(download, entries, DOWNLOAD_WORKERS, record)
     if report.failed:
         details = "; ".join(f"{path}: {why}" for path, why in sorted(report.failed.items()))
         raise CheckFailedError(f"download failed for {len(report.failed)} file(s): {details}")

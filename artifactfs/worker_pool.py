@@ -5,11 +5,12 @@ from __future__ import annotations
 import _thread
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 WAIT_STEP = 0.1  # seconds between looks at whether the work has ended, as well
 
@@ -24,6 +25,26 @@ def worker_pool(workers: int) -> Iterator[ThreadPoolExecutor]:
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def map_interruptibly(
+    job: Callable[[T], R],
+    items: Sequence[T],
+    workers: int,
+    on_result: Callable[[T, R], None],
+) -> None:
+    """`job(item)` for every item on `workers` threads; `on_result(item, result)` for each,
+    in the items' order, on one thread. A Ctrl-C stops it as `interruptible` says: the calls
+    under way end, no other starts, and no further result is handed on."""
+
+    def run_all(stop: threading.Event) -> None:
+        with worker_pool(workers) as pool:
+            for item, result in zip(items, pool.map(job, items), strict=True):
+                if stop.is_set():
+                    return
+                on_result(item, result)
+
+    interruptible(run_all)
 
 
 def interruptible(work: Callable[[threading.Event], T]) -> T:

@@ -1,4 +1,5 @@
-"""A pool's queued work is dropped when its block ends by an exception (a Ctrl-C)."""
+"""A pool's queued work is dropped when its block ends by an exception (a Ctrl-C), and a
+Ctrl-C stops work run by `interruptible` and `map_interruptibly`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from artifactfs.worker_pool import interruptible, worker_pool
+from artifactfs.worker_pool import interruptible, map_interruptibly, worker_pool
 
 
 def test_an_interrupted_block_runs_the_calls_under_way_and_drops_the_queued() -> None:
@@ -92,3 +93,34 @@ def test_a_ctrl_c_raised_as_the_thread_starts_still_stops_the_work(
     with pytest.raises(KeyboardInterrupt):
         interruptible(work)
     assert seen == ["stopped"]
+
+
+def test_a_map_hands_every_result_on_in_the_items_order() -> None:
+    seen: list[tuple[int, int]] = []
+
+    def slow_for_small(n: int) -> int:
+        time.sleep(0.01 * (10 - n))  # the first items end last
+        return n * n
+
+    map_interruptibly(slow_for_small, range(10), 4, lambda n, square: seen.append((n, square)))
+    assert seen == [(n, n * n) for n in range(10)]
+
+
+def test_a_ctrl_c_stops_a_map_with_no_result_handed_on_after_it() -> None:
+    """What `download` and `verify` rely on: after a Ctrl-C no file is counted or reported,
+    and the files queued are not started."""
+    started: list[int] = []
+    handed_on: list[int] = []
+
+    def job(n: int) -> int:
+        started.append(n)
+        if n == 3:
+            _thread.interrupt_main()  # a Ctrl-C while the fourth item runs
+        time.sleep(0.3)  # longer than the waiting thread takes to see the Ctrl-C
+        return n
+
+    with pytest.raises(KeyboardInterrupt):
+        map_interruptibly(job, range(200), 2, lambda n, result: handed_on.append(n))
+    assert len(started) <= 8, started  # not the 200
+    assert handed_on == list(range(len(handed_on)))
+    assert len(handed_on) <= 3, handed_on  # none after the Ctrl-C: the fourth's came after it

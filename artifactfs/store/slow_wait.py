@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,15 +15,71 @@ log = logging.getLogger(__name__)
 NOTICE_AFTER = 3.0  # seconds a write may wait for the store's lock before the user is told
 
 
+class _Watchdog:
+    """One thread that logs the notices of blocks still running at their deadline. A
+    `threading.Timer` per block started a thread for every SQLite write transaction: ~0.3 ms,
+    a tenth of a small write's time. The thread sleeps until the earliest deadline, and is
+    woken only when a block's deadline comes before that (or it waits with none)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition(threading.Lock())
+        self._pending: dict[int, tuple[float, str]] = {}  # token -> (deadline, message)
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._wakes_at: float | None = None  # None: the thread waits for a new deadline
+
+    def watch(self, message: str, after: float) -> int:
+        deadline = time.monotonic() + after
+        with self._changed:
+            token = next(self._tokens)
+            self._pending[token] = (deadline, message)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="artifactfs-slow-wait", daemon=True
+                )
+                self._thread.start()
+            elif self._wakes_at is None or deadline < self._wakes_at:
+                self._changed.notify()
+        return token
+
+    def forget(self, token: int) -> None:
+        with self._changed:
+            self._pending.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                due = [t for t, (deadline, _) in self._pending.items() if deadline <= now]
+                messages = [self._pending.pop(t)[1] for t in due]
+                if not messages:
+                    self._wakes_at = min((d for d, _ in self._pending.values()), default=None)
+                    self._changed.wait(None if self._wakes_at is None else self._wakes_at - now)
+                    continue
+            for message in messages:  # not under the lock: a slow log handler holds no write up
+                log.warning(message)
+
+
+_watchdog = _Watchdog()
+
+
+def _new_watchdog_in_child() -> None:
+    # A forked child has no watchdog thread, and the lock may have been held at the fork.
+    global _watchdog
+    _watchdog = _Watchdog()
+
+
+os.register_at_fork(after_in_child=_new_watchdog_in_child)
+
+
 @contextmanager
 def said_if_slow(message: str, after: float = NOTICE_AFTER) -> Iterator[None]:
     """Logs `message` as a warning if the block is still running `after` seconds in: SQLite
     waits up to two minutes for another writer's lock, and a `track` that waited said
     nothing until it failed or went on."""
-    timer = threading.Timer(after, log.warning, (message,))
-    timer.daemon = True
-    timer.start()
+    watchdog = _watchdog
+    token = watchdog.watch(message, after)
     try:
         yield
     finally:
-        timer.cancel()
+        watchdog.forget(token)

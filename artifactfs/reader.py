@@ -671,14 +671,16 @@ class Reader:
         """The in-flight fetch of this chunk, started if there is none (one fetch per chunk)."""
         key = self._key(entry, index)
         with self._lock:
-            future = self._inflight.get(key)
-            started = future is None
-            if future is None:
-                future = self._pool.submit(self._fetch_chunk, entry, index, key)
-                self._inflight[key] = future
-        if started:
-            # Outside the lock: a callback on a finished future runs at once, in this thread.
-            future.add_done_callback(self._forget_inflight)
+            running = self._inflight.get(key)
+            # A finished fetch stays here until its callback runs, after its waiters went on:
+            # its chunk may have been dropped since (evicted, or failing a check), so it is
+            # fetched again rather than served from that old result.
+            if running is not None and not running.done():
+                return running
+            future = self._pool.submit(self._fetch_chunk, entry, index, key)
+            self._inflight[key] = future
+        # Outside the lock: a callback on a finished future runs at once, in this thread.
+        future.add_done_callback(self._forget_inflight)
         return future
 
     def _forget_inflight(self, done: Future[bytes]) -> None:

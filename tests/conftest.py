@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from artifactfs.sources import reset_sources
+from tests.support.cli_launcher import Launcher, cli_launcher
 from tests.support.postgres import PostgresServer, postgres_server
 from tests.support.s3_helpers import RcloneBucket, new_rclone_bucket
 from tests.support.servers import gcs_emulator, moto_server, rclone_s3
@@ -31,6 +32,7 @@ _CLEARED = (
 
 
 STORE_BACKENDS = ("sqlite", "postgresql")
+CLI_TIMEOUT = 300  # seconds: a command that hangs fails its test instead
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -92,23 +94,47 @@ class CliResult:
         return self.stdout.strip().splitlines()[-1]
 
 
+_launcher: Launcher | None = None  # set by the `cli` fixture's session-wide launcher
+
+
 def run_cli(*args: str, cwd: Path | None = None, check: bool | None = None) -> CliResult:
-    """The real `artifactfs` command in a child process, with this test's environment."""
-    process = subprocess.run(
-        [sys.executable, "-m", "artifactfs", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
-    )
-    result = CliResult(process.returncode, process.stdout, process.stderr)
-    if check and process.returncode != 0:
+    """The real `artifactfs` command in a child process, with this test's environment: from
+    the warm launcher when there is one (tests/support/cli_launcher.py says what that keeps),
+    else from a fresh interpreter."""
+    if _launcher is not None and _launcher.can_run():
+        code, stdout, stderr = _launcher.run(list(args), str(cwd or os.getcwd()), CLI_TIMEOUT)
+        result = CliResult(code, stdout, stderr)
+    else:
+        process = subprocess.run(
+            [sys.executable, "-m", "artifactfs", *args],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            timeout=CLI_TIMEOUT,
+        )
+        result = CliResult(process.returncode, process.stdout, process.stderr)
+    if check and result.returncode != 0:
         raise AssertionError(f"artifactfs {' '.join(args)} failed: {result}")
     return result
 
 
+@pytest.fixture(scope="session")
+def warm_cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Commands started from a warm launcher, unless ARTIFACTFS_TEST_FRESH_CLI=1."""
+    global _launcher
+    if os.environ.get("ARTIFACTFS_TEST_FRESH_CLI") == "1":
+        yield
+        return
+    with cli_launcher(tmp_path_factory.mktemp("cli-launcher")) as launcher:
+        _launcher = launcher
+        try:
+            yield
+        finally:
+            _launcher = None
+
+
 @pytest.fixture
-def cli() -> Any:
+def cli(warm_cli: None) -> Any:
     return run_cli
 
 

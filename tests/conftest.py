@@ -36,9 +36,13 @@ CLI_TIMEOUT = 300  # seconds: a command that hangs fails its test instead
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Modules marked `store_backends` run every test once per store backend."""
+    """Modules marked `store_backends` run every test once per store backend, but for tests
+    marked `backend_independent` (the backend plays no part: a refusal before the store is
+    used, the FUSE layer, output formatting), which run on SQLite only."""
     if metafunc.definition.get_closest_marker("store_backends"):
-        metafunc.parametrize("store_backend", STORE_BACKENDS, indirect=True, scope="function")
+        independent = metafunc.definition.get_closest_marker("backend_independent")
+        backends = STORE_BACKENDS[:1] if independent else STORE_BACKENDS
+        metafunc.parametrize("store_backend", backends, indirect=True, scope="function")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,8 @@ from artifactfs.reader import Reader, ReadError
 from artifactfs.store import Store, default_store_path
 from tests.conftest import make_tree
 
-# Every test here runs against SQLite and against PostgreSQL.
+# Every test here runs against SQLite and against PostgreSQL, but those marked
+# backend_independent (SQLite only: the backend plays no part in what they check).
 pytestmark = pytest.mark.store_backends
 
 FILES = {
@@ -304,6 +305,7 @@ def track(cli, *args: str) -> str:
     return result.last_line
 
 
+@pytest.mark.backend_independent
 def test_cli_download_reproduces_every_byte(cli, datasets: Path, tmp_path: Path) -> None:
     run_id = track(cli, "data", str(datasets))
     assert run_id == "CLS-1"
@@ -319,6 +321,7 @@ def test_cli_download_reproduces_every_byte(cli, datasets: Path, tmp_path: Path)
     assert verified.last_line == f"OK: {len(FILES)} file(s) in CLS-1 match what was tracked"
 
 
+@pytest.mark.backend_independent
 def test_cli_verify_of_a_run_with_no_fields_says_there_is_nothing_to_check(cli) -> None:
     run = artifactfs.init_run(project="ml-team/classification")
     run.stop()
@@ -328,6 +331,7 @@ def test_cli_verify_of_a_run_with_no_fields_says_there_is_nothing_to_check(cli) 
     assert cli("verify", run.id, "data").returncode == 2  # a field it does not have
 
 
+@pytest.mark.backend_independent
 def test_cli_download_and_verify_fail_when_a_source_changed(
     cli, datasets: Path, tmp_path: Path
 ) -> None:
@@ -356,6 +360,7 @@ def test_cli_download_and_verify_fail_when_a_source_changed(
     assert "test/c.csv" in verified.stdout + verified.stderr
 
 
+@pytest.mark.backend_independent
 def test_a_tracked_file_replaced_by_a_pipe_or_a_directory_is_said_so_and_never_waited_on(
     cli, tmp_path: Path
 ) -> None:
@@ -390,6 +395,7 @@ def test_a_tracked_file_replaced_by_a_pipe_or_a_directory_is_said_so_and_never_w
         reader.cache.close()
 
 
+@pytest.mark.backend_independent
 def test_a_download_that_writes_nothing_leaves_the_destination_as_it_was(
     cli, datasets: Path, tmp_path: Path
 ) -> None:
@@ -412,6 +418,7 @@ def test_a_download_that_writes_nothing_leaves_the_destination_as_it_was(
     assert sorted(p.name for p in (kept / "train").iterdir()) == ["old.csv"]
 
 
+@pytest.mark.backend_independent
 def test_download_into_a_destination_that_cannot_be_made_is_one_line(
     cli, datasets: Path, tmp_path: Path
 ) -> None:
@@ -449,6 +456,7 @@ def test_runs_before_anything_was_tracked_lists_none_and_makes_no_store(cli) -> 
     assert not default_store_path().parent.exists()
 
 
+@pytest.mark.backend_independent
 def test_an_empty_download_destination_is_refused(cli, datasets: Path, tmp_path: Path) -> None:
     """`download RUN FIELD "$OUT"` with OUT unset wrote into the current directory."""
     run_id = track(cli, "data", str(datasets))
@@ -465,6 +473,7 @@ def test_an_empty_download_destination_is_refused(cli, datasets: Path, tmp_path:
     assert read_tree(here) == FILES
 
 
+@pytest.mark.backend_independent
 def test_a_field_argument_may_end_with_a_slash_as_in_the_api(cli, datasets: Path) -> None:
     """A shell completes a directory-like field name with a slash; `run["data/"]` takes it."""
     run_id = track(cli, "data", str(datasets))
@@ -485,6 +494,7 @@ def test_a_field_argument_may_end_with_a_slash_as_in_the_api(cli, datasets: Path
     assert verified.stdout.startswith("CHANGED data/train/b.csv: "), verified.stdout  # not data//
 
 
+@pytest.mark.backend_independent
 def test_cli_diff(cli, tmp_path: Path) -> None:
     old = make_tree(
         tmp_path / "old", {"same.txt": b"same", "gone.txt": b"gone", "changed/x.csv": b"1"}
@@ -524,6 +534,7 @@ def test_a_warning_of_artifactfs_reaches_a_cli_user_as_one_line_and_the_command_
     ], result.stderr
 
 
+@pytest.mark.backend_independent
 def test_files_columns_line_up_as_a_terminal_shows_wide_and_combining_characters(
     cli, tmp_path: Path
 ) -> None:
@@ -544,6 +555,7 @@ def test_files_columns_line_up_as_a_terminal_shows_wide_and_combining_characters
     assert len(starts) == 1, listed.stdout
 
 
+@pytest.mark.backend_independent
 def test_names_with_newlines_and_quotes_are_one_quoted_line_each(cli, tmp_path: Path) -> None:
     """A newline in a file name would split `files`, `diff` and `verify` lines in two: such
     names (and any with a control character, a quote or a backslash) print as git prints them."""

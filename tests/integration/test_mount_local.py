@@ -30,7 +30,8 @@ from tests.support.mounts import (
     wait_gone,
 )
 
-# Every test here runs against SQLite and against PostgreSQL.
+# Every test here runs against SQLite and against PostgreSQL, but those marked
+# backend_independent (SQLite only: the backend plays no part in what they check).
 pytestmark = pytest.mark.store_backends
 
 FILE_XATTRS = (
@@ -407,6 +408,7 @@ def test_inode_numbers_are_stable_across_mounts_and_distinct(cli: Any, tmp_path:
 # -- 5. read-only ---------------------------------------------------------------------------
 
 
+@pytest.mark.backend_independent
 def test_every_write_fails_with_erofs(cli: Any, tmp_path: Path) -> None:
     files = {"a.txt": b"hello\n", "sub/b.txt": b"bee\n"}
     run_id = track(cli, "ml/cls", "data", make_tree(tmp_path / "src", files))
@@ -465,6 +467,7 @@ def test_every_write_fails_with_erofs(cli: Any, tmp_path: Path) -> None:
 # -- 6. changed sources ---------------------------------------------------------------------
 
 
+@pytest.mark.backend_independent
 def test_a_changed_local_file_fails_with_eio_and_is_logged(cli: Any, tmp_path: Path) -> None:
     files = {
         "same_size.bin": b"A" * 4096,
@@ -563,6 +566,7 @@ def _listdir_errno(path: Path) -> int:
     return 0
 
 
+@pytest.mark.backend_independent
 def test_a_killed_daemon_is_recovered_by_unmount(cli: Any, tmp_path: Path) -> None:
     run_id = track(cli, "ml/cls", "data", make_tree(tmp_path / "src", {"a.txt": b"alive\n"}))
     mnt = tmp_path / "mnt"
@@ -591,6 +595,7 @@ def test_a_killed_daemon_is_recovered_by_unmount(cli: Any, tmp_path: Path) -> No
 # -- 9. errors of mount and unmount ---------------------------------------------------------
 
 
+@pytest.mark.backend_independent
 def test_mount_and_unmount_print_an_odd_mount_point_as_one_quoted_line(
     cli: Any, tmp_path: Path
 ) -> None:
@@ -613,6 +618,7 @@ def test_mount_and_unmount_print_an_odd_mount_point_as_one_quoted_line(
         force_unmount(odd, pid)
 
 
+@pytest.mark.backend_independent
 def test_mount_and_unmount_errors_are_one_line_and_mount_nothing(cli: Any, tmp_path: Path) -> None:
     run_id = track(cli, "ml/cls", "data", make_tree(tmp_path / "src", {"a.txt": b"a\n"}))
 
@@ -688,6 +694,7 @@ def test_mount_and_unmount_errors_are_one_line_and_mount_nothing(cli: Any, tmp_p
 # -- 10. SIGTERM ----------------------------------------------------------------------------
 
 
+@pytest.mark.backend_independent
 def test_sigterm_unmounts_cleanly(cli: Any, tmp_path: Path) -> None:
     run_id = track(cli, "ml/cls", "data", make_tree(tmp_path / "src", {"a.txt": b"a\n"}))
     with mounted(tmp_path / "mnt") as mount:
@@ -779,6 +786,7 @@ def readdir_inodes(directory: Path) -> list[tuple[str, int]]:
     return found
 
 
+@pytest.mark.backend_independent
 def test_ls_a_shows_dot_and_dotdot_once_each(cli: Any, tmp_path: Path) -> None:
     # Enough names in one directory that the kernel reads its listing in many readdir calls.
     many = {f"sub/deep/{i:04d}.txt": b"%d\n" % i for i in range(600)}

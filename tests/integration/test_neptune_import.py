@@ -13,7 +13,8 @@ from artifactfs.store import Store
 from tests.conftest import S3Bucket, make_tree
 from tests.support.mounts import mounted
 
-# Every test here runs against SQLite and against PostgreSQL.
+# Every test here runs against SQLite and against PostgreSQL, but those marked
+# backend_independent (SQLite only: the backend plays no part in what they check).
 pytestmark = pytest.mark.store_backends
 
 ALICE = "/home/alice/project/datasets"
@@ -270,6 +271,7 @@ BAD_FILES = {
 }
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("problem", list(BAD_FILES))
 def test_bad_export_files_are_reported_and_the_rest_imported(
     cli, tmp_path: Path, problem: str
@@ -289,6 +291,7 @@ def test_bad_export_files_are_reported_and_the_rest_imported(
     assert "BD-9" not in runs
 
 
+@pytest.mark.backend_independent
 def test_bad_arguments_are_one_line_errors(cli, tmp_path: Path) -> None:
     for args in (
         ["import-neptune", str(tmp_path / "missing")],

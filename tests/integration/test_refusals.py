@@ -12,7 +12,8 @@ from artifactfs.store import Store
 from tests.conftest import make_tree
 from tests.support.stores import store_counts
 
-# Every test here runs against SQLite and against PostgreSQL.
+# Every test here runs against SQLite and against PostgreSQL, but those marked
+# backend_independent (SQLite only: the backend plays no part in what they check).
 pytestmark = pytest.mark.store_backends
 
 
@@ -88,10 +89,10 @@ def listed_runs() -> list[tuple[str, str, tuple[str, ...], str]]:
 
 
 # Each case: (name, arguments with {placeholders} from `world`, words the error must contain).
-CASES = [
+# Refused for the arguments alone, before the store is used: the backend plays no part.
+ARGUMENT_CASES = [
     ("missing path", ["track", "f", "{tmp}/no/such/dir"], ["no/such/dir"]),
     ("missing file url", ["track", "f", "file://{tmp}/no-such-file.csv"], ["no-such-file"]),
-    ("missing path in run", ["track", "--run", "P-1", "data", "{tmp}/nope"], ["nope"]),
     ("empty location", ["track", "f", ""], ["empty"]),
     ("blank location", ["track", "f", "   "], ["empty"]),
     ("wildcard star", ["track", "f", "{data}/*.csv"], ["wildcard"]),
@@ -100,19 +101,6 @@ CASES = [
     ("wildcard relative", ["track", "f", "data/*.csv"], ["wildcard"]),
     ("wildcard s3", ["track", "f", "s3://bucket/data/*.csv"], ["wildcard"]),
     ("wildcard gs", ["track", "f", "gs://bucket/data/*.csv"], ["wildcard"]),
-    # A path that is both a file and a directory, in one field of one run.
-    ("dir below a file", ["track", "--run", "P-2", "fd", "{xdir}"], ["'x'", "x/y"]),
-    ("file above a dir", ["track", "--run", "P-3", "fd", "{x_file}"], ["'x'", "x/y"]),
-    (
-        "destination below a file",
-        ["track", "--run", "P-2", "fd", "{y_file}", "--destination", "x"],
-        ["'x'", "x/y"],
-    ),
-    (
-        "destination onto a dir",
-        ["track", "--run", "P-3", "fd", "{b_file}", "--destination", "a"],
-        ["a/b"],
-    ),
     # Destinations that would escape the tree.
     ("destination ..", ["track", "f", "{data}", "--destination", "../up"], [".."]),
     ("destination .. inside", ["track", "f", "{data}", "--destination", "a/../../b"], [".."]),
@@ -129,10 +117,33 @@ CASES = [
     ("field sys", ["track", "sys", "{data}"], ["sys"]),
     ("field ..", ["track", "../x", "{data}"], ["../x"]),
     ("field absolute", ["track", "/abs", "{data}"], ["/abs"]),
+    # Run ids that cannot exist.
+    ("run malformed lower", ["track", "--run", "p-1", "f", "{data}"], ["p-1"]),
+    ("run malformed zero", ["track", "--run", "P-0", "f", "{data}"], ["P-0"]),
+    ("run malformed no dash", ["track", "--run", "P1", "f", "{data}"], ["P1"]),
+    ("run malformed text", ["track", "--run", "P-x", "f", "{data}"], ["P-x"]),
+    ("run malformed empty", ["track", "--run", "", "f", "{data}"], ["run id"]),
+]
+# Refused for what the store holds: run on both backends.
+STORE_CASES = [
+    ("missing path in run", ["track", "--run", "P-1", "data", "{tmp}/nope"], ["nope"]),
+    # A path that is both a file and a directory, in one field of one run.
+    ("dir below a file", ["track", "--run", "P-2", "fd", "{xdir}"], ["'x'", "x/y"]),
+    ("file above a dir", ["track", "--run", "P-3", "fd", "{x_file}"], ["'x'", "x/y"]),
+    (
+        "destination below a file",
+        ["track", "--run", "P-2", "fd", "{y_file}", "--destination", "x"],
+        ["'x'", "x/y"],
+    ),
+    (
+        "destination onto a dir",
+        ["track", "--run", "P-3", "fd", "{b_file}", "--destination", "a"],
+        ["a/b"],
+    ),
     # A field may not be a namespace of another field of the same run.
     ("field below a field", ["track", "--run", "P-2", "a/b", "{data}"], ["a/b"]),
     ("field above a field", ["track", "--run", "P-3", "n", "{data}"], ["n/m"]),
-    # Runs that do not exist or cannot exist.
+    # Runs that do not exist.
     ("run not found", ["track", "--run", "P-99", "f", "{data}"], ["P-99"]),
     ("run of unknown key", ["track", "--run", "NOPE-1", "f", "{data}"], ["NOPE-1"]),
     (
@@ -140,24 +151,39 @@ CASES = [
         ["--project", "ml-team/classification", "track", "--run", "P-1", "data", "{data}"],
         ["P-1", "ml-team/classification"],
     ),
-    ("run malformed lower", ["track", "--run", "p-1", "f", "{data}"], ["p-1"]),
-    ("run malformed zero", ["track", "--run", "P-0", "f", "{data}"], ["P-0"]),
-    ("run malformed no dash", ["track", "--run", "P1", "f", "{data}"], ["P1"]),
-    ("run malformed text", ["track", "--run", "P-x", "f", "{data}"], ["P-x"]),
-    ("run malformed empty", ["track", "--run", "", "f", "{data}"], ["run id"]),
 ]
 
 
-@pytest.mark.parametrize(("args", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_track_refusal(cli, world: dict[str, str], args: list[str], words: list[str]) -> None:
+def refuse_track(cli, world: dict[str, str], args: list[str], words: list[str]) -> None:
     filled = [arg.format(**world) if "{" in arg else arg for arg in args]
     assert_refused(cli, ["--project", "p", *filled], words)
 
 
+@pytest.mark.backend_independent
+@pytest.mark.parametrize(
+    ("args", "words"), [c[1:] for c in ARGUMENT_CASES], ids=[c[0] for c in ARGUMENT_CASES]
+)
+def test_track_refusal_of_arguments(
+    cli, world: dict[str, str], args: list[str], words: list[str]
+) -> None:
+    refuse_track(cli, world, args, words)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"), [c[1:] for c in STORE_CASES], ids=[c[0] for c in STORE_CASES]
+)
+def test_track_refusal_by_the_store(
+    cli, world: dict[str, str], args: list[str], words: list[str]
+) -> None:
+    refuse_track(cli, world, args, words)
+
+
+@pytest.mark.backend_independent
 def test_missing_project_is_refused(cli, world: dict[str, str]) -> None:
     assert_refused(cli, ["track", "f", world["data"]], ["project"])
 
 
+@pytest.mark.backend_independent
 def test_invalid_project_is_refused(cli, world: dict[str, str]) -> None:
     assert_refused(cli, ["--project", "a/b/c", "track", "f", world["data"]], ["project"])
     assert_refused(cli, ["--project", "../x", "track", "f", world["data"]], ["project"])
@@ -177,6 +203,7 @@ def test_read_only_run_is_refused(world: dict[str, str]) -> None:
     assert store_counts() == before
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize(
     "destination", ["../up", "a/../../b", "/abs", "a\x00b", "d" * 256, "é" * 128]
 )
@@ -194,6 +221,7 @@ def test_api_refuses_destinations_escaping_the_tree(
     assert run["data"].fetch_hash() == hash_before
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("location", ["", "ftp://h/x", "{data}/*.csv", "{tmp}/missing", "s3://b/*"])
 def test_api_refusals_leave_no_run_and_no_field(world: dict[str, str], location: str) -> None:
     run = artifactfs.init_run(with_id="P-1")

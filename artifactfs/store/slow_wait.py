@@ -17,9 +17,10 @@ NOTICE_AFTER = 3.0  # seconds a write may wait for the store's lock before the u
 
 class _Watchdog:
     """One thread that logs the notices of blocks still running at their deadline. A
-    `threading.Timer` per block started a thread for every SQLite write transaction: ~0.3 ms,
-    a tenth of a small write's time. The thread sleeps until the earliest deadline, and is
-    woken only when a block's deadline comes before that (or it waits with none)."""
+    `threading.Timer` per block started a thread for every SQLite write transaction: 0.3 to
+    0.6 ms, a tenth or more of a small write's time. The thread sleeps until the earliest
+    deadline, and is woken only when a block's deadline comes before that (or it waits with
+    none)."""
 
     def __init__(self) -> None:
         self._changed = threading.Condition(threading.Lock())
@@ -82,4 +83,6 @@ def said_if_slow(message: str, after: float = NOTICE_AFTER) -> Iterator[None]:
     try:
         yield
     finally:
-        watchdog.forget(token)
+        # Not in a child forked meanwhile: that watchdog's lock may have been held at the fork.
+        if watchdog is _watchdog:
+            watchdog.forget(token)

@@ -57,6 +57,7 @@ def serve(path: str) -> dict[str, Any] | None:
         importlib.import_module(name)
     if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
         raise RuntimeError("a preloaded library started a thread: forking would be unsafe")
+    os.close(os.pidfd_open(os.getpid()))  # Linux 5.3 or later: else no launcher, fresh starts
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen(64)

@@ -48,7 +48,8 @@ def verify_entries(
             if problem is not None:
                 problems[entry.file_path] = problem
 
-        map_interruptibly(_problem, entries, VERIFY_WORKERS, record)
+        # A Ctrl-C lets the checks under way end: a source's check has no way to stop early.
+        map_interruptibly(lambda entry, _: _problem(entry), entries, VERIFY_WORKERS, record)
     return problems
 
 

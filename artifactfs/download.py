@@ -88,8 +88,8 @@ def download_entries(
             progress_bar(total, "downloading", unit="B", unit_scale=True, enabled=show_progress)
         )
 
-        def download(entry: ArtifactFileData) -> str | None:
-            return _download_one(entry, root, created, stale, symlink_local, reader)
+        def download(entry: ArtifactFileData, stop: threading.Event) -> str | None:
+            return _download_one(entry, root, created, stale, symlink_local, reader, stop)
 
         def record(entry: ArtifactFileData, outcome: str | None) -> None:
             bar.update(entry.size or 0)
@@ -177,16 +177,18 @@ def _download_one(
     stale: _StaleParts,
     symlink_local: bool,
     reader: Reader | None,
+    stop: threading.Event,
 ) -> str | None:
-    """None when written, 'unchanged' when already there, else why it failed."""
+    """None when written, 'unchanged' when already there, else why it failed (or that it was
+    stopped: a Ctrl-C abandons a file under way, its temporary file removed)."""
     try:
         target = _safe_target(root, entry.file_path, created)
         stale.remove_from(os.path.dirname(target))
         if symlink_local and entry.type == TYPE_LOCAL:
             return _link_local(entry, target)
-        if _already_there(entry, target):
+        if _already_there(entry, target, stop):
             return "unchanged"
-        _fetch_verified(entry, target, reader)
+        _fetch_verified(entry, target, reader, stop)
         return None
     except ArtifactfsError as exc:
         return str(exc)
@@ -194,7 +196,7 @@ def _download_one(
         return f"{exc.strerror or exc}"
 
 
-def _already_there(entry: ArtifactFileData, target: str) -> bool:
+def _already_there(entry: ArtifactFileData, target: str, stop: threading.Event) -> bool:
     if os.path.islink(target) or not os.path.isfile(target):
         return False
     if entry.size is not None and os.path.getsize(target) != entry.size:
@@ -204,11 +206,20 @@ def _already_there(entry: ArtifactFileData, target: str) -> bool:
         return False
     with open(target, "rb") as handle:
         while piece := handle.read(1024 * 1024):
+            _unless_stopped(stop)
             check.update(piece)
     return check.problem() is None
 
 
-def _fetch_verified(entry: ArtifactFileData, target: str, reader: Reader | None) -> None:
+def _unless_stopped(stop: threading.Event) -> None:
+    """Between two pieces of a file: a Ctrl-C does not wait for the rest of a 10 GB file."""
+    if stop.is_set():
+        raise ArtifactfsError("stopped")
+
+
+def _fetch_verified(
+    entry: ArtifactFileData, target: str, reader: Reader | None, stop: threading.Event
+) -> None:
     check = ContentCheck(entry)
     directory = os.path.dirname(target)
     fd, temp_path = tempfile.mkstemp(prefix=".artifactfs-", suffix=".part", dir=directory)
@@ -223,6 +234,7 @@ def _fetch_verified(entry: ArtifactFileData, target: str, reader: Reader | None)
             else:
                 pieces = source_for_entry(entry).open_stream(entry)
             for piece in pieces:
+                _unless_stopped(stop)
                 check.update(piece)
                 out.write(piece)
             out.flush()

@@ -28,18 +28,20 @@ def worker_pool(workers: int) -> Iterator[ThreadPoolExecutor]:
 
 
 def map_interruptibly(
-    job: Callable[[T], R],
+    job: Callable[[T, threading.Event], R],
     items: Sequence[T],
     workers: int,
     on_result: Callable[[T, R], None],
 ) -> None:
-    """`job(item)` for every item on `workers` threads; `on_result(item, result)` for each,
-    in the items' order, on one thread. A Ctrl-C stops it as `interruptible` says: the calls
-    under way end, no other starts, and no further result is handed on."""
+    """`job(item, stop)` for every item on `workers` threads; `on_result(item, result)` for
+    each, in the items' order, on one thread. A Ctrl-C stops it as `interruptible` says: the
+    calls under way end (a job that looks at `stop` may end early: its result is not used),
+    no other starts, and no further result is handed on."""
 
     def run_all(stop: threading.Event) -> None:
         with worker_pool(workers) as pool:
-            for item, result in zip(items, pool.map(job, items), strict=True):
+            results = pool.map(lambda item: job(item, stop), items)
+            for item, result in zip(items, results, strict=True):
                 if stop.is_set():
                     return
                 on_result(item, result)

@@ -1,5 +1,6 @@
-"""Ctrl-C on a download stops it: exit 130, one line, no file started after it, none left
-half-written; a download killed mid-file leaves nothing behind once run again."""
+"""Ctrl-C on a download stops it: exit 130, one line, no file started after it, the files
+under way abandoned, none left half-written; a download killed mid-file leaves nothing
+behind once run again."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ FILES = 3000
 STOPPED_WITHIN = 10.0  # seconds from the signal to the exit; a hang is what this catches
 
 
-def interrupted_download(args: list[str], dest: Path, after: float) -> tuple[int, str, float]:
-    """`artifactfs download ARGS` sent SIGINT `after` seconds after its first file is written:
-    exit code, stderr, and the seconds from the signal to its exit."""
+def interrupted_download(
+    args: list[str], dest: Path, after: float, started: str = "f*.bin"
+) -> tuple[int, str, float]:
+    """`artifactfs download ARGS` sent SIGINT `after` seconds after the first file matching
+    `started` is in DEST: exit code, stderr, and the seconds from the signal to its exit."""
     process = subprocess.Popen(
         [sys.executable, "-m", "artifactfs", "download", *args],
         stdout=subprocess.DEVNULL,
@@ -34,7 +37,7 @@ def interrupted_download(args: list[str], dest: Path, after: float) -> tuple[int
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        while process.poll() is None and not any(dest.rglob("f*.bin")):
+        while process.poll() is None and not any(dest.rglob(started)):
             time.sleep(0.01)
         time.sleep(after)
         process.send_signal(signal.SIGINT)
@@ -71,6 +74,26 @@ def test_ctrl_c_stops_a_download_at_once(many_files: Path, tmp_path: Path) -> No
         written = list(dest.rglob("*.bin"))
         assert 0 < len(written) < FILES, (after, len(written))  # it stopped on the way
         assert not list(dest.rglob(".artifactfs-*")), "a half-written file was left"
+
+
+def test_ctrl_c_abandons_a_large_file_under_way(tmp_path: Path) -> None:
+    """A Ctrl-C let the files under way be written to their end first: minutes, for a
+    dataset of 10 GB shards. The file under way is now abandoned, its temporary file removed."""
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "shard.bin", "wb") as shard:
+        shard.truncate(1 << 30)  # 1 GiB of zeros, sparse: it takes no disk to make
+    run = artifactfs.init_run(project="ml/shards")
+    run["data"].track_files(str(data))
+    dest = tmp_path / "dest"
+    code, stderr, took = interrupted_download(
+        [run.id, "data", str(dest)], dest, 0.0, started=".artifactfs-*.part"
+    )
+    assert code == 130, (code, stderr)
+    assert stderr.strip() == "artifactfs: error: aborted", stderr
+    assert took < STOPPED_WITHIN, f"exited {took:.1f}s after SIGINT"
+    # Neither the file nor its temporary one: DEST, made by the download, is gone again.
+    assert not dest.exists(), sorted(p.name for p in dest.rglob("*"))
 
 
 def test_a_download_killed_mid_file_leaves_nothing_once_run_again(tmp_path: Path) -> None:

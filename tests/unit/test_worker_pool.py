@@ -98,7 +98,7 @@ def test_a_ctrl_c_raised_as_the_thread_starts_still_stops_the_work(
 def test_a_map_hands_every_result_on_in_the_items_order() -> None:
     seen: list[tuple[int, int]] = []
 
-    def slow_for_small(n: int) -> int:
+    def slow_for_small(n: int, stop: threading.Event) -> int:
         time.sleep(0.01 * (10 - n))  # the first items end last
         return n * n
 
@@ -112,7 +112,7 @@ def test_a_ctrl_c_stops_a_map_with_no_result_handed_on_after_it() -> None:
     started: list[int] = []
     handed_on: list[int] = []
 
-    def job(n: int) -> int:
+    def job(n: int, stop: threading.Event) -> int:
         started.append(n)
         if n == 3:
             _thread.interrupt_main()  # a Ctrl-C while the fourth item runs
@@ -124,3 +124,19 @@ def test_a_ctrl_c_stops_a_map_with_no_result_handed_on_after_it() -> None:
     assert len(started) <= 8, started  # not the 200
     assert handed_on == list(range(len(handed_on)))
     assert len(handed_on) <= 3, handed_on  # none after the Ctrl-C: the fourth's came after it
+
+
+def test_a_job_that_looks_at_stop_ends_at_the_ctrl_c() -> None:
+    """A download abandons a large file under way, rather than copy the rest of it first."""
+    ended: list[str] = []
+
+    def long_job(n: int, stop: threading.Event) -> None:
+        if n == 0:
+            _thread.interrupt_main()
+        ended.append("stopped" if stop.wait(30) else "ran to its end")
+
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        map_interruptibly(long_job, range(2), 2, lambda n, result: None)
+    assert ended == ["stopped", "stopped"]
+    assert time.monotonic() - began < 10  # not the jobs' 30 s

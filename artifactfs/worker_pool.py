@@ -36,15 +36,25 @@ def map_interruptibly(
     """`job(item, stop)` for every item on `workers` threads; `on_result(item, result)` for
     each, in the items' order, on one thread. A Ctrl-C stops it as `interruptible` says: the
     calls under way end (a job that looks at `stop` may end early: its result is not used),
-    no other starts, and no further result is handed on."""
+    no other starts, and no further result is handed on. An error raised by a job or by
+    `on_result` stops the others the same way, and is raised."""
 
     def run_all(stop: threading.Event) -> None:
+        def run_one(item: T) -> R | None:
+            # `pool.map` queues every item at once and the workers go on taking them while
+            # the results are waited for in order: one taken after the Ctrl-C is not started.
+            # Its None is never handed on: the loop below sees `stop` first.
+            return None if stop.is_set() else job(item, stop)
+
         with worker_pool(workers) as pool:
-            results = pool.map(lambda item: job(item, stop), items)
-            for item, result in zip(items, results, strict=True):
-                if stop.is_set():
-                    return
-                on_result(item, result)
+            try:
+                for item, result in zip(items, pool.map(run_one, items), strict=True):
+                    if stop.is_set():
+                        return
+                    on_result(item, result)  # type: ignore[arg-type]  # not stopped: an R
+            except BaseException:
+                stop.set()  # a job's or on_result's error: the jobs under way end early too
+                raise
 
     interruptible(run_all)
 

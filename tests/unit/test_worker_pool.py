@@ -140,3 +140,43 @@ def test_a_job_that_looks_at_stop_ends_at_the_ctrl_c() -> None:
         map_interruptibly(long_job, range(2), 2, lambda n, result: None)
     assert ended == ["stopped", "stopped"]
     assert time.monotonic() - began < 10  # not the jobs' 30 s
+
+
+def test_no_queued_job_starts_after_a_ctrl_c_while_an_earlier_one_runs_on() -> None:
+    """`pool.map` queues every item; while the loop waited for the first item's result (a
+    check that cannot stop early), the other worker went on taking the queued ones: 469 of
+    500 started after the Ctrl-C."""
+    after_ctrl_c: list[int] = []
+    interrupted = threading.Event()
+
+    def job(n: int, stop: threading.Event) -> None:
+        if interrupted.is_set() and stop.is_set():
+            after_ctrl_c.append(n)
+        if n == 0:
+            time.sleep(1.0)  # under way, deaf to `stop`
+        elif n == 1:
+            interrupted.set()
+            _thread.interrupt_main()
+            stop.wait(5)  # returns once the Ctrl-C has reached the waiting thread
+        else:
+            time.sleep(0.001)
+
+    with pytest.raises(KeyboardInterrupt):
+        map_interruptibly(job, range(500), 2, lambda n, result: None)
+    assert after_ctrl_c == []
+
+
+def test_an_error_of_one_job_stops_the_others_and_is_raised() -> None:
+    """A download whose one file failed with an unexpected error copied the other large
+    files under way to their end before the error was raised."""
+    ended: list[str] = []
+
+    def job(n: int, stop: threading.Event) -> None:
+        if n == 0:
+            time.sleep(0.1)
+            raise ValueError("unexpected")
+        ended.append("stopped" if stop.wait(5) else "ran to its end")
+
+    with pytest.raises(ValueError, match="unexpected"):
+        map_interruptibly(job, range(3), 3, lambda n, result: None)
+    assert ended == ["stopped", "stopped"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -34,11 +35,18 @@ class _Watchdog:
         with self._changed:
             token = next(self._tokens)
             self._pending[token] = (deadline, message)
-            if self._thread is None:
-                self._thread = threading.Thread(
+            if self._thread is None or not self._thread.is_alive():
+                # Kept only once started: a thread that could not start (no threads left) is
+                # tried again by the next write; this one goes on without its notice.
+                thread = threading.Thread(
                     target=self._run, name="artifactfs-slow-wait", daemon=True
                 )
-                self._thread.start()
+                try:
+                    thread.start()
+                except RuntimeError:
+                    del self._pending[token]
+                    return token
+                self._thread = thread
             elif self._wakes_at is None or deadline < self._wakes_at:
                 self._changed.notify()
         return token
@@ -58,7 +66,8 @@ class _Watchdog:
                     self._changed.wait(None if self._wakes_at is None else self._wakes_at - now)
                     continue
             for message in messages:  # not under the lock: a slow log handler holds no write up
-                log.warning(message)
+                with contextlib.suppress(Exception):  # a failing handler must not end the thread
+                    log.warning(message)
 
 
 _watchdog = _Watchdog()

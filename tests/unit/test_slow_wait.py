@@ -93,3 +93,28 @@ def test_a_forked_child_is_told_too() -> None:
         os.close(read_end)
         os.waitpid(pid, 0)
     assert report == '["child\'s"]'
+
+
+def test_a_log_handler_that_fails_once_does_not_silence_later_notices(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The one watchdog thread ended with the handler's error, and no later write was told."""
+    caplog.set_level(logging.WARNING)
+    failures = ["once"]
+
+    def fails_once(record: logging.LogRecord) -> bool:
+        if failures:
+            failures.pop()
+            raise RuntimeError("a broken log handler")
+        return True
+
+    logger = logging.getLogger("artifactfs.store.slow_wait")
+    logger.addFilter(fails_once)
+    try:
+        with said_if_slow("lost to the broken handler", after=0.1):
+            time.sleep(0.4)
+        with said_if_slow("told all the same", after=0.1):
+            time.sleep(0.4)
+    finally:
+        logger.removeFilter(fails_once)
+    assert notices(caplog) == ["told all the same"]

@@ -283,3 +283,31 @@ def test_read_if_ready_serves_only_what_read_would_serve(
     reader._remember(keys_of(unchecked)[1], unchecked_body[CHUNK : 2 * CHUNK])
     cache.put(keys_of(unchecked)[1], unchecked_body[CHUNK : 2 * CHUNK])
     assert reader.read_if_ready(unchecked, CHUNK, 10) is None
+
+
+def test_a_random_read_of_a_chunk_dropped_meanwhile_gets_its_own_small_request(
+    source: LyingS3, cache: ChunkCache, readers: list[Reader], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunk's first fetch, ended but still listed (its done-callback not yet run),
+    counted as under way: the read waited for all of a new chunk fetch instead."""
+    monkeypatch.setattr(Reader, "_forget_inflight", lambda self, done: None)
+    entry, body = put(source, "large.bin", 8 * CHUNK)
+    reader = new_reader(
+        readers,
+        cache,
+        readahead_chunks=0,
+        verify_before_serving_bytes=4 * CHUNK,
+        direct_reads=True,
+        memory_bytes=0,
+    )
+    offset = 5 * CHUNK + 77
+    assert reader.read(entry, offset, 100) == body[offset : offset + 100]
+    key = keys_of(entry)[5]
+    deadline = time.monotonic() + 10
+    while not cache.contains(key) and time.monotonic() < deadline:  # the chunk's own fetch
+        time.sleep(0.01)
+    cache.drop(key)
+    source.reads.clear()
+    later = offset + 1000  # not where the last read ended: a random read
+    assert reader.read(entry, later, 100) == body[later : later + 100]
+    assert (entry.source_url, later) in source.reads, source.reads

@@ -13,7 +13,14 @@ class _Bar(tqdm):
     """tqdm with a lock for threads only. tqdm's default lock also makes a multiprocessing
     lock, which fixes the process's start method: a training script that tracks its data and
     then calls `multiprocessing.set_start_method("spawn")` failed ("context has already been
-    set"), and a process killed after it leaked a semaphore."""
+    set"), and a process killed after it leaked a semaphore.
+
+    And no monitor thread: tqdm starts one with its first bar, shown or not, and keeps it for
+    good, a thread in every training process that tracked (forked DataLoader workers copy a
+    multi-threaded process). It only corrects `miniters` for bars updated less often than
+    that; these are updated once per file."""
+
+    monitor_interval = 0
 
 
 _Bar.set_lock(threading.RLock())

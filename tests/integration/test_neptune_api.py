@@ -191,12 +191,13 @@ def test_processes_of_one_job_share_the_run_of_their_custom_id(
 
 
 SPAWN_AFTER_TRACKING = """
-import multiprocessing, sys, artifactfs
+import multiprocessing, sys, threading, artifactfs
 run = artifactfs.init_run(project="ml/ddp")
 run["data"].track_files(sys.argv[1])
 run["data"].download(sys.argv[2], progress_bar=True)
 print(multiprocessing.get_start_method(allow_none=True))
 multiprocessing.set_start_method("spawn")
+print("tqdm_monitor" in [thread.name for thread in threading.enumerate()])
 """
 
 
@@ -204,11 +205,12 @@ def test_a_script_may_choose_its_multiprocessing_start_method_after_tracking(
     data: Path, tmp_path: Path
 ) -> None:
     """tqdm's default lock made a multiprocessing lock, fixing the start method: a training
-    script that tracked its data and then set "spawn" for its workers failed."""
+    script that tracked its data and then set "spawn" for its workers failed. Nor is tqdm's
+    monitor thread left running in it (for good: a multi-threaded process to fork)."""
     script = [sys.executable, "-c", SPAWN_AFTER_TRACKING, str(data), str(tmp_path / "out")]
     done = subprocess.run(script, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["None"], done
+    assert done.stdout.splitlines() == ["None", "False"], done
     assert (tmp_path / "out" / "train" / "a.csv").read_bytes() == b"a\n"
 
 

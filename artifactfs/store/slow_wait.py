@@ -14,6 +14,7 @@ from contextlib import contextmanager
 log = logging.getLogger(__name__)
 
 NOTICE_AFTER = 3.0  # seconds a write may wait for the store's lock before the user is told
+IDLE_EXIT = 5.0  # seconds the watchdog thread waits with nothing to watch before it ends
 
 
 class _Watchdog:
@@ -21,7 +22,9 @@ class _Watchdog:
     `threading.Timer` per block started a thread for every SQLite write transaction: 0.3 to
     0.6 ms, a tenth or more of a small write's time. The thread sleeps until the earliest
     deadline, and is woken only when a block's deadline comes before that (or it waits with
-    none)."""
+    none). It ends after `IDLE_EXIT` s with nothing to watch, the next write starting another:
+    a training script that tracked, then forks its DataLoader workers, is single-threaded
+    again by then."""
 
     def __init__(self) -> None:
         self._changed = threading.Condition(threading.Lock())
@@ -63,7 +66,11 @@ class _Watchdog:
                 messages = [self._pending.pop(t)[1] for t in due]
                 if not messages:
                     self._wakes_at = min((d for d, _ in self._pending.values()), default=None)
-                    self._changed.wait(None if self._wakes_at is None else self._wakes_at - now)
+                    if self._wakes_at is not None:
+                        self._changed.wait(self._wakes_at - now)
+                    elif not self._changed.wait(IDLE_EXIT) and not self._pending:
+                        self._thread = None  # under the lock: the next `watch` starts one
+                        return
                     continue
             for message in messages:  # not under the lock: a slow log handler holds no write up
                 with contextlib.suppress(Exception):  # a failing handler must not end the thread

@@ -118,3 +118,27 @@ def test_a_log_handler_that_fails_once_does_not_silence_later_notices(
     finally:
         logger.removeFilter(fails_once)
     assert notices(caplog) == ["told all the same"]
+
+
+def test_the_watchdog_thread_ends_when_idle_and_a_later_write_is_told_all_the_same(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread kept for good made every process that tracked a multi-threaded one, which
+    its DataLoader workers were then forked from."""
+    from artifactfs.store import slow_wait
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(slow_wait, "IDLE_EXIT", 0.2)
+
+    def watchdog_running() -> bool:
+        return any(t.name == "artifactfs-slow-wait" for t in threading.enumerate())
+
+    with said_if_slow("never said", after=5.0):
+        assert watchdog_running()
+    deadline = time.monotonic() + 10
+    while watchdog_running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not watchdog_running()
+    with said_if_slow("told by a new thread", after=0.1):
+        time.sleep(0.4)
+    assert notices(caplog) == ["told by a new thread"]

@@ -205,7 +205,7 @@ class Reader:
                 key = self._key(entry, 0)
                 if not self.cache.contains(key):
                     with self._lock:
-                        if not self._fetch_running(key) and key not in self._memory:
+                        if self._running_fetch(key) is None and key not in self._memory:
                             if self._pending_prefetches >= MAX_PENDING_PREFETCHES:
                                 break
                             self._pending_prefetches += 1
@@ -401,9 +401,9 @@ class Reader:
             return None
         key = self._key(entry, index)
         with self._lock:
-            if key in self._failed_chunks or not self._fetch_running(key):
-                return None  # `read` answers at once with the failure, or starts a fetch
-            return self._inflight[key]
+            if key in self._failed_chunks:
+                return None  # `read` answers at once with the failure
+            return self._running_fetch(key)
 
     def _single_chunk(self, entry: ArtifactFileData, offset: int, length: int) -> int | None:
         """The index of the one chunk a read of [offset, offset+length) of a remote entry
@@ -510,7 +510,7 @@ class Reader:
         starts_fetch = False
         if not self._in_memory(key) and not self.cache.contains(key):
             with self._lock:
-                starts_fetch = not self._fetch_running(key)
+                starts_fetch = self._running_fetch(key) is None
             self._start_fetch(entry, first)  # the chunk asked for goes before any read-ahead
         streak = self._maybe_read_ahead(entry, offset, length, last)
         # A read that had to start its chunk's fetch, and is not part of a sequential run,
@@ -671,21 +671,22 @@ class Reader:
         """The in-flight fetch of this chunk, started if there is none (one fetch per chunk)."""
         key = self._key(entry, index)
         with self._lock:
-            if self._fetch_running(key):
-                return self._inflight[key]
+            running = self._running_fetch(key)
+            if running is not None:
+                return running
             future = self._pool.submit(self._fetch_chunk, entry, index, key)
             self._inflight[key] = future
         # Outside the lock: a callback on a finished future runs at once, in this thread.
         future.add_done_callback(self._forget_inflight)
         return future
 
-    def _fetch_running(self, key: bytes) -> bool:
-        """Whether a fetch of this chunk is under way (under `_lock`). A finished one stays in
+    def _running_fetch(self, key: bytes) -> Future[bytes] | None:
+        """The fetch of this chunk under way, if any (under `_lock`). A finished one stays in
         `_inflight` until its callback runs, after its waiters went on: its chunk may have
         been dropped since (evicted, or failing a check), so it counts as none, and the chunk
         is fetched again rather than served from that old result."""
         running = self._inflight.get(key)
-        return running is not None and not running.done()
+        return running if running is not None and not running.done() else None
 
     def _forget_inflight(self, done: Future[bytes]) -> None:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,9 +24,9 @@ class VerifyProblem:
     changed: bool
 
 
-def _problem(entry: ArtifactFileData) -> VerifyProblem | None:
+def _problem(entry: ArtifactFileData, stop: threading.Event) -> VerifyProblem | None:
     try:
-        source_for_entry(entry).check(entry)
+        source_for_entry(entry).check(entry, stop)
     except UnreadableSourceError as exc:  # before its base class: refused, not changed
         return VerifyProblem(str(exc), changed=False)
     except SourceChangedError as exc:
@@ -48,8 +49,8 @@ def verify_entries(
             if problem is not None:
                 problems[entry.file_path] = problem
 
-        # A Ctrl-C lets the checks under way end: a source's check has no way to stop early.
-        map_interruptibly(lambda entry, _: _problem(entry), entries, VERIFY_WORKERS, record)
+        # A Ctrl-C gives up the local files being hashed; a remote check is one request.
+        map_interruptibly(_problem, entries, VERIFY_WORKERS, record)
     return problems
 
 

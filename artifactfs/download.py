@@ -36,7 +36,7 @@ from artifactfs.reader import Reader
 from artifactfs.sources import source_for_entry
 from artifactfs.sources.local import local_path_of
 from artifactfs.verification import ContentCheck
-from artifactfs.worker_pool import map_interruptibly
+from artifactfs.worker_pool import map_interruptibly, raise_if_stopped
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def _download_one(
         target = _safe_target(root, entry.file_path, created)
         stale.remove_from(os.path.dirname(target))
         if symlink_local and entry.type == TYPE_LOCAL:
-            return _link_local(entry, target)
+            return _link_local(entry, target, stop)
         if _already_there(entry, target, stop):
             return "unchanged"
         _fetch_verified(entry, target, reader, stop)
@@ -206,15 +206,9 @@ def _already_there(entry: ArtifactFileData, target: str, stop: threading.Event) 
         return False
     with open(target, "rb") as handle:
         while piece := handle.read(1024 * 1024):
-            _unless_stopped(stop)
+            raise_if_stopped(stop)
             check.update(piece)
     return check.problem() is None
-
-
-def _unless_stopped(stop: threading.Event) -> None:
-    """Between two pieces of a file: a Ctrl-C does not wait for the rest of a 10 GB file."""
-    if stop.is_set():
-        raise ArtifactfsError("stopped")
 
 
 def _fetch_verified(
@@ -234,7 +228,7 @@ def _fetch_verified(
             else:
                 pieces = source_for_entry(entry).open_stream(entry)
             for piece in pieces:
-                _unless_stopped(stop)
+                raise_if_stopped(stop)
                 check.update(piece)
                 out.write(piece)
             out.flush()
@@ -298,9 +292,9 @@ def _remove_if_no_ones(path: str) -> None:
         os.close(fd)
 
 
-def _link_local(entry: ArtifactFileData, target: str) -> str | None:
+def _link_local(entry: ArtifactFileData, target: str, stop: threading.Event) -> str | None:
     source = source_for_entry(entry)
-    source.check(entry)
+    source.check(entry, stop)
     if os.path.lexists(target):
         os.unlink(target)
     os.symlink(local_path_of(entry.source_url), target)

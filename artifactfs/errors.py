@@ -11,6 +11,13 @@ class ArtifactfsError(Exception):
     exit_code = 2
 
 
+class StoppedError(ArtifactfsError):
+    """Work given up part-way because a Ctrl-C asked it to stop; its result is not used."""
+
+    def __init__(self) -> None:
+        super().__init__("stopped")
+
+
 class NotFoundError(ArtifactfsError):
     """A run, field, project or source location that does not exist."""
 

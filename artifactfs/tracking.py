@@ -121,7 +121,7 @@ class PendingTrack:
                 bar.update(done - bar.n)
 
             if self._scan is not None and isinstance(self.source, LocalSource):
-                listed = self.source.entries_of(self._scan, on_progress)
+                listed = self.source.entries_of(self._scan, on_progress, stop)
             else:
                 listed = self.source.list_location(self.location, on_progress)
             for entry in listed:

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from artifactfs.errors import StoppedError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -57,6 +59,13 @@ def map_interruptibly(
                 raise
 
     interruptible(run_all)
+
+
+def raise_if_stopped(stop: threading.Event | None) -> None:
+    """Between two pieces of one long job (hashing or copying a 10 GB file): a Ctrl-C does
+    not wait for the rest of it."""
+    if stop is not None and stop.is_set():
+        raise StoppedError
 
 
 def interruptible(work: Callable[[threading.Event], T]) -> T:

@@ -72,9 +72,11 @@ class Source(ABC):
         """The tracked bytes [offset, offset+length) in pieces; raises SourceChangedError."""
 
     @abstractmethod
-    def check(self, entry: ArtifactFileData) -> int:
+    def check(self, entry: ArtifactFileData, stop: threading.Event | None = None) -> int:
         """Raise SourceChangedError unless the source still holds the tracked bytes; their
-        size (known so, where the entry has none: an imported one may not)."""
+        size (known so, where the entry has none: an imported one may not). A check that
+        reads the bytes gives up once `stop` is set (StoppedError); one request is bounded
+        by its deadline instead."""
 
     def read_range(self, entry: ArtifactFileData, offset: int, length: int) -> bytes:
         return b"".join(self.open_stream(entry, offset, length))

@@ -328,7 +328,7 @@ class GCSSource(Source):
             raise SourceChangedError(entry.source_url, problem)
         return _iter_response(response, entry.source_url)
 
-    def check(self, entry: ArtifactFileData) -> int:
+    def check(self, entry: ArtifactFileData, stop: threading.Event | None = None) -> int:
         # As a read's, the metadata answer must come whole in time (one trickled a byte at a
         # time never trips a socket timeout), and the library's retries end with it: every
         # request after the deadline fails at once.

@@ -501,7 +501,7 @@ class S3Source(Source):
             return None
         return await s3_loop.read_many(lean, entries, seconds)
 
-    def check(self, entry: ArtifactFileData) -> int:
+    def check(self, entry: ArtifactFileData, stop: threading.Event | None = None) -> int:
         from botocore.exceptions import ClientError
 
         bucket, key = parse_s3_url(entry.source_url)

@@ -1,9 +1,10 @@
-"""Ctrl-C on a download stops it: exit 130, one line, no file started after it, the files
-under way abandoned, none left half-written; a download killed mid-file leaves nothing
-behind once run again."""
+"""Ctrl-C stops a download, a track or a verify: exit 130, one line, no file started after
+it, the files under way given up (a download's removed), none left half-written; a download
+killed mid-file leaves nothing behind once run again."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -12,24 +13,27 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import artifactfs
 from tests.conftest import make_tree
+from tests.integration.test_neptune_import import wire_entry, write_export
 
 FILES = 3000
 STOPPED_WITHIN = 10.0  # seconds from the signal to the exit; a hang is what this catches
+SHARD_SIZE = 64 << 30  # sparse: it takes no disk, and minutes to read and hash whole
 
 
-def interrupted_download(
-    args: list[str], dest: Path, after: float, started: str = "f*.bin"
+def interrupted(
+    args: list[str], started: Callable[[int], bool], after: float = 0.0
 ) -> tuple[int, str, float]:
-    """`artifactfs download ARGS` sent SIGINT `after` seconds after the first file matching
-    `started` is in DEST: exit code, stderr, and the seconds from the signal to its exit."""
+    """`artifactfs ARGS` sent SIGINT `after` seconds after `started(its pid)` is true: exit
+    code, stderr, and the seconds from the signal to its exit."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "artifactfs", "download", *args],
+        [sys.executable, "-m", "artifactfs", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -37,7 +41,7 @@ def interrupted_download(
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        while process.poll() is None and not any(dest.rglob(started)):
+        while process.poll() is None and not started(process.pid):
             time.sleep(0.01)
         time.sleep(after)
         process.send_signal(signal.SIGINT)
@@ -52,6 +56,32 @@ def interrupted_download(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def interrupted_download(
+    args: list[str], dest: Path, after: float, started: str = "f*.bin"
+) -> tuple[int, str, float]:
+    """`artifactfs download ARGS`, interrupted `after` seconds after the first file matching
+    `started` is in DEST."""
+    return interrupted(["download", *args], lambda _: any(dest.rglob(started)), after)
+
+
+def has_open(pid: int, path: Path) -> bool:
+    """Whether process `pid` has `path` open (it is reading it)."""
+    with contextlib.suppress(OSError):  # the process ended
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):  # that fd closed meanwhile
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                    return True
+    return False
+
+
+def sparse_shard(directory: Path) -> Path:
+    directory.mkdir()
+    shard = directory / "shard.bin"
+    with open(shard, "wb") as out:
+        out.truncate(SHARD_SIZE)
+    return shard
 
 
 @pytest.fixture
@@ -94,6 +124,37 @@ def test_ctrl_c_abandons_a_large_file_under_way(tmp_path: Path) -> None:
     assert took < STOPPED_WITHIN, f"exited {took:.1f}s after SIGINT"
     # Neither the file nor its temporary one: DEST, made by the download, is gone again.
     assert not dest.exists(), sorted(p.name for p in dest.rglob("*"))
+
+
+def test_ctrl_c_gives_up_hashing_a_large_file_for_track(cli, tmp_path: Path) -> None:
+    """`track` hashed the files under way to their end first: minutes, for 10 GB shards.
+    Nothing is recorded: no run is made."""
+    shard = sparse_shard(tmp_path / "data")
+    code, stderr, took = interrupted(
+        ["--project", "ml/shards", "track", "data", str(shard.parent)],
+        lambda pid: has_open(pid, shard),
+    )
+    assert code == 130, (code, stderr)
+    assert stderr.strip() == "artifactfs: error: aborted", stderr
+    assert took < STOPPED_WITHIN, f"exited {took:.1f}s after SIGINT"
+    listed = cli("runs")
+    assert listed.returncode == 0, listed.stderr
+    assert "ml/shards" not in listed.stdout, listed.stdout
+
+
+def test_ctrl_c_gives_up_checking_a_large_file_for_verify(cli, tmp_path: Path) -> None:
+    """`verify` hashed the local files under way to their end first."""
+    shard = sparse_shard(tmp_path / "data")
+    entry = wire_entry(
+        "shard.bin", "0" * 40, "Local", SHARD_SIZE, file_path=f"file://{shard}"
+    )  # a run recorded before, as Neptune's export gives it: not hashed here
+    write_export(tmp_path / "export", "ml/shards/SHD-1/data", [entry])
+    imported = cli("import-neptune", str(tmp_path / "export"))
+    assert imported.returncode == 0, imported.stderr
+    code, stderr, took = interrupted(["verify", "SHD-1"], lambda pid: has_open(pid, shard))
+    assert code == 130, (code, stderr)
+    assert stderr.strip() == "artifactfs: error: aborted", stderr
+    assert took < STOPPED_WITHIN, f"exited {took:.1f}s after SIGINT"
 
 
 def test_a_download_killed_mid_file_leaves_nothing_once_run_again(tmp_path: Path) -> None:

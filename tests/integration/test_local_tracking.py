@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -214,9 +215,9 @@ def test_changed_file_with_same_size_is_hashed_again(
     real = local.sha1_of_file
     read: list[str] = []
 
-    def recording(path: str) -> str:
+    def recording(path: str, stop: threading.Event | None = None) -> str:
         read.append(path)
-        return real(path)
+        return real(path, stop)
 
     monkeypatch.setattr("artifactfs.sources.local.sha1_of_file", recording)
     second = artifactfs.init_run(project="p")

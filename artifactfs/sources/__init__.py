@@ -9,7 +9,6 @@ from artifactfs.errors import ArtifactfsError
 from artifactfs.sources.base import Source
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_WILDCARDS = set("*?[")
 
 _sources: dict[str, Source] = {}
 
@@ -46,8 +45,6 @@ def source_for_location(location: str) -> Source:
     scheme = match.group(1).lower() if match else "file"
     if scheme == "file":
         return source_for_type(TYPE_LOCAL)
-    if any(char in _WILDCARDS for char in location):
-        raise ArtifactfsError(f"wildcards are not supported: {location!r}; name a prefix instead")
     if scheme == "s3":
         return source_for_type(TYPE_S3)
     if scheme == "gs":

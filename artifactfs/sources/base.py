@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 from artifactfs.entries import ArtifactFileData
-from artifactfs.errors import ArtifactfsError, TransientSourceError
+from artifactfs.errors import ArtifactfsError, NotFoundError, TransientSourceError
 
 STREAM_CHUNK = 1024 * 1024
 # Seconds one `check` (`verify`) of a remote object may take, answer and all: a server that
@@ -31,6 +31,21 @@ CHECK_DEADLINE = 30.0
 ProgressCallback = Callable[[int], None]
 
 log = logging.getLogger(__name__)
+
+# Shell wildcards, which `track` does not expand. A file or key may hold them in its name:
+# a location that names one is tracked; these only explain a location where nothing is.
+WILDCARDS = frozenset("*?[")
+
+
+def has_wildcards(location: str) -> bool:
+    return any(char in WILDCARDS for char in location)
+
+
+def nothing_at(location: str) -> ArtifactfsError:
+    """The error for a bucket location with no object at it or below it."""
+    if has_wildcards(location):
+        return ArtifactfsError(f"wildcards are not supported: {location!r}; name a prefix instead")
+    return NotFoundError(f"no objects at {location}")
 
 
 def parse_bucket_url(url: str, scheme: str) -> tuple[str, str]:

@@ -45,6 +45,7 @@ from artifactfs.sources.base import (
     Source,
     check_deadline,
     deadline_passed,
+    nothing_at,
     parse_bucket_url,
     timeout_within_deadline,
     warn_object_is_also_a_folder,
@@ -225,7 +226,7 @@ class GCSSource(Source):
         except (GoogleAPIError, RequestException) as exc:
             raise ArtifactfsError(f"{location}: {_request_problem(exc, 'list')}") from None
         if count == 0:
-            raise NotFoundError(f"no objects at {location}")
+            raise nothing_at(location)
 
     @staticmethod
     def _entry(blob: Any, file_path: str) -> ArtifactFileData:

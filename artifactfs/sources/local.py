@@ -22,7 +22,7 @@ from artifactfs.errors import (
     SourceChangedError,
 )
 from artifactfs.hashcache import HashCache
-from artifactfs.sources.base import STREAM_CHUNK, ProgressCallback, Source
+from artifactfs.sources.base import STREAM_CHUNK, ProgressCallback, Source, has_wildcards
 from artifactfs.worker_pool import raise_if_stopped, worker_pool
 
 # Measured on 2 cores: 2 threads hash 10,000 small files in half the time of 1, and 8 threads
@@ -155,7 +155,7 @@ class LocalSource(Source):
         try:
             info = os.stat(root)
         except FileNotFoundError:
-            if any(char in root for char in "*?["):
+            if has_wildcards(root):
                 raise ArtifactfsError(
                     f"wildcards are not supported: {location!r}; name a directory instead"
                 ) from None

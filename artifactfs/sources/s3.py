@@ -40,6 +40,7 @@ from artifactfs.sources.base import (
     check_deadline,
     current_deadline,
     deadline_passed,
+    nothing_at,
     parse_bucket_url,
     warn_object_is_also_a_folder,
     watched_pool_classes,
@@ -364,7 +365,7 @@ class S3Source(Source):
                 on_progress(count)
             yield self._entry(bucket, key, key[len(prefix) :], obj, versioned)
         if count == 0:
-            raise NotFoundError(f"no objects at {location}")
+            raise nothing_at(location)
 
     @staticmethod
     def _iter_objects(

@@ -18,7 +18,10 @@ import pytest
 
 import artifactfs
 from artifactfs.sources import reset_sources
-from tests.support.bucket_tracking import check_an_object_that_is_also_a_folder_is_tracked_as_named
+from tests.support.bucket_tracking import (
+    check_an_object_that_is_also_a_folder_is_tracked_as_named,
+    check_names_holding_wildcard_characters_are_tracked_as_named,
+)
 from tests.support.faultproxy import fault_proxy
 from tests.support.mounts import artifact_args, mounted
 from tests.support.stores import make_local_store, store_counts
@@ -134,6 +137,10 @@ def test_an_object_that_is_also_a_folder_is_tracked_as_named_with_a_warning(
     s3, cli, tmp_path: Path
 ) -> None:
     check_an_object_that_is_also_a_folder_is_tracked_as_named(s3, cli, tmp_path)
+
+
+def test_names_holding_wildcard_characters_are_tracked_as_named(s3, cli, tmp_path: Path) -> None:
+    check_names_holding_wildcard_characters_are_tracked_as_named(s3, cli, tmp_path)
 
 
 def test_prefix_matching_only_a_longer_name_is_refused(s3, cli, tmp_path: Path) -> None:

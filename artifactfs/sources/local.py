@@ -81,7 +81,10 @@ class LocalScan:
         return digest.hexdigest()
 
 
-def _stat_key(info: os.stat_result) -> tuple[int, int, int]:
+StatKey = tuple[int, int, int]  # size, mtime and ctime (ns): what tells a file changed
+
+
+def _stat_key(info: os.stat_result) -> StatKey:
     return info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
@@ -104,28 +107,50 @@ def open_regular(path: str) -> tuple[int, os.stat_result]:
     return fd, info
 
 
-def sha1_of_file(path: str, stop: threading.Event | None = None) -> str:
-    """The file's SHA-1; StoppedError part-way once `stop` is set (a Ctrl-C)."""
+class ChangedWhileReadError(ArtifactfsError):
+    """A file whose size, mtime or ctime differed after it was read from what they were when
+    it was listed: its hash may be of bytes it never held whole."""
+
+
+def sha1_of_file(
+    path: str, stop: threading.Event | None = None, listed: StatKey | None = None
+) -> str:
+    """The file's SHA-1; StoppedError part-way once `stop` is set (a Ctrl-C). With `listed`
+    (its size, mtime and ctime when it was listed), ChangedWhileReadError unless the file
+    was still so when opened and when read to its end."""
     digest = hashlib.sha1()
-    fd, _ = open_regular(path)  # unbuffered: a buffered file costs more than a small read
+    fd, opened = open_regular(path)  # unbuffered: a buffered file costs more than a small read
+    length = 0
     try:
         while chunk := os.read(fd, STREAM_CHUNK):
             raise_if_stopped(stop)
             digest.update(chunk)
+            length += len(chunk)
+        if listed is not None:
+            read = _stat_key(os.fstat(fd))
+            if not _stat_key(opened) == read == listed or length != listed[0]:
+                raise ChangedWhileReadError(f"{path} changed while it was being read")
     finally:
         os.close(fd)
     return digest.hexdigest()
 
 
 def _sha1_batch(batch: list[Found], stop: threading.Event | None) -> list[str]:
-    return [_sha1_to_track(item[1], stop) for item in batch]
+    return [_sha1_to_track(item, stop) for item in batch]
 
 
-def _sha1_to_track(path: str, stop: threading.Event | None) -> str:
+def _sha1_to_track(item: Found, stop: threading.Event | None) -> str:
     """A file's SHA-1 for tracking; one that cannot be read (no permission, gone since the
-    scan) refuses the whole track: nothing is recorded."""
+    scan), or that changed since it was listed, refuses the whole track: nothing is
+    recorded. Its entry would hold the listed size and a hash of other bytes, which no
+    download, read or verify could ever accept."""
+    _, path, size, mtime, ctime = item
     try:
-        return sha1_of_file(path, stop)
+        return sha1_of_file(path, stop, (size, mtime, ctime))
+    except ChangedWhileReadError:
+        raise ArtifactfsError(
+            f"{path} changed while it was being tracked: track it again once nothing writes to it"
+        ) from None
     except OSError as exc:
         raise ArtifactfsError(f"cannot read {path}: {exc.strerror or exc}") from None
 
@@ -258,7 +283,12 @@ class LocalSource(Source):
         digest = self.hash_cache.lookup(key)
         if digest is None:
             try:
-                digest = sha1_of_file(path, stop)
+                # Remembered under the stat above: only if the file was so while read.
+                digest = sha1_of_file(path, stop, _stat_key(info))
+            except ChangedWhileReadError:
+                raise SourceChangedError(
+                    entry.source_url, "changed while it was being checked"
+                ) from None
             except FileNotFoundError:
                 raise SourceChangedError(entry.source_url, "file no longer exists") from None
             except NotARegularFileError as exc:  # replaced since the stat above

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import threading
+import subprocess
+import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,7 +189,7 @@ def test_unchanged_tree_is_not_read_again(datasets: Path, monkeypatch: pytest.Mo
     first = artifactfs.init_run(project="p")
     first["f"].track_files(str(datasets))
 
-    def must_not_read(path: str) -> str:
+    def must_not_read(path: str, *args: object) -> str:
         raise AssertionError(f"re-read unchanged file {path}")
 
     monkeypatch.setattr("artifactfs.sources.local.sha1_of_file", must_not_read)
@@ -215,9 +218,9 @@ def test_changed_file_with_same_size_is_hashed_again(
     real = local.sha1_of_file
     read: list[str] = []
 
-    def recording(path: str, stop: threading.Event | None = None) -> str:
+    def recording(path: str, *args: Any) -> str:
         read.append(path)
-        return real(path, stop)
+        return real(path, *args)
 
     monkeypatch.setattr("artifactfs.sources.local.sha1_of_file", recording)
     second = artifactfs.init_run(project="p")
@@ -359,6 +362,51 @@ def test_cli_download_and_verify_fail_when_a_source_changed(
     verified = cli("verify", run_id)
     assert verified.returncode == 1
     assert "test/c.csv" in verified.stdout + verified.stderr
+
+
+# Appends 4 KiB to the file named by its argument every millisecond, for good.
+APPENDER = """
+import sys, time
+with open(sys.argv[1], "ab", buffering=0) as log:
+    while True:
+        log.write(b"x" * 4096)
+        time.sleep(0.001)
+"""
+
+
+@pytest.mark.backend_independent
+def test_a_file_written_to_while_tracked_refuses_the_track(cli, tmp_path: Path) -> None:
+    """A file appended to while `track` read it got an entry of its listed size and the hash
+    of more bytes than that: one that no download, read or verify could ever accept."""
+    data = make_tree(tmp_path / "data", {"train.csv": b"a,b\n1,2\n"})
+    growing = data / "run.log"
+    growing.write_bytes(b"x" * (32 << 20))
+    writer = subprocess.Popen([sys.executable, "-c", APPENDER, str(growing)])
+    try:
+        deadline = time.monotonic() + 30
+        while growing.stat().st_size == 32 << 20:  # the writer is under way
+            assert time.monotonic() < deadline, "the writer never wrote"
+            time.sleep(0.01)
+        refused = cli("--project", "ml/grow", "track", "data", str(data))
+        assert refused.returncode == 2, refused
+        assert refused.stderr == (
+            f"artifactfs: error: {growing} changed while it was being tracked: "
+            "track it again once nothing writes to it\n"
+        ), refused.stderr
+        assert "ml/grow" not in cli("runs").stdout  # nothing recorded
+    finally:
+        writer.kill()
+        writer.wait()
+    tracked = cli("--project", "ml/grow", "track", "data", str(data))  # still now: tracked
+    assert tracked.returncode == 0, tracked
+    entry = {
+        e.file_path: e for e in artifactfs.init_run(tracked.last_line)["data"].fetch_files_list()
+    }
+    body = growing.read_bytes()
+    assert (entry["run.log"].size, entry["run.log"].file_hash) == (
+        len(body),
+        hashlib.sha1(body).hexdigest(),
+    )
 
 
 @pytest.mark.backend_independent

@@ -72,7 +72,7 @@ def download_entries(
     if bad:
         path, problem = bad[0]
         raise ArtifactfsError(f"refusing to download: invalid file path {path!r} ({problem})")
-    root = os.path.realpath(destination)
+    root = os.path.realpath(os.path.expanduser(destination))  # `~/data`, as track takes it
     report = DownloadReport()
     created: set[str] = set()  # directories this download made, removed again if left empty
     with contextlib.ExitStack() as stack:
@@ -143,6 +143,8 @@ def _safe_target(root: str, file_path: str, created: set[str]) -> str:
     target = os.path.join(current, parts[-1])
     if os.path.commonpath([root, os.path.realpath(current)]) != root:
         raise ArtifactfsError(f"{file_path} would land outside {root}")
+    if os.path.isdir(target) and not os.path.islink(target):
+        raise ArtifactfsError(f"{target} exists and is a directory")
     return target
 
 

@@ -484,6 +484,37 @@ def test_download_into_a_destination_that_cannot_be_made_is_one_line(
     assert (tmp_path / "a-file").read_bytes() == b"x"
 
 
+@pytest.mark.backend_independent
+def test_a_directory_where_a_file_goes_is_named_whole(cli, datasets: Path, tmp_path: Path) -> None:
+    """It was said as `train/a.csv: Is a directory`, naming neither DEST nor the directory."""
+    run_id = track(cli, "data", str(datasets))
+    dest = tmp_path / "out"
+    (dest / "train" / "a.csv").mkdir(parents=True)
+    result = cli("download", run_id, "data", str(dest))
+    assert result.returncode == 1, result
+    assert result.stderr == (
+        "artifactfs: error: download failed for 1 file(s): "
+        f"train/a.csv: {dest}/train/a.csv exists and is a directory\n"
+    ), result.stderr
+    assert (dest / "train" / "b.csv").read_bytes() == FILES["train/b.csv"]  # the rest written
+
+
+@pytest.mark.backend_independent
+def test_a_download_destination_may_start_with_a_tilde_as_a_tracked_path_may(
+    datasets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`download(destination="~/data")` made a directory named `~` in the current one."""
+    home, here = tmp_path / "home", tmp_path / "here"
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    run = artifactfs.init_run(project="p")
+    run["data"].track_files(str(datasets))
+    run["data"].download(destination="~/data")
+    assert read_tree(home / "data") == read_tree(datasets)
+    assert list(here.iterdir()) == []
+
+
 def test_no_command_prints_the_help_as_it_is(cli) -> None:
     """It came as one "error" line holding the whole help, every line run together."""
     for args in ((), ("cache",)):

@@ -485,7 +485,12 @@ class Reader:
                     raise ReadError(f"{entry.source_url}: changed while it was being checked")
                 with self._lock:
                     self._verified_local.add(identity)
-            return os.pread(fd, length, offset)
+            data = os.pread(fd, length, offset)
+            # A write in place that landed since the open (a pipeline rewriting its dataset)
+            # may be in these bytes: they are served only if the file is still as checked.
+            if _file_state(os.fstat(fd)) != _file_state(info):
+                raise ReadError(f"{entry.source_url}: changed while it was being read")
+            return data
         finally:
             os.close(fd)
 

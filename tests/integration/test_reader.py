@@ -631,6 +631,31 @@ def test_a_local_file_replaced_while_a_read_checks_it_is_not_served(
     assert reader.read(entry, 0, 16) == body[:16]  # the tracked file, now in place
 
 
+def test_a_local_file_written_in_place_while_read_is_not_served(
+    local_entry: tuple[Path, bytes, ArtifactFileData],
+    reader: Reader,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pipeline rewrites a tracked file in place while the mount reads it: a write landing
+    after the read's checks and before its `pread` was served, bytes never tracked."""
+    path, body, entry = local_entry
+    assert reader.read(entry, 0, 16) == body[:16]  # checked once: later reads are not hashed
+    real_pread = os.pread
+
+    def pread_after_a_write(fd: int, length: int, offset: int) -> bytes:
+        time.sleep(0.02)  # past a coarse clock tick: the write gets a new mtime
+        with open(path, "r+b") as rewrite:
+            rewrite.write(b"X" * 16)
+        return real_pread(fd, length, offset)
+
+    monkeypatch.setattr(os, "pread", pread_after_a_write)
+    with pytest.raises(ReadError, match="changed while it was being read"):
+        reader.read(entry, 0, 16)
+    monkeypatch.setattr(os, "pread", real_pread)
+    with pytest.raises(ReadError):
+        reader.read(entry, 0, 16)  # and not later either: it is no longer the tracked file
+
+
 # -- reads from the disk cache -----------------------------------------------------------------
 
 

@@ -317,17 +317,33 @@ class GCSSource(Source):
         if response.status_code not in (200, 206):
             response.close()
             raise _status_error(entry, response.status_code)
-        try:
-            problem = self._identity_problem(entry, response.headers)
-            if problem is None and not _carries_identity(response.headers):
-                problem = self._metadata_problem(entry)
-        except BaseException:  # the metadata request failed: this answer is not read
-            response.close()
-            raise
+        problem = self._identity_problem(entry, response.headers)
         if problem is not None:
             response.close()
             raise SourceChangedError(entry.source_url, problem)
-        return _iter_response(response, entry.source_url)
+        if _carries_identity(response.headers):
+            return _iter_response(response, entry.source_url)
+        return self._checked_by_metadata(entry, response)
+
+    def _checked_by_metadata(self, entry: ArtifactFileData, response: Any) -> Iterator[bytes]:
+        """The pieces of an answer that said nothing of which object it is, the last one held
+        back until the object's metadata says it is the tracked one: no caller has the whole
+        answer before that. Asked once the answer is read, not before: a server that answers
+        one request at a time (the emulator) would not take the metadata request while this
+        answer's body waits unread, past what the sockets' buffers hold (~4 MiB here)."""
+        held: bytes | None = None
+        try:
+            for piece in _iter_response(response, entry.source_url):
+                if held is not None:
+                    yield held
+                held = piece
+        finally:
+            response.close()  # now, not when the reading generator is collected
+        problem = self._metadata_problem(entry)
+        if problem is not None:
+            raise SourceChangedError(entry.source_url, problem)
+        if held is not None:
+            yield held
 
     def check(self, entry: ArtifactFileData, stop: threading.Event | None = None) -> int:
         # As a read's, the metadata answer must come whole in time (one trickled a byte at a

@@ -250,6 +250,9 @@ def test_download_api_and_cli_reproduce_every_byte(gcs, cli, tmp_path: Path) -> 
         "root/nested/deeper/c.json": b'{"k": [1, 2, 3]}',
         "root/nested/deeper/still/d": os.urandom(17),
         "root/large.bin": os.urandom(3 * 1024 * 1024 + 123),  # several read chunks
+        # A whole 8 MiB chunk, more than the sockets hold: the emulator, which answers one
+        # request at a time, never took the metadata request sent while its body waited.
+        "root/larger.bin": os.urandom(9 * 1024 * 1024 + 7),
     }
     for name, body in bodies.items():
         gcs.put(name, body)

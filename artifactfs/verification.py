@@ -2,12 +2,15 @@
 
 Local entries carry a SHA-1, single-part S3 uploads an MD5 ETag, GCS objects an MD5 (or, for
 composite objects, a CRC32C). A multipart ETag (`md5-N`) names no hash of the whole content:
-for those only the size and the server-side identity check (If-Match) stand guard.
+for those only the size and the server-side identity check (If-Match) stand guard. Nor does
+the ETag of an object encrypted with SSE-KMS, though it looks like an MD5: the answers to its
+reads say so (`etag_is_not_md5`), and it is then checked as a multipart one is.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from typing import Protocol
 
@@ -27,11 +30,36 @@ class _Digest(Protocol):
     def hexdigest(self) -> str: ...
 
 
+log = logging.getLogger(__name__)
+
+# S3 objects (by URL and ETag) whose ETag is known not to be the MD5 of their bytes.
+_etags_not_md5: set[tuple[str, str]] = set()
+
+
+def etag_is_not_md5(entry: ArtifactFileData) -> None:
+    """Say that this S3 entry's ETag is not the MD5 of its bytes: an answer to a read of it
+    said it is encrypted with a KMS key, whose objects' ETags are not (AWS's documentation of
+    the ETag). Without this, every read of such an object failed its content check."""
+    key = (entry.source_url, entry.file_hash)
+    if key not in _etags_not_md5:
+        _etags_not_md5.add(key)  # one set.add: atomic for the threads that read
+        log.info(
+            "%s: encrypted with a KMS key: its ETag is not the MD5 of its bytes, which are "
+            "checked by their size and the server's ETag checks only",
+            entry.source_url,
+        )
+
+
+def _hash_known(entry: ArtifactFileData) -> bool:
+    """Whether the entry's hash is still taken for a hash of its bytes."""
+    return entry.type != TYPE_S3 or (entry.source_url, entry.file_hash) not in _etags_not_md5
+
+
 def _digest_for(entry: ArtifactFileData) -> _Digest | None:
     wanted = entry.file_hash.lower()
     if entry.type == TYPE_LOCAL and _SHA1_HEX.match(wanted):
         return hashlib.sha1()
-    if entry.type == TYPE_S3 and _MD5_HEX.match(wanted):
+    if entry.type == TYPE_S3 and _MD5_HEX.match(wanted) and _hash_known(entry):
         return hashlib.md5()
     if entry.type == TYPE_GCS:
         if entry.metadata.get(GCS_HASH_KEY) == "crc32c":
@@ -51,7 +79,8 @@ class ContentCheck:
 
     @property
     def checks_hash(self) -> bool:
-        return self._digest is not None
+        # Asked again: a read's answer may have said since that the hash is not one.
+        return self._digest is not None and _hash_known(self.entry)
 
     def update(self, data: bytes | memoryview) -> None:
         self.length += len(data)
@@ -61,7 +90,7 @@ class ContentCheck:
     def problem(self) -> str | None:
         if self.entry.size is not None and self.length != self.entry.size:
             return f"size is {self.length} bytes, tracked {self.entry.size}"
-        if self._digest is not None:
+        if self._digest is not None and _hash_known(self.entry):
             actual = self._digest.hexdigest()
             if actual != self.entry.file_hash.lower():
                 return f"content hash is {actual}, tracked {self.entry.file_hash}"

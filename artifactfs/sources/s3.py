@@ -53,6 +53,7 @@ from artifactfs.sources.s3_get import (
     error_for_code,
     expected_body_length,
     lean_get_enabled,
+    note_encryption,
 )
 
 log = logging.getLogger(__name__)
@@ -448,6 +449,7 @@ class S3Source(Source):
             raise SourceChangedError(
                 entry.source_url, f"object changed since it was tracked (ETag {etag})"
             )
+        note_encryption(entry, response.get("ServerSideEncryption"))
         return response
 
     @staticmethod

@@ -77,6 +77,7 @@ from artifactfs.sources.base import (
     timeout_within_deadline,
     watched_connection_class,
 )
+from artifactfs.verification import etag_is_not_md5
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,13 @@ def identity_problem(
     if version is not None and served_version != version:
         return f"served version {served_version}, tracked {version}"
     return None
+
+
+def note_encryption(entry: ArtifactFileData, encryption: str | None) -> None:
+    """An answer's `x-amz-server-side-encryption`: an object encrypted with a KMS key
+    (`aws:kms`, `aws:kms:dsse`) has an ETag that is not the MD5 of its bytes."""
+    if encryption and encryption.startswith("aws:kms"):
+        etag_is_not_md5(entry)
 
 
 def expected_body_length(
@@ -547,6 +555,7 @@ class LeanGetter:
             )
             if problem is not None:
                 raise SourceChangedError(url, problem)
+            note_encryption(entry, response.getheader("x-amz-server-side-encryption"))
             try:
                 data = response.read()  # http.client raises IncompleteRead on a short body
             except _NETWORK_ERRORS as exc:  # reset, cut short or cut off mid-body

@@ -32,7 +32,13 @@ import trio
 
 from artifactfs.entries import ArtifactFileData
 from artifactfs.sources.base import parse_bucket_url
-from artifactfs.sources.s3_get import CONNECT_TIMEOUT, LeanGetter, Route, identity_problem
+from artifactfs.sources.s3_get import (
+    CONNECT_TIMEOUT,
+    LeanGetter,
+    Route,
+    identity_problem,
+    note_encryption,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +126,7 @@ async def _read_into(
             )
             if problem is not None:
                 raise _Unusable(problem)
+            note_encryption(entry, answer.headers.get("x-amz-server-side-encryption"))
             if len(answer.body) != (entry.size or 0):
                 raise _Unusable(f"{len(answer.body)} bytes, tracked {entry.size}")
             results[index] = answer.body

@@ -15,12 +15,17 @@ of `METHOD target RANGE` (and that has uses left) decides what happens to that r
     flip          forward the answer with one body byte inverted (headers untouched)
     replace       forward the answer with every body byte inverted (a stale ETag's other bytes)
 
+With `hide_md5_etags` set, every S3 ETag that is an MD5 reaches the client as another 32-hex
+value (in HEAD and GET headers and in listings; If-Match is mapped back), as AWS gives objects
+encrypted with SSE-KMS: an ETag that looks like an MD5 and is none of their bytes.
+
 Every loop is bounded in count and in time, and `stop()` ends stalls and trickles at once:
 a test that forgets a proxy cannot hang. Use it as a context manager.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import socket
 import struct
@@ -101,6 +106,8 @@ class FaultProxy:
     gcs: bool = False  # error bodies in GCS's JSON instead of S3's XML
     rules: list[Rule] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
+    hide_md5_etags: bool = False
+    _real_etags: dict[bytes, bytes] = field(default_factory=dict)  # shown -> real
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.upstream)
@@ -241,7 +248,11 @@ class FaultProxy:
         if rule is not None and fault == "stall":
             self._stop.wait(min(rule.seconds, max(0.0, deadline - time.monotonic())))
             return
+        if self.hide_md5_etags:
+            request = self._with_real_etags(request)
         response = _forward(self._upstream, request, deadline)
+        if self.hide_md5_etags:
+            response = self._with_shown_etags(response)
         head, body = _split_response(response)
         if rule is None or fault == "pass":
             client.sendall(response)
@@ -261,6 +272,28 @@ class FaultProxy:
             client.sendall(head + bytes(data))
         elif fault == "replace":
             client.sendall(head + bytes(b ^ 0xFF for b in body))
+
+    def _shown(self, match: re.Match[bytes]) -> bytes:
+        real = match.group(2)
+        shown = hashlib.md5(b"kms:" + real).hexdigest().encode()
+        with self._lock:
+            self._real_etags[shown] = real
+        return match.group(1) + shown
+
+    def _with_shown_etags(self, response: bytes) -> bytes:
+        head, body = _split_response(response)
+        head = _ETAG_HEADER.sub(self._shown, head)
+        if body.startswith(b"<?xml"):  # a listing; never an object's bytes in these tests
+            body = _ETAG_ELEMENT.sub(self._shown, body)
+        return head + body
+
+    def _with_real_etags(self, request: _Request) -> _Request:
+        def real(match: re.Match[bytes]) -> bytes:
+            with self._lock:
+                return match.group(1) + self._real_etags.get(match.group(2), match.group(2))
+
+        request.head = _IF_MATCH_HEADER.sub(real, request.head)
+        return request
 
     def _trickle(self, client: socket.socket, data: bytes, rule: Rule, deadline: float) -> None:
         piece = max(1, rule.piece)
@@ -355,6 +388,11 @@ def _recv_to_eof(sock: socket.socket, have: bytes, deadline: float) -> bytes:
         pieces.append(piece)
         got += len(piece)
     return b"".join(pieces)
+
+
+_ETAG_HEADER = re.compile(rb'(?im)(^etag:[ \t]*"?)([0-9a-f]{32})')
+_ETAG_ELEMENT = re.compile(rb"(<ETag>(?:&quot;|&#34;|\")?)([0-9a-f]{32})")
+_IF_MATCH_HEADER = re.compile(rb'(?im)(^if-(?:none-)?match:[ \t]*"?)([0-9a-f]{32})')
 
 
 def _header(head: bytes, name: str) -> str | None:

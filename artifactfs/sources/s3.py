@@ -532,6 +532,7 @@ class S3Source(Source):
             raise SourceChangedError(
                 entry.source_url, f"size is {size} bytes, tracked {entry.size}"
             )
+        note_encryption(entry, head.get("ServerSideEncryption"))
         return size
 
     @staticmethod

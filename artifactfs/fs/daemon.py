@@ -32,6 +32,7 @@ from artifactfs.cache.location import (
     parse_size,
 )
 from artifactfs.errors import ArtifactfsError
+from artifactfs.log_repeats import RepeatFilter
 from artifactfs.reader import DEFAULT_DEADLINE, Reader
 
 if TYPE_CHECKING:
@@ -270,6 +271,8 @@ def _configure_logging(log_file: Path, also_stderr: bool) -> None:
     handlers: list[logging.Handler] = [logging.FileHandler(log_file)]
     if also_stderr:
         handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.addFilter(RepeatFilter())  # one each: a filter sees each record once
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -468,6 +468,27 @@ def test_every_write_fails_with_erofs(cli: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.backend_independent
+def test_a_file_read_again_and_again_as_it_fails_is_logged_once_a_window(
+    cli: Any, tmp_path: Path
+) -> None:
+    """A program retrying a failing file wrote one EIO line a read to the daemon's log:
+    ~4,000 a second, megabytes a minute. The same line is written once per 10 s now."""
+    source = make_tree(tmp_path / "src", {"gone.bin": b"g" * 4096})
+    run_id = track(cli, "ml/cls", "data", source)
+    (source / "gone.bin").unlink()
+    with mounted(tmp_path / "mnt") as mount:
+        gone = mount.path / "ml" / "cls" / run_id / "data" / "gone.bin"
+        began = time.monotonic()
+        for _ in range(300):
+            with pytest.raises(OSError) as failure:
+                gone.read_bytes()
+            assert failure.value.errno == errno.EIO
+        windows = 1 + int((time.monotonic() - began) // 10)
+        said = [line for line in mount.log().splitlines() if f"{source}/gone.bin" in line]
+    assert 1 <= len(said) <= windows, said
+
+
+@pytest.mark.backend_independent
 def test_a_changed_local_file_fails_with_eio_and_is_logged(cli: Any, tmp_path: Path) -> None:
     files = {
         "same_size.bin": b"A" * 4096,

@@ -286,8 +286,10 @@ class LocalSource(Source):
                 # Remembered under the stat above: only if the file was so while read.
                 digest = sha1_of_file(path, stop, _stat_key(info))
             except ChangedWhileReadError:
-                raise SourceChangedError(
-                    entry.source_url, "changed while it was being checked"
+                # Not "changed": a hard link or a chmod moves the ctime too. Not checked.
+                raise ArtifactfsError(
+                    f"{entry.source_url}: changed while it was being checked; "
+                    "check again once nothing writes to it"
                 ) from None
             except FileNotFoundError:
                 raise SourceChangedError(entry.source_url, "file no longer exists") from None

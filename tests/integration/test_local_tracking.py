@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -407,6 +408,38 @@ def test_a_file_written_to_while_tracked_refuses_the_track(cli, tmp_path: Path) 
         len(body),
         hashlib.sha1(body).hexdigest(),
     )
+
+
+@pytest.mark.backend_independent
+def test_a_file_linked_to_while_verified_is_unchecked_not_changed(cli, tmp_path: Path) -> None:
+    """A hard link made while `verify` hashed a file moves its ctime, not its bytes: it was
+    said CHANGED. Not checked, it is UNCHECKED (exit 1 either way)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shard = data / "shard.bin"
+    with open(shard, "wb") as out:
+        out.truncate(256 << 20)  # sparse: hashed in a second or two
+    run_id = track(cli, "data", str(data))
+    stop = threading.Event()
+
+    def link_and_unlink() -> None:
+        while not stop.is_set():
+            os.link(shard, tmp_path / "backup.bin")
+            os.unlink(tmp_path / "backup.bin")
+            time.sleep(0.01)
+
+    linker = threading.Thread(target=link_and_unlink)
+    linker.start()
+    try:
+        verified = cli("verify", run_id)
+    finally:
+        stop.set()
+        linker.join()
+    assert verified.returncode == 1, verified
+    assert verified.stdout.splitlines()[0] == (
+        f"UNCHECKED data/shard.bin: file://{shard}: changed while it was being checked; "
+        "check again once nothing writes to it"
+    ), verified.stdout
 
 
 @pytest.mark.backend_independent

@@ -55,7 +55,7 @@ from cachetools import LRUCache, TTLCache
 
 from artifactfs.cache import ChunkCache, chunk_key
 from artifactfs.connect_breaker import ConnectBreaker, breaker_key
-from artifactfs.entries import TYPE_LOCAL, TYPE_S3, ArtifactFileData
+from artifactfs.entries import TYPE_LOCAL, ArtifactFileData
 from artifactfs.errors import (
     ArtifactfsError,
     CheckFailedError,
@@ -64,7 +64,7 @@ from artifactfs.errors import (
 )
 from artifactfs.identity import FileId, content_identity, file_identity
 from artifactfs.ordered_check import OrderedChecks
-from artifactfs.sources import source_for_entry
+from artifactfs.sources import etag_found_not_md5, source_for_entry
 from artifactfs.sources.base import RequestDeadline
 from artifactfs.sources.local import (
     LocalSource,
@@ -839,24 +839,12 @@ class Reader:
             check.update(chunk)
             digests.append(hashlib.sha256(chunk).digest())
         problem = check.problem()
-        if problem is not None and self._etag_found_not_md5(entry):
+        # Checked from the cache alone, an SSE-KMS object (a remount) fails its MD5: asked.
+        if problem is not None and etag_found_not_md5(entry):
             problem = check.problem()  # None, with the right size: its ETag is an identity only
         if problem is not None:
             self._reject_whole_file(entry, keys, problem, hold_off=True)
         return tuple(digests)
-
-    def _etag_found_not_md5(self, entry: ArtifactFileData) -> bool:
-        """Whether the server now says (a HEAD) that this S3 object's ETag is no MD5 of its
-        bytes (it is encrypted with a KMS key). Asked before a file checked whole from the
-        cache alone is dropped: a new daemon has seen no answer about it yet, which would
-        have said so, and every such file failed the first read after a remount."""
-        if entry.type != TYPE_S3:
-            return False
-        try:
-            source_for_entry(entry).check(entry)
-        except ArtifactfsError:
-            return False  # changed, or not known now: dropped, and fetched anew when read
-        return not ContentCheck(entry).checks_hash
 
     def _reject_whole_file(
         self, entry: ArtifactFileData, keys: list[bytes], problem: str, *, hold_off: bool = False

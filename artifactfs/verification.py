@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
 from typing import Protocol
 
 import crc32c
+from cachetools import LRUCache
 
 from artifactfs.entries import TYPE_GCS, TYPE_LOCAL, TYPE_S3, ArtifactFileData
 
@@ -32,8 +34,10 @@ class _Digest(Protocol):
 
 log = logging.getLogger(__name__)
 
-# S3 objects (by URL and ETag) whose ETag is known not to be the MD5 of their bytes.
-_etags_not_md5: set[tuple[str, str]] = set()
+# S3 objects (by URL and ETag) whose ETag is known not to be the MD5 of their bytes. Bounded
+# (a daemon lives long): one let go costs a HEAD, the next time its bytes fail their MD5.
+_etags_not_md5: LRUCache[tuple[str, str], bool] = LRUCache(maxsize=65_536)
+_etags_lock = threading.Lock()
 
 
 def etag_is_not_md5(entry: ArtifactFileData) -> None:
@@ -41,8 +45,10 @@ def etag_is_not_md5(entry: ArtifactFileData) -> None:
     said it is encrypted with a KMS key, whose objects' ETags are not (AWS's documentation of
     the ETag). Without this, every read of such an object failed its content check."""
     key = (entry.source_url, entry.file_hash)
-    if key not in _etags_not_md5:
-        _etags_not_md5.add(key)  # one set.add: atomic for the threads that read
+    with _etags_lock:
+        known = _etags_not_md5.get(key, False)
+        _etags_not_md5[key] = True
+    if not known:
         log.info(
             "%s: encrypted with a KMS key: its ETag is not the MD5 of its bytes, which are "
             "checked by their size and the server's ETag checks only",
@@ -52,7 +58,10 @@ def etag_is_not_md5(entry: ArtifactFileData) -> None:
 
 def _hash_known(entry: ArtifactFileData) -> bool:
     """Whether the entry's hash is still taken for a hash of its bytes."""
-    return entry.type != TYPE_S3 or (entry.source_url, entry.file_hash) not in _etags_not_md5
+    if entry.type != TYPE_S3:
+        return True
+    with _etags_lock:
+        return not _etags_not_md5.get((entry.source_url, entry.file_hash), False)
 
 
 def _digest_for(entry: ArtifactFileData) -> _Digest | None:

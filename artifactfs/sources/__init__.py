@@ -6,7 +6,8 @@ import re
 
 from artifactfs.entries import TYPE_GCS, TYPE_LOCAL, TYPE_S3, ArtifactFileData
 from artifactfs.errors import ArtifactfsError
-from artifactfs.sources.base import Source
+from artifactfs.sources.base import Source, has_wildcards
+from artifactfs.verification import ContentCheck
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -45,11 +46,28 @@ def source_for_location(location: str) -> Source:
     scheme = match.group(1).lower() if match else "file"
     if scheme == "file":
         return source_for_type(TYPE_LOCAL)
+    bucket = location[len(match.group(0)) :].split("/", 1)[0] if match else ""
+    if has_wildcards(bucket):  # never in a bucket's name: only a pattern has them there
+        raise ArtifactfsError(f"wildcards are not supported: {location!r}; name a prefix instead")
     if scheme == "s3":
         return source_for_type(TYPE_S3)
     if scheme == "gs":
         return source_for_type(TYPE_GCS)
     raise ArtifactfsError(f"unsupported location scheme {scheme!r}: use a path, s3:// or gs://")
+
+
+def etag_found_not_md5(entry: ArtifactFileData) -> bool:
+    """Whether the server, asked now (a HEAD, which says how the object is encrypted), says
+    that this S3 entry's ETag is not the MD5 of its bytes (SSE-KMS). A process learns it from
+    an answer; one that has had none (its bytes came from the cache, or from a file downloaded
+    before) asks before taking bytes that fail their MD5 for changed ones."""
+    if entry.type != TYPE_S3:
+        return False
+    try:
+        source_for_entry(entry).check(entry)
+    except ArtifactfsError:
+        return False  # changed, or not known now: the MD5's verdict stands
+    return not ContentCheck(entry).checks_hash
 
 
 def reset_sources() -> None:
@@ -66,4 +84,11 @@ def reset_sources() -> None:
         pass
 
 
-__all__ = ["Source", "reset_sources", "source_for_entry", "source_for_location", "source_for_type"]
+__all__ = [
+    "Source",
+    "etag_found_not_md5",
+    "reset_sources",
+    "source_for_entry",
+    "source_for_location",
+    "source_for_type",
+]

@@ -99,6 +99,10 @@ ARGUMENT_CASES = [
     ("wildcard question", ["track", "f", "{data}/?.csv"], ["wildcard"]),
     ("wildcard bracket", ["track", "f", "{data}/[ab].csv"], ["wildcard"]),
     ("wildcard relative", ["track", "f", "data/*.csv"], ["wildcard"]),
+    # A bucket's name never holds them: refused before any request. In a key they may be
+    # part of a name (tests in test_s3 and test_gcs).
+    ("wildcard s3 bucket", ["track", "f", "s3://buck*et/data"], ["wildcard", "buck*et"]),
+    ("wildcard gs bucket", ["track", "f", "gs://b?cket/data/x.csv"], ["wildcard", "b?cket"]),
     # Destinations that would escape the tree.
     ("destination ..", ["track", "f", "{data}", "--destination", "../up"], [".."]),
     ("destination .. inside", ["track", "f", "{data}", "--destination", "a/../../b"], [".."]),

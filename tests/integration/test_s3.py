@@ -366,7 +366,7 @@ def test_versioned_bucket_pins_version_and_download_returns_original(
 
 
 def test_objects_encrypted_with_a_kms_key_read_back_through_download_and_the_mount(
-    s3, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    s3, s3_endpoint: str, cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """AWS gives an object encrypted with SSE-KMS an ETag that looks like an MD5 and is none
     of its bytes (the proxy does so over moto): every read of one failed its content check,
@@ -389,6 +389,12 @@ def test_objects_encrypted_with_a_kms_key_read_back_through_download_and_the_mou
         assert small.file_hash != hashlib.md5(bodies["kms/small.txt"]).hexdigest()  # as AWS
         run["data"].download(destination=str(tmp_path / "downloaded"))
         assert read_tree(tmp_path / "downloaded") == expected
+        # New processes, which have seen no answer about them: their bytes come from the
+        # cache, into a DEST that holds them already, then into a new one.
+        for dest, said in (("downloaded", "0 file(s) written, 2"), ("again", "2 file(s) written")):
+            again = cli("download", run.id, "data", str(tmp_path / dest))
+            assert again.returncode == 0 and said in again.stdout, again
+            assert read_tree(tmp_path / dest) == expected
         for _ in ("fetched", "from the cache kept"):  # a new daemon knows nothing of them
             with mounted(
                 tmp_path / "mnt", *artifact_args(run.id, "data", tmp_path / "cache")

@@ -32,7 +32,7 @@ from artifactfs.cache.location import (
     parse_size,
 )
 from artifactfs.errors import ArtifactfsError
-from artifactfs.log_repeats import RepeatFilter
+from artifactfs.log_repeats import RepeatFilter, report_held_back
 from artifactfs.reader import DEFAULT_DEADLINE, Reader
 
 if TYPE_CHECKING:
@@ -267,12 +267,16 @@ def _detach_stdio(log_file: Path) -> None:
     os.close(out)
 
 
+# The daemon's log lines repeated within seconds: counted, not written (`log_repeats`).
+_REPEATS = RepeatFilter()
+
+
 def _configure_logging(log_file: Path, also_stderr: bool) -> None:
     handlers: list[logging.Handler] = [logging.FileHandler(log_file)]
     if also_stderr:
         handlers.append(logging.StreamHandler(sys.stderr))
     for handler in handlers:
-        handler.addFilter(RepeatFilter())  # one each: a filter sees each record once
+        handler.addFilter(_REPEATS)
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -335,6 +339,7 @@ def _serve(options: MountOptions, ready_fd: int | None) -> None:
         reader.close()
         cache.close()
         store.close()
+        report_held_back(_REPEATS)
         log.info("unmounted %s", options.mountpoint)
 
 

@@ -7,7 +7,6 @@ import re
 from artifactfs.entries import TYPE_GCS, TYPE_LOCAL, TYPE_S3, ArtifactFileData
 from artifactfs.errors import ArtifactfsError
 from artifactfs.sources.base import Source, has_wildcards
-from artifactfs.verification import ContentCheck
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -61,6 +60,8 @@ def etag_found_not_md5(entry: ArtifactFileData) -> bool:
     that this S3 entry's ETag is not the MD5 of its bytes (SSE-KMS). A process learns it from
     an answer; one that has had none (its bytes came from the cache, or from a file downloaded
     before) asks before taking bytes that fail their MD5 for changed ones."""
+    from artifactfs.verification import ContentCheck  # here: crc32c is no start-up cost
+
     if entry.type != TYPE_S3:
         return False
     try:

@@ -18,6 +18,11 @@ from artifactfs.errors import ArtifactfsError
 from artifactfs.fs import daemon
 
 _IGNORED = {"defaults", "_netdev", "nofail", "noauto", "auto", "ro", "rw", "user", "users"}
+_IGNORED |= {"nouser", "owner", "group", "sync", "async", "silent", "loud"}
+# mount(8) adds noexec, nosuid and nodev to a `user`/`users` line. They hold here whatever is
+# asked: files are 0444 (nothing to execute, no set-id bit) and none is a device.
+_IGNORED |= {"noexec", "exec", "nosuid", "suid", "nodev", "dev"}
+_IGNORED |= {"atime", "noatime", "relatime", "norelatime", "strictatime", "nodiratime", "diratime"}
 _IGNORED_PREFIXES = ("x-systemd.", "x-", "comment=")
 
 
@@ -27,7 +32,7 @@ def options_from(spec: str, mountpoint: str, option_text: str) -> daemon.MountOp
     )
     for item in filter(None, option_text.split(",")):
         name, _, value = item.partition("=")
-        if name in _IGNORED or name.startswith(_IGNORED_PREFIXES):
+        if name in _IGNORED or item.startswith(_IGNORED_PREFIXES):
             continue
         if name == "allow_other":
             if item != name:  # `allow_other=0` must not turn it on

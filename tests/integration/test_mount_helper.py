@@ -72,6 +72,19 @@ def test_options_are_translated() -> None:
             options_from("default", "/mnt/x", f"read_deadline={bad}")
 
 
+def test_the_options_mount_8_adds_or_takes_for_any_file_system_are_ignored() -> None:
+    """A `user` line gets noexec,nosuid,nodev added by mount(8): every such line failed with
+    `unknown mount option 'noexec'`; so did `comment=...` (compared after its `=` was cut)."""
+    options = options_from(
+        "default",
+        "/mnt/x",
+        "run=CLS-1,user,noexec,nosuid,nodev,users,nouser,noatime,relatime,sync,comment=ml,"
+        "x-gvfs-hide,_netdev,nofail",
+    )
+    assert options.run_id == "CLS-1"
+    assert not options.allow_other
+
+
 def test_allow_other_with_a_value_and_bad_chunk_sizes_are_refused(tmp_path: Path) -> None:
     for bad in ("allow_other=0", "allow_other=1", "allow_other="):
         with pytest.raises(ArtifactfsError, match="allow_other takes no value"):

@@ -107,8 +107,12 @@ def _redact(uri: str) -> str:
         url = make_url(uri)
     except ArgumentError:
         return uri
-    # Rendered only to hide a password: rendering quotes other characters (`:memory:`).
-    return uri if url.password is None else url.render_as_string(hide_password=True)
+    # libpq takes a password as a query parameter too (`?password=...`).
+    hidden = {key: "***" for key in url.query if key.lower() == "password"}
+    if url.password is None and not hidden:
+        return uri  # rendering quotes other characters (`:memory:`): only to hide one
+    rendered = url.update_query_dict(hidden).render_as_string(hide_password=True)
+    return rendered.replace("=%2A%2A%2A", "=***")  # as the hidden user password shows
 
 
 def _lock_key(name: str) -> int:

@@ -182,3 +182,9 @@ def test_errors_never_show_the_database_password(cli, postgres: PostgresServer) 
     assert "test-password" not in result.stderr
     assert "***" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    # libpq takes it as a query parameter too: it was shown so, in errors and the mount's log.
+    user, _, host = postgres.uri("no_such_database").partition("@")
+    in_query = f"{user.rpartition(':')[0]}@{host}?password=test-password"
+    result = cli("--store", in_query, "runs")
+    assert result.returncode == 2
+    assert "test-password" not in result.stderr and "password=***" in result.stderr, result

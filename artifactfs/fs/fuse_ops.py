@@ -32,6 +32,7 @@ T = TypeVar("T")
 IMMUTABLE_TIMEOUT = 3600.0
 LISTING_TIMEOUT = 1.0
 WORKER_THREADS = 16
+STORE_THREADS = 8  # the store's calls (lookups, listings, attributes): a limiter of their own
 ATTRIBUTE_CACHE_NODES = 200_000
 # Entries of artifact directories kept ready to list again (name bytes, attributes, node).
 PREPARED_LISTING_ENTRIES = 200_000
@@ -50,6 +51,10 @@ class ArtifactOperations(pyfuse3.Operations):
         self.reader = reader
         self.prefetcher = NeighbourPrefetcher(tree, reader)
         self._limiter = trio.CapacityLimiter(WORKER_THREADS)
+        # The store's calls have threads of their own: a store that stops answering leaves
+        # them blocked (abandoned, they keep their place until the answer comes), and the
+        # reads of files must not wait behind them.
+        self._store_limiter = trio.CapacityLimiter(STORE_THREADS)
         self._nodes: dict[int, Node] = {ROOT_INODE: tree.root()}
         self._lookups: dict[int, int] = {}
         self._open_files: dict[int, Node] = {}
@@ -71,11 +76,32 @@ class ArtifactOperations(pyfuse3.Operations):
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         """Run blocking work on a worker thread; map failures to errno."""
+        return await self._on_thread(function, args, self._limiter)
+
+    async def _store_call(self, function: Callable[..., T], *args: Any) -> T:
+        """`_call` for work that asks the store: EIO if no answer comes within the read
+        deadline. A PostgreSQL server that stops answering (frozen, a network that drops
+        packets) otherwise held every lookup, and the programs waiting on it, for good."""
+        try:
+            with trio.fail_after(self.reader.deadline):
+                return await self._on_thread(function, args, self._store_limiter)
+        except trio.TooSlowError:
+            log.error(
+                "EIO: %s: no answer from the store %s within %gs",
+                getattr(function, "__name__", function),
+                self.tree.store.uri,
+                self.reader.deadline,
+            )
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def _on_thread(
+        self, function: Callable[..., T], args: tuple[Any, ...], limiter: trio.CapacityLimiter
+    ) -> T:
         try:
             # Abandoned when the mount stops (SIGTERM): a thread blocked on a server that
             # does not answer cannot be interrupted, and must not hold the unmount.
             return await trio.to_thread.run_sync(
-                function, *args, limiter=self._limiter, abandon_on_cancel=True
+                function, *args, limiter=limiter, abandon_on_cancel=True
             )
         except pyfuse3.FUSEError:
             raise
@@ -161,7 +187,7 @@ class ArtifactOperations(pyfuse3.Operations):
         # thread, which costs more than the lookup when fetch threads keep the GIL busy.
         known, node = self.tree.remembered_lookup(parent, text)
         if not known:
-            node = await self._call(self.tree.lookup, parent, text)
+            node = await self._store_call(self.tree.lookup, parent, text)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         self._remember(node)
@@ -203,7 +229,7 @@ class ArtifactOperations(pyfuse3.Operations):
             # A remembered listing is served here, without the round trip to a worker thread.
             listing = self.tree.remembered_children(node)
             if listing is None:
-                listing = await self._call(self.tree.children, node)
+                listing = await self._store_call(self.tree.children, node)
             prepared = [
                 (os.fsencode(child.name), self._entry_attributes(child), child) for child in listing
             ]
@@ -322,14 +348,14 @@ class ArtifactOperations(pyfuse3.Operations):
         text = os.fsdecode(name)
         if not text.startswith(XATTR_PREFIX):  # security.*, system.posix_acl_*: `ls -l` asks
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        values = await self._call(self._all_xattrs, self._node(inode))
+        values = await self._store_call(self._all_xattrs, self._node(inode))
         value = values.get(text)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value.encode("utf-8", "surrogateescape")
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        values = await self._call(self._all_xattrs, self._node(inode))
+        values = await self._store_call(self._all_xattrs, self._node(inode))
         return [name.encode("utf-8") for name in values]
 
     # -- everything that would write: read-only file system ---------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -157,6 +158,65 @@ def test_daemon_survives_the_database_going_away(
             while not (mount.path / "team" / "outage" / newer.id).exists():
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
+
+
+def server_processes(server: PostgresServer) -> list[int]:
+    """The server's postmaster and its children (the backends serving connections)."""
+    postmaster = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+    children = subprocess.run(
+        ["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    return [postmaster, *map(int, children)]
+
+
+def test_a_lookup_the_frozen_database_never_answers_fails_with_eio_in_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that stops answering (frozen, or a network dropping its packets) is not one
+    that refuses connections: a lookup waited on it for good, and the program with it, which
+    not even SIGKILL could end. It fails with EIO within the read deadline now."""
+    with postgres_server() as server:  # its own server: this test freezes it
+        uri = server.uri(server.create_database())
+        monkeypatch.setenv("ARTIFACTFS_STORE", uri)
+        data = make_tree(tmp_path / "data", {"a.txt": b"a"})
+        run = artifactfs.init_run(project="team/frozen")
+        run["data"].track_files(str(data))
+        deadline = 3.0
+        with mounted(
+            tmp_path / "mnt", "--cache-dir", str(tmp_path / "cache"), "--read-deadline", "3"
+        ) as mount:
+            project = mount.path / "team" / "frozen"
+            assert (project / run.id / "data" / "a.txt").read_bytes() == b"a"
+            frozen = server_processes(server)
+            outcome: list[BaseException | None] = []
+
+            def look_up() -> None:
+                try:
+                    os.stat(project / "NEW-1")
+                    outcome.append(None)
+                except OSError as exc:
+                    outcome.append(exc)
+
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                began = time.monotonic()
+                looking = threading.Thread(target=look_up)
+                looking.start()
+                looking.join(deadline + 20)
+                took = time.monotonic() - began
+            finally:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGCONT)
+            looking.join(60)
+            assert outcome and isinstance(outcome[0], OSError), outcome
+            assert outcome[0].errno == errno.EIO, outcome
+            assert took < deadline + 10, f"EIO after {took:.1f}s"
+            assert "no answer from the store" in mount.log()
+            # Answering again: no remount needed.
+            later = artifactfs.init_run(project="team/frozen")
+            later["data"].track_files(str(data))
+            assert (project / later.id / "data" / "a.txt").read_bytes() == b"a"
 
 
 @pytest.mark.store_backends

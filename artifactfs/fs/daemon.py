@@ -197,6 +197,7 @@ def mount(options: MountOptions, foreground: bool) -> Started | None:
     # Everything the daemon writes (cache, logs, hash cache) is private to the mounting user.
     os.umask(0o077)
     options.mountpoint = _check_mountpoint(options.mountpoint)
+    _make_paths_absolute(options)
     if shutil.which("fusermount3") is None:
         raise ArtifactfsError("fusermount3 not found: install the 'fuse3' package")
     log_file = options.resolved_log_file
@@ -216,6 +217,9 @@ def mount(options: MountOptions, foreground: bool) -> Started | None:
         status = 0
         try:
             os.setsid()
+            # As daemons do: the directory it was started from is not kept busy (its file
+            # system could not be unmounted while the mount lived).
+            os.chdir("/")
             _detach_stdio(log_file)
             _configure_logging(log_file, also_stderr=False)
             _serve(options, ready_fd=write_fd)
@@ -233,6 +237,17 @@ def mount(options: MountOptions, foreground: bool) -> Started | None:
     if not answer:
         answer = f"error the daemon exited before the mount was ready; see {log_file}"
     raise ArtifactfsError(answer.removeprefix("error "))
+
+
+def _make_paths_absolute(options: MountOptions) -> None:
+    """The paths the daemon is given, made absolute where it was started: it works from `/`."""
+    store = options.store_uri or os.environ.get("ARTIFACTFS_STORE")
+    if store and "://" not in store:  # a path: an SQLite file
+        options.store_uri = os.path.abspath(os.path.expanduser(store))
+    if options.cache_dir:
+        options.cache_dir = os.path.abspath(os.path.expanduser(options.cache_dir))
+    if options.log_file:
+        options.log_file = os.path.abspath(os.path.expanduser(options.log_file))
 
 
 def _wait_for_answer(read_fd: int) -> str:

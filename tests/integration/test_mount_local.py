@@ -376,6 +376,26 @@ def _times_in_runs(base: Path) -> dict[str, int]:
     return found
 
 
+@pytest.mark.backend_independent
+def test_the_daemon_keeps_no_directory_busy_and_takes_relative_paths(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon kept the directory it was started from as its own, so that directory's
+    file system could not be unmounted while the mount lived. It works from `/`, with the
+    relative paths it was given made absolute where it was started."""
+    source = make_tree(tmp_path / "src", {"a.txt": b"relative"})
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("ARTIFACTFS_STORE", "store.db")
+    run_id = track(cli, "ml/cls", "data", source)
+    with mounted(tmp_path / "mnt", "--cache-dir", "cache", "--log-file", "daemon.log") as mount:
+        assert os.readlink(f"/proc/{mount.pid}/cwd") == "/"
+        assert (mount.path / "ml" / "cls" / run_id / "data" / "a.txt").read_bytes() == b"relative"
+        assert mount.log_file == work / "daemon.log"
+    assert (work / "cache" / "data").is_dir() and (work / "store.db").is_file()
+
+
 def test_inode_numbers_are_stable_across_mounts_and_distinct(cli: Any, tmp_path: Path) -> None:
     files = {"a.txt": b"a", "b.txt": b"b", "d/c.txt": b"c", "d/e/f.txt": b"f", "same.txt": b"a"}
     track(cli, "ml/cls", "data", make_tree(tmp_path / "src", files))

@@ -239,6 +239,14 @@ def mount(options: MountOptions, foreground: bool) -> Started | None:
     raise ArtifactfsError(answer.removeprefix("error "))
 
 
+def _hide_command_line(mountpoint: str) -> None:
+    """The daemon's line in `ps`, for as long as it runs: it was the command that started it,
+    the store's URI (and any password in it) included, for every user of the host to read."""
+    import setproctitle
+
+    setproctitle.setproctitle(f"artifactfs: daemon of {mountpoint}")
+
+
 def _make_paths_absolute(options: MountOptions) -> None:
     """The paths the daemon is given, made absolute where it was started: it works from `/`."""
     store = options.store_uri or os.environ.get("ARTIFACTFS_STORE")
@@ -303,6 +311,7 @@ def _configure_logging(log_file: Path, also_stderr: bool) -> None:
 
 def _serve(options: MountOptions, ready_fd: int | None) -> None:
     """Build the file system, mount it, say so, and serve until unmounted or signalled."""
+    _hide_command_line(options.mountpoint)
     import pyfuse3
     import trio
 

@@ -33,9 +33,25 @@ def test_fstab_style_mount_serves_the_run(cli, tmp_path: Path, store_uri: str) -
         assert result.returncode == 0, result.stderr
         assert is_mounted(str(mountpoint))
         assert (mountpoint / "f" / "a.csv").read_bytes() == b"1,2\n"
+        # `ps` showed the daemon as the helper's command, the store URI (and any password in
+        # it) included, to every user of the host, for as long as the mount lived.
+        assert daemon_command_lines(mountpoint) == [f"artifactfs: daemon of {mountpoint}"]
     finally:
         force_unmount(mountpoint, None)
     assert not is_mounted(str(mountpoint))
+
+
+def daemon_command_lines(mountpoint: Path) -> list[str]:
+    """The command lines, as `ps` shows them, of the processes that name the mount point."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            line = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if str(mountpoint) in line:
+            found.append(line)
+    return found
 
 
 def test_unknown_options_and_bad_usage_fail_with_mounts_code(tmp_path: Path) -> None:

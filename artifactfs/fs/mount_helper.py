@@ -57,18 +57,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     option_text = ""
     positional = []
+    fake = False
     while args:
         arg = args.pop(0)
         if arg == "-o" and args:
             option_text = ",".join(filter(None, [option_text, args.pop(0)]))
+        elif arg == "-f":
+            fake = True  # `mount -f`: everything but the mount itself
         elif arg.startswith("-"):
-            continue  # -s, -f, -n, -v from mount(8): nothing to do for them
+            continue  # -s, -n, -v from mount(8): nothing to do for them
         else:
             positional.append(arg)
     try:
         if len(positional) != 2:
             raise ArtifactfsError("usage: mount.artifactfs STORE MOUNTPOINT [-o OPTIONS]")
-        daemon.mount(options_from(positional[0], positional[1], option_text), foreground=False)
+        options = options_from(positional[0], positional[1], option_text)
+        if not fake:
+            daemon.mount(options, foreground=False)
     except ArtifactfsError as exc:
         print(f"mount.artifactfs: {exc}", file=sys.stderr)
         return 32  # mount(8)'s "mount failure"

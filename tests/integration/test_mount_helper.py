@@ -64,6 +64,18 @@ def test_unknown_options_and_bad_usage_fail_with_mounts_code(tmp_path: Path) -> 
     result = subprocess.run([HELPER, "only-one-arg"], capture_output=True, text=True)
     assert result.returncode == 32
     assert "usage" in result.stderr
+    # `mount -f` (fake): the options are checked, nothing is mounted. It mounted.
+    try:
+        result = subprocess.run(
+            [HELPER, "default", str(tmp_path), "-f", "-o", "cache_size=1G"], capture_output=True
+        )
+        assert result.returncode == 0, result
+        assert not is_mounted(str(tmp_path))
+    finally:
+        if is_mounted(str(tmp_path)):
+            force_unmount(tmp_path, None)
+    result = subprocess.run([HELPER, "default", str(tmp_path), "-f", "-o", "colour=blue"])
+    assert result.returncode == 32
 
 
 def test_options_are_translated() -> None:

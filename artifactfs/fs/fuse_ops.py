@@ -1,9 +1,10 @@
 """pyfuse3 operations: a thin translator from kernel requests to `Tree` and `Reader` calls.
 
 Everything that may block (store queries, fetches, disk reads) runs on worker threads through
-one bounded limiter, so a slow fetch never stalls the trio loop that serves other readers.
-Exceptions become errno values in one place (`_call`): ReadError is EIO with a log line, a
-store that cannot be reached is EIO too, and every path that would write is EROFS.
+bounded limiters (one for the store's calls, which also have a deadline: `_store_call`), so a
+slow fetch or store never stalls the trio loop that serves other readers. Exceptions become
+errno values in one place (`_on_thread`): ReadError is EIO with a log line, a store that cannot
+be reached is EIO too, and every path that would write is EROFS.
 """
 
 from __future__ import annotations

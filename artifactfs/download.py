@@ -33,7 +33,7 @@ from artifactfs.entries import TYPE_LOCAL, ArtifactFileData, parse_time, path_pr
 from artifactfs.errors import ArtifactfsError, CheckFailedError
 from artifactfs.progress import progress_bar
 from artifactfs.reader import Reader
-from artifactfs.sources import etag_found_not_md5, source_for_entry
+from artifactfs.sources import content_problem, source_for_entry
 from artifactfs.sources.local import local_path_of
 from artifactfs.verification import ContentCheck
 from artifactfs.worker_pool import map_interruptibly, raise_if_stopped
@@ -210,17 +210,7 @@ def _already_there(entry: ArtifactFileData, target: str, stop: threading.Event) 
         while piece := handle.read(1024 * 1024):
             raise_if_stopped(stop)
             check.update(piece)
-    return _problem_of(check) is None
-
-
-def _problem_of(check: ContentCheck) -> str | None:
-    """What is wrong with bytes checked whole; a mismatch of an S3 object's MD5 that this
-    process has seen no answer about (an SSE-KMS object, from the cache or downloaded before)
-    asks the server first whether its ETag is an MD5 at all."""
-    problem = check.problem()
-    if problem is not None and etag_found_not_md5(check.entry):
-        problem = check.problem()  # None, with the right size: its ETag is an identity only
-    return problem
+    return content_problem(check) is None
 
 
 def _fetch_verified(
@@ -244,7 +234,7 @@ def _fetch_verified(
                 check.update(piece)
                 out.write(piece)
             out.flush()
-            problem = _problem_of(check)
+            problem = content_problem(check)
             if problem is not None:
                 raise CheckFailedError(f"{entry.source_url}: {problem}")
             os.chmod(temp_path, 0o644 & ~_UMASK)

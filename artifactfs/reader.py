@@ -64,7 +64,7 @@ from artifactfs.errors import (
 )
 from artifactfs.identity import FileId, content_identity, file_identity
 from artifactfs.ordered_check import OrderedChecks
-from artifactfs.sources import etag_found_not_md5, source_for_entry
+from artifactfs.sources import content_problem, source_for_entry
 from artifactfs.sources.base import RequestDeadline
 from artifactfs.sources.local import (
     LocalSource,
@@ -838,10 +838,7 @@ class Reader:
             )
             check.update(chunk)
             digests.append(hashlib.sha256(chunk).digest())
-        problem = check.problem()
-        # Checked from the cache alone, an SSE-KMS object (a remount) fails its MD5: asked.
-        if problem is not None and etag_found_not_md5(entry):
-            problem = check.problem()  # None, with the right size: its ETag is an identity only
+        problem = content_problem(check)  # from the cache alone (a remount), SSE-KMS asks
         if problem is not None:
             self._reject_whole_file(entry, keys, problem, hold_off=True)
         return tuple(digests)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from artifactfs.entries import TYPE_GCS, TYPE_LOCAL, TYPE_S3, ArtifactFileData
 from artifactfs.errors import ArtifactfsError
 from artifactfs.sources.base import Source, has_wildcards
+
+if TYPE_CHECKING:
+    from artifactfs.verification import ContentCheck
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -55,20 +59,20 @@ def source_for_location(location: str) -> Source:
     raise ArtifactfsError(f"unsupported location scheme {scheme!r}: use a path, s3:// or gs://")
 
 
-def etag_found_not_md5(entry: ArtifactFileData) -> bool:
-    """Whether the server, asked now (a HEAD, which says how the object is encrypted), says
-    that this S3 entry's ETag is not the MD5 of its bytes (SSE-KMS). A process learns it from
-    an answer; one that has had none (its bytes came from the cache, or from a file downloaded
-    before) asks before taking bytes that fail their MD5 for changed ones."""
-    from artifactfs.verification import ContentCheck  # here: crc32c is no start-up cost
-
-    if entry.type != TYPE_S3:
-        return False
+def content_problem(check: ContentCheck) -> str | None:
+    """What is wrong with bytes checked whole (`check.problem()`). A process learns from an
+    answer that an S3 object's ETag is not the MD5 of its bytes (SSE-KMS); one that has had
+    none about it (its bytes came from the cache, or from a file downloaded before) asks the
+    server (a HEAD, which says how the object is encrypted) before taking bytes that fail
+    their MD5 for changed ones."""
+    problem = check.problem()
+    if problem is None or check.entry.type != TYPE_S3:
+        return problem
     try:
-        source_for_entry(entry).check(entry)
+        source_for_entry(check.entry).check(check.entry)
     except ArtifactfsError:
-        return False  # changed, or not known now: the MD5's verdict stands
-    return not ContentCheck(entry).checks_hash
+        return problem  # changed, or not known now: the MD5's verdict stands
+    return check.problem()  # None, with the right size, if its ETag was found to be no MD5
 
 
 def reset_sources() -> None:
@@ -87,7 +91,7 @@ def reset_sources() -> None:
 
 __all__ = [
     "Source",
-    "etag_found_not_md5",
+    "content_problem",
     "reset_sources",
     "source_for_entry",
     "source_for_location",

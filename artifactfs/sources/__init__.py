@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from artifactfs.entries import TYPE_GCS, TYPE_LOCAL, TYPE_S3, ArtifactFileData
 from artifactfs.errors import ArtifactfsError
-from artifactfs.sources.base import Source, has_wildcards
+from artifactfs.sources.base import Source, has_wildcards, wildcards_refused
 
 if TYPE_CHECKING:
     from artifactfs.verification import ContentCheck
@@ -51,7 +51,7 @@ def source_for_location(location: str) -> Source:
         return source_for_type(TYPE_LOCAL)
     bucket = location[len(match.group(0)) :].split("/", 1)[0] if match else ""
     if has_wildcards(bucket):  # never in a bucket's name: only a pattern has them there
-        raise ArtifactfsError(f"wildcards are not supported: {location!r}; name a prefix instead")
+        raise wildcards_refused(location)
     if scheme == "s3":
         return source_for_type(TYPE_S3)
     if scheme == "gs":

@@ -41,10 +41,14 @@ def has_wildcards(location: str) -> bool:
     return any(char in WILDCARDS for char in location)
 
 
+def wildcards_refused(location: str) -> ArtifactfsError:
+    return ArtifactfsError(f"wildcards are not supported: {location!r}; name a prefix instead")
+
+
 def nothing_at(location: str) -> ArtifactfsError:
     """The error for a bucket location with no object at it or below it."""
     if has_wildcards(location):
-        return ArtifactfsError(f"wildcards are not supported: {location!r}; name a prefix instead")
+        return wildcards_refused(location)
     return NotFoundError(f"no objects at {location}")
 
 

@@ -249,9 +249,9 @@ def _hide_command_line(mountpoint: str) -> None:
 
 def _make_paths_absolute(options: MountOptions) -> None:
     """The paths the daemon is given, made absolute where it was started: it works from `/`."""
-    store = options.store_uri or os.environ.get("ARTIFACTFS_STORE")
-    if store and "://" not in store:  # a path: an SQLite file
-        options.store_uri = os.path.abspath(os.path.expanduser(store))
+    from artifactfs.store import resolve_store_uri  # here: SQLAlchemy, which the daemon needs
+
+    options.store_uri = resolve_store_uri(options.store_uri)  # as `Store` would, from here
     if options.cache_dir:
         options.cache_dir = os.path.abspath(os.path.expanduser(options.cache_dir))
     if options.log_file:
